@@ -1,0 +1,1013 @@
+"""Shared parts of mimkit: ViT, Swin, HOG, masking, the MAE baseline, data, the train loop and the launcher.
+
+Every method file imports from here and from nothing else of ours. Read top to bottom:
+layers -> ViT -> Swin -> HOG -> masking -> MAE baseline -> checkpoints and key maps -> data -> pictures
+-> command line -> distributed -> the train loop.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# timm model families (STYLE "Presets"); method files add their decoders and recipes.
+VIT_PRESETS = {
+    'vit_tiny': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    'vit_small': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    'vit_base': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    'vit_large': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    'vit_huge': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+SWIN_PRESETS = {
+    'swin_tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    'swin_base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    'swin_large': dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+}
+
+
+# ----------------------------------------------------------------------------- transformer layers
+
+def drop_path(x, p, training):
+    """Stochastic depth: zero whole samples of a residual branch with probability p, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype) >= p
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, through F.scaled_dot_product_attention."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        """x (B, L, D) -> (B, L, D); attn_mask is added to the logits (broadcast to (B, nH, L, L))."""
+        B, L, D = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, nH, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nH, L, d)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nH, L, d)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an exact (erf) GELU between them."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        """x (..., D) -> (..., D)."""
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm key names: norm1, attn, norm2, mlp)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x, attn_mask=None):
+        """x (B, L, D) -> (B, L, D)."""
+        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def init_weights(module):
+    """MAE init: xavier-uniform Linear with zero bias, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------- ViT
+
+def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True):
+    """Fixed 2-D sin-cos table (1+G*G or G*G, D), MAE layout: first D/2 channels encode the column, row 0 = cls = 0."""
+    assert dim % 4 == 0, 'sin-cos embedding needs a width divisible by 4'
+    grid_w = grid_w or grid_h
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing='ij')
+    def half(pos):  # (G*G,) -> (G*G, D/2): [sin(pos*w), cos(pos*w)]
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    table = torch.cat([half(cols), half(rows)], dim=1)  # (G*G, D), column first (MAE util/pos_embed.py)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)  # (1+G*G, D)
+    return table.float()
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding: (B, 3, H, W) -> (B, L, D), tokens in raster order."""
+
+    def __init__(self, patch_size, embed_dim, in_chans=3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        """x (B, 3, H, W) -> (B, H/p * W/p, D)."""
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm/MAE key names and a fixed sin-cos pos-embed; runs on all tokens or on kept tokens only.
+
+    global_pool: 'token' (cls after `norm`), 'avg' (mean of patch tokens -> `fc_norm`, no `norm`) or '' (no head).
+    The pos-embed is frozen (pre-training) unless learnable_pos=True (fine-tuning).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 drop_path=0.0, global_pool='', num_classes=0, learnable_pos=False):
+        super().__init__()
+        check_divisible(img_size, patch_size, 'patch')
+        self.patch_size, self.embed_dim, self.global_pool = patch_size, embed_dim, global_pool
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.grid = img_size // patch_size
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=learnable_pos)
+        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth rule (timm)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool != 'avg' else nn.Identity()
+        if global_pool == 'avg':
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        if num_classes:
+            self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(init_weights)
+        w = self.patch_embed.proj.weight  # xavier on the (D, 3*p*p) view, conv bias left at PyTorch's default (MAE)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def set_resolution(self, img_size):
+        """Recompute the frozen sin-cos table for a new input size (FastMIM-P); a learnable table is not touched."""
+        check_divisible(img_size, self.patch_size, 'patch')
+        self.grid = img_size // self.patch_size
+        assert not self.pos_embed.requires_grad, 'resize a learnable pos-embed with resize_pos_embed instead'
+        self.pos_embed.data = sincos_pos_embed(self.embed_dim, self.grid)[None].to(self.pos_embed.device)
+
+    def embed(self, imgs, ids_keep=None):
+        """imgs (B, 3, H, W) -> tokens with pos-embed (B, 1+K, D); ids_keep (B, K) keeps those tokens (MAE)."""
+        x = self.patch_embed(imgs)  # (B, L, D)
+        assert x.shape[1] == self.pos_embed.shape[1] - 1, (
+            f'input has {x.shape[1]} patches but the pos-embed has {self.pos_embed.shape[1] - 1}; '
+            f'image size {imgs.shape[-1]} differs from the model size {self.grid * self.patch_size}')
+        x = x + self.pos_embed[:, 1:]
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1)  # (B, 1+K, D)
+
+    def forward_features(self, imgs, ids_keep=None, layers=None):
+        """imgs -> normed tokens (B, 1+K, D); with `layers` (block indices) also the raw outputs of those blocks."""
+        x = self.embed(imgs, ids_keep)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if layers is not None and i in layers:
+                outs.append(x)
+        x = self.norm(x)
+        return (x, outs) if layers is not None else x
+
+    def forward(self, imgs):
+        """Classification: imgs (B, 3, H, W) -> logits (B, classes) (or pooled features when there is no head)."""
+        x = self.forward_features(imgs)
+        x = self.fc_norm(x[:, 1:].mean(1)) if self.global_pool == 'avg' else x[:, 0]
+        return self.head(x) if hasattr(self, 'head') else x
+
+
+def check_divisible(res, size, what, hint=None):
+    """Raise a ValueError that says what to change when `size` does not divide `res`."""
+    if res % size:
+        lo, hi = res // size * size, (res // size + 1) * size
+        near = hi if (hi - res) < (res - lo) or lo == 0 else lo
+        raise ValueError(f'res {res} is not divisible by {what} {size}; use a multiple of {size} such as {near}'
+                         + (f' ({hint})' if hint else ''))
+
+
+# ----------------------------------------------------------------------------- Swin (windowed, Microsoft key layout)
+# SWIN_PLACEHOLDER
+
+
+# ----------------------------------------------------------------------------- HOG
+
+def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True, gaussian_window=0):
+    """Per-colour HOG as convolutions: imgs (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32, no grad.
+
+    MaskFeat/FastMIM layer: reflect pad 1, Sobel per colour channel, magnitude sqrt(gx^2 + gy^2), angle
+    atan2(gx, gy) (this argument order in FastMIM, LocalMIM and mmpretrain), unsigned bins by floor-mod, hard
+    assignment, sum (or mean) over cell x cell pixels, optional L2 norm of each histogram; channel = colour*nbins + bin.
+    """
+    with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):
+        x = imgs.float()
+        B, C, H, W = x.shape
+        kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
+        weight = torch.stack([kx, kx.t()])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3): gx, gy per colour
+        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, groups=C)  # (B, 2C, H, W)
+        gx, gy = g[:, 0::2], g[:, 1::2]  # (B, C, H, W) each; cross-correlation: gx = left - right
+        mag = torch.sqrt(gx * gx + gy * gy)
+        if gaussian_window:  # MaskFeat's gaussian weighting, tiled over the image (off in FastMIM)
+            n = torch.arange(gaussian_window, dtype=torch.float32, device=x.device)
+            k1 = torch.exp(-0.5 * ((n - n.mean()) / (gaussian_window // 2)) ** 2)
+            k2 = k1[:, None] * k1[None]
+            mag = mag * (k2 / k2.sum()).repeat(H // gaussian_window, W // gaussian_window)
+        bins = torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins  # (B, C, H, W) in 0..nbins-1
+        hist = torch.zeros(B, C, nbins, H, W, device=x.device).scatter_(2, bins[:, :, None], mag[:, :, None])
+        hist = F.avg_pool2d(hist.view(B, C * nbins, H, W), cell)  # (B, C*nbins, H/cell, W/cell)
+        if pool == 'sum':
+            hist = hist * (cell * cell)
+        if normalize:  # per colour and cell, over the bins (FastMIM --norm_pix_loss)
+            hist = F.normalize(hist.view(B, C, nbins, H // cell, W // cell), dim=2).flatten(1, 2)
+        return hist
+
+
+def per_token(feat, u):
+    """Lay a cell map out per token: (B, C, G*u, G*u) -> (B, G*G, C*u*u), feature index c*u*u + dy*u + dx."""
+    return rearrange(feat, 'b c (gh dy) (gw dx) -> b (gh gw) (c dy dx)', dy=u, dx=u)
+
+
+# ----------------------------------------------------------------------------- masking
+
+def sample_noise(B, n, device, keys=None):
+    """U[0,1) noise (B, n): row i from a generator seeded by keys[i] (per-sample randomness) or one torch.rand."""
+    if keys is None:
+        return torch.rand(B, n, device=device)
+    g = torch.Generator()
+    rows = []
+    for k in keys.tolist():  # one generator per sample (not per token): the mask depends on the sample only
+        g.manual_seed((int(k) * 0x9E3779B97F4A7C15 + 1) % (1 << 63))
+        rows.append(torch.rand(n, generator=g))
+    return torch.stack(rows).to(device, non_blocking=True)
+
+
+def random_masking(noise, mask_ratio):
+    """MAE masking from noise (B, L): the int(L(1-r)) smallest are kept -> ids_keep (B, K), mask (B, L) bool, ids_restore."""
+    B, L = noise.shape
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)  # (B, L) ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
+    mask = torch.arange(L, device=noise.device)[None].expand(B, L) >= len_keep  # (B, L) in shuffled order
+    return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def ids_from_mask(mask):
+    """A given bool mask (B, L), True = masked -> (ids_keep, mask, ids_restore); visible tokens in ascending order."""
+    counts = mask.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError(f'every row of the mask needs the same masked count, got {counts.tolist()}')
+    ids_shuffle = torch.argsort(mask.int(), dim=1, stable=True)  # (B, L): visible first, then masked, each ascending
+    len_keep = mask.shape[1] - int(counts[0])
+    return ids_shuffle[:, :len_keep], mask, torch.argsort(ids_shuffle, dim=1)
+
+
+def block_mask(noise, m0, mask_ratio):
+    """FastMIM/SimMIM block mask: noise (B, m0*m0) -> (B, m0, m0) bool; the int(m0^2 (1-r)) smallest stay visible."""
+    len_keep = int(m0 * m0 * (1 - mask_ratio))
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # (B, m0*m0): rank of each block's noise
+    return (rank >= len_keep).view(-1, m0, m0)
+
+
+def upsample_mask(mask, factor):
+    """Nearest upsampling of a grid mask (B, g, g) -> (B, g*factor, g*factor)."""
+    return mask.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+
+
+# ----------------------------------------------------------------------------- MAE baseline
+
+def patchify(imgs, p):
+    """imgs (B, 3, H, W) -> (B, L, p*p*3), per patch ordered (pixel row, pixel col, channel) as MAE."""
+    return rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p)
+
+
+def unpatchify(x, p, H, W=None):
+    """(B, L, p*p*3) -> imgs (B, 3, H, W); inverse of patchify."""
+    return rearrange(x, 'b (h w) (p1 p2 c) -> b c (h p1) (w p2)', h=H // p, w=(W or H) // p, p1=p, p2=p)
+
+
+def norm_pix(target, eps=1e-6):
+    """Standardise each patch (B, L, P) by its own mean and unbiased variance (MAE --norm_pix_loss)."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE's torch.var default
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def masked_mean(per_token_loss, mask):
+    """Mean of (B, L) per-token losses over the masked tokens of the whole batch."""
+    mask = mask.to(per_token_loss.dtype)
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+class MaskedAutoencoderViT(VisionTransformer):
+    """MAE (He et al. 2022): ViT encoder on the kept tokens, light decoder with mask tokens, per-patch pixel loss.
+
+    Keys are the official MAE ones (encoder at top level, `mask_token`, `decoder_*`). Hooks for the other methods:
+    `forward_encoder(..., layers)` returns chosen block outputs (MFF), `forward_decoder(..., keep)` decodes a
+    subset of positions (Efficient MAE), `decoder_input` is reusable by a second decoder (HPM's loss predictor).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
+                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=True, mask_ratio=0.75,
+                 drop_path=0.0):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        check_ratio(mask_ratio, 'mask ratio')
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * 3)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            m.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def set_resolution(self, img_size):
+        """New input size: recompute both frozen sin-cos tables."""
+        super().set_resolution(img_size)
+        D = self.decoder_pos_embed.shape[-1]
+        self.decoder_pos_embed.data = sincos_pos_embed(D, self.grid)[None].to(self.decoder_pos_embed.device)
+
+    def masking(self, imgs, mask=None, keys=None):
+        """Random masking (noise from the sample keys) or a given (B, L) bool mask -> ids_keep, mask, ids_restore."""
+        if mask is not None:
+            return ids_from_mask(mask.to(imgs.device))
+        return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys), self.mask_ratio)
+
+    def forward_encoder(self, imgs, ids_keep, layers=None):
+        """Encoder on the kept tokens: (B, 1+K, D) after the final norm (and the chosen block outputs)."""
+        return self.forward_features(imgs, ids_keep, layers)
+
+    def decoder_input(self, latent, ids_restore):
+        """Latent (B, 1+K, D) -> decoder tokens (B, 1+L, Dd): embed, append mask tokens, un-shuffle, add pos-embed."""
+        x = self.decoder_embed(latent)  # (B, 1+K, Dd)
+        B, L = ids_restore.shape
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, L - x.shape[1] + 1, -1)], dim=1)  # (B, L, Dd)
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, Dd) raster order
+        return torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1+L, Dd)
+
+    @staticmethod
+    def run_decoder(x, blocks, norm, head):
+        """Decoder blocks -> norm -> head, cls row dropped: (B, 1+N, Dd) -> (B, N, P)."""
+        for blk in blocks:
+            x = blk(x)
+        return head(norm(x))[:, 1:]
+
+    def forward_decoder(self, latent, ids_restore, keep=None):
+        """Predict patches (B, L, p*p*3); `keep` (B, L) bool decodes only those positions, other rows are zero."""
+        x = self.decoder_input(latent, ids_restore)
+        parts = (self.decoder_blocks, self.decoder_norm, self.decoder_pred)
+        if keep is None:
+            return self.run_decoder(x, *parts)
+        n = int(keep[0].sum())
+        ids = torch.argsort((~keep).int(), dim=1, stable=True)[:, :n]  # (B, n) kept positions, ascending
+        xs = torch.gather(x[:, 1:], 1, ids[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, Dd)
+        out = self.run_decoder(torch.cat([x[:, :1], xs], dim=1), *parts)  # (B, n, P)
+        pred = out.new_zeros(x.shape[0], x.shape[1] - 1, out.shape[-1])
+        return pred.scatter(1, ids[..., None].expand(-1, -1, out.shape[-1]), out)  # (B, L, P)
+
+    def target(self, imgs):
+        """Pixel target (B, L, p*p*3), standardised per patch with --norm-pix-loss."""
+        t = patchify(imgs.float(), self.patch_size)
+        return norm_pix(t) if self.norm_pix_loss else t
+
+    @staticmethod
+    def patch_loss(pred, target):
+        """Per-patch MSE (B, L) in fp32."""
+        return ((pred.float() - target) ** 2).mean(dim=-1)
+
+    def forward(self, imgs, mask=None, keys=None):
+        """imgs (B, 3, H, W) -> dict(loss, pred, target, mask); loss = mean MSE over the masked patches."""
+        ids_keep, mask, ids_restore = self.masking(imgs, mask, keys)
+        latent = self.forward_encoder(imgs, ids_keep)
+        pred = self.forward_decoder(latent, ids_restore)
+        target = self.target(imgs)
+        loss = masked_mean(self.patch_loss(pred, target), mask)
+        return dict(loss=loss, pred=pred, target=target, mask=mask)
+
+    def picture(self, imgs, out):
+        """input | masked | prediction (visible patches pasted back) for the first images, uint8 (3, H, W)."""
+        return pixel_picture(imgs, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)
+
+
+def check_ratio(value, what, lo=0.0, hi=1.0):
+    """Raise a ValueError unless lo <= value < hi."""
+    if not lo <= value < hi:
+        raise ValueError(f'{what} {value} is out of range; use a value in [{lo}, {hi})')
+
+
+# ----------------------------------------------------------------------------- checkpoints and key maps
+
+def load_file(path):
+    """torch.load a checkpoint safely (weights_only); files that pickle argparse.Namespace are allowed too."""
+    if not os.path.isfile(path):
+        raise ValueError(f'checkpoint {path} does not exist')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # MAE-family files pickle an argparse.Namespace (interop.md §7)
+        if 'Namespace' not in str(e):
+            raise ValueError(f'cannot read checkpoint {path}: {e}') from None
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def pick_state_dict(obj, teacher=False):
+    """The state dict inside a loaded file: 'model' -> 'state_dict' -> ('ema_state_dict' | 'model_ema') -> itself."""
+    names = ('ema_state_dict', 'model_ema') if teacher else ('model', 'state_dict')
+    for name in names:
+        if isinstance(obj, dict) and isinstance(obj.get(name), dict):  # HPM stores a name string under 'model'
+            return obj[name]
+    if teacher:
+        raise ValueError('no teacher weights (ema_state_dict / model_ema) in this checkpoint')
+    return obj
+
+
+def strip_prefix(sd, *prefixes):
+    """Remove leading `module.`, `_orig_mod.` (always) and the given prefixes from every key."""
+    out = {}
+    for k, v in sd.items():
+        for p in ('module.', '_orig_mod.') + prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def load_model_state(model, sd, what='checkpoint'):
+    """Strict load that turns a key or shape mismatch into a ValueError listing the keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or shapes:
+        def show(keys):
+            return ', '.join(keys[:8]) + (f' … (+{len(keys) - 8})' if len(keys) > 8 else '')
+        raise ValueError(f'{what} does not match this model (another method or size?): '
+                         f'missing {show(missing) or "none"}; unexpected {show(unexpected) or "none"}; '
+                         f'shape mismatch {show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]) or "none"}')
+    model.load_state_dict(sd, strict=True)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated file at `path`."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+
+def sample_key(seed, epoch, index):
+    """The int64 key of one sample in one epoch: seeds its crop, flip and mask noise (STYLE "Data and randomness")."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Built-in data: 10 classes (5 shapes x solid/striped) on gradient backgrounds, uint8 (3, res, res), no files.
+
+    Image i of a split is generated from a generator seeded by (seed, split, i): deterministic, made on the fly.
+    """
+
+    classes = [f'{s}_{t}' for t in ('solid', 'striped') for s in ('disk', 'square', 'triangle', 'ring', 'cross')]
+
+    def __init__(self, split='train', n=None, res=64, seed=0):
+        self.split, self.res, self.seed = split, res, seed
+        self.n = n if n is not None else (2048 if split == 'train' else 512)
+        self.targets = [i % 10 for i in range(self.n)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        """-> (uint8 image (3, res, res), label)."""
+        g = torch.Generator().manual_seed((self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i)
+        u = lambda *s: torch.rand(s, generator=g)  # noqa: E731
+        label, R = self.targets[i], self.res
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R), indexing='ij')  # (R, R)
+        a = u(1) * 2 * math.pi
+        t = ((xx * a.cos() + yy * a.sin()) * 0.5 + 0.5).clamp(0, 1)  # background gradient
+        img = u(3, 1, 1) * (1 - t) + u(3, 1, 1) * t + 0.04 * torch.randn(3, R, R, generator=g)  # (3, R, R)
+        cx, cy, s, phi = u(1) * 0.8 - 0.4, u(1) * 0.8 - 0.4, 0.3 + 0.3 * u(1), u(1) * math.pi
+        px, py = xx - cx, yy - cy
+        x1, y1 = px * phi.cos() + py * phi.sin(), -px * phi.sin() + py * phi.cos()  # shape frame
+        r = (x1 ** 2 + y1 ** 2).sqrt()
+        shape = [r < s,
+                 torch.maximum(x1.abs(), y1.abs()) < 0.8 * s,
+                 (y1 > -0.5 * s) & (y1 < s) & (x1.abs() < (s - y1) / 3 ** 0.5),
+                 (r < s) & (r > 0.6 * s),
+                 ((x1.abs() < 0.3 * s) & (y1.abs() < s)) | ((y1.abs() < 0.3 * s) & (x1.abs() < s))][label % 5]
+        fg = u(3, 1, 1).expand(3, R, R)
+        if label >= 5:  # striped texture: alternate with a second colour along the shape's x axis
+            fg = torch.where(torch.sin(x1 * (12 + 8 * u(1))) > 0, fg, u(3, 1, 1).expand(3, R, R))
+        img = torch.where(shape[None], fg, img)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
+
+
+def read_image(path):
+    """Open an image as RGB, naming the file when it cannot be read."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:
+        raise ValueError(f'cannot read image {path}: {e}') from None
+
+
+def image_folder(root, split=None):
+    """ImageFolder at <root>/<split> (or <root>/train, else <root> itself); a clear error when there are no images."""
+    from torchvision import datasets
+    if not os.path.isdir(root):
+        raise ValueError(f'--data-path {root} does not exist')
+    if split is not None:
+        path = os.path.join(root, split)
+    else:
+        path = os.path.join(root, 'train') if os.path.isdir(os.path.join(root, 'train')) else root
+    try:
+        return datasets.ImageFolder(path, loader=read_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f'no images found in {path} ({e}); expected class folders of images') from None
+
+
+def pretrain_transform(res, scale=(0.2, 1.0)):
+    """RandomResizedCrop(res, scale, bicubic) + flip + ImageNet normalisation (MAE/FastMIM pre-training)."""
+    from torchvision.transforms import InterpolationMode, v2
+    return v2.Compose([v2.ToImage(),
+                       v2.RandomResizedCrop(res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(res, crop_pct=0.875):
+    """Resize(res/0.875, bicubic) + centre crop + ImageNet normalisation (256 -> 224 at res 224)."""
+    from torchvision.transforms import InterpolationMode, v2
+    return v2.Compose([v2.ToImage(), v2.Resize(int(res / crop_pct), interpolation=InterpolationMode.BICUBIC),
+                       v2.CenterCrop(res), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class Keyed(torch.utils.data.Dataset):
+    """Wraps a dataset; item (epoch, i) -> (image, label, key), the transform drawn from a generator seeded by the key."""
+
+    def __init__(self, base, transform, seed):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        epoch, i = item
+        key = sample_key(self.seed, epoch, i)
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # the crop and flip depend on the sample, not the process
+            torch.manual_seed(key % (1 << 63))
+            img = self.transform(img)
+        return img, label, key
+
+
+class StepSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (in every mode, world 1 too) that yields (epoch, index) and can start mid-epoch."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.skip:]])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def pretrain_dataset(args):
+    """The training set of a pre-training run: ImageFolder at --data-path, else the built-in SyntheticShapes."""
+    if args.data_path:
+        base = image_folder(args.data_path)
+    else:
+        base = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
+    return Keyed(base, pretrain_transform(args.res, args.rrc_scale), args.seed)
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, device):
+    """DataLoader with the house settings: drop_last, pinned memory on CUDA, persistent workers when any."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=device.type == 'cuda', drop_last=True,
+                                       persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def denormalize(imgs):
+    """ImageNet-normalised (B, 3, H, W) -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    return (imgs.float() * std + mean).clamp(0, 1)
+
+
+def grid_picture(columns, gray=0.5):
+    """Columns of (B, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid: a row per image, a column per kind."""
+    from torchvision.utils import make_grid
+    cols = [c.float().cpu().clamp(0, 1) for c in columns]
+    stack = torch.stack(cols, dim=1).flatten(0, 1)  # (B*K, 3, H, W) image-major, so each row is one image
+    grid = make_grid(stack, nrow=len(cols), padding=2, pad_value=gray)
+    return (grid * 255).round().to(torch.uint8)
+
+
+def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
+    """input | masked | prediction for pixel-predicting ViT models (pred (B, L, p*p*3), mask (B, L))."""
+    target = patchify(imgs.float(), p)
+    pred = pred.float()
+    if norm_pix_loss:  # undo the per-patch standardisation with the true patch statistics (MAE visualisation)
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    m = mask[..., None].float()
+    H, W = imgs.shape[-2:]
+    masked = unpatchify(target * (1 - m), p, H, W)
+    recon = unpatchify(target * (1 - m) + pred * m, p, H, W)
+    masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0, torch.zeros_like(masked) - 10, masked)
+    return grid_picture([denormalize(imgs), denormalize(masked), denormalize(recon)])
+
+
+def hog_glyphs(h, nbins, cell=8, size=None):
+    """HOG (B, C*nbins, Hc, Wc) -> white-on-black orientation glyphs (B, 3, Hc*size, Wc*size) in [0, 1].
+
+    Each cell draws one line per bin along the edge direction (perpendicular to the gradient), brightness
+    proportional to that bin's magnitude summed over colours and normalised per image.
+    """
+    size = size or cell
+    B, _, Hc, Wc = h.shape
+    mag = h.float().view(B, -1, nbins, Hc, Wc).sum(1)  # (B, nbins, Hc, Wc)
+    mag = mag / mag.flatten(1).amax(1).clamp(min=1e-12).view(B, 1, 1, 1)
+    theta = (torch.arange(nbins, device=h.device) + 0.5) * math.pi / nbins  # bin centres of atan2(gx, gy)
+    c = torch.arange(size, device=h.device, dtype=torch.float32) - (size - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing='ij')
+    dist = (xx[None] * theta.sin()[:, None, None] + yy[None] * theta.cos()[:, None, None]).abs()  # to the edge line
+    stencil = (1 - dist).clamp(0, 1) * ((xx ** 2 + yy ** 2) <= (size / 2) ** 2)  # (nbins, size, size)
+    img = torch.einsum('bkij,kyx->biyjx', mag, stencil).reshape(B, 1, Hc * size, Wc * size)  # (B, 1, H, W)
+    return img.clamp(0, 1).expand(-1, 3, -1, -1)
+
+
+def write_png(picture, path):
+    """Save a uint8 (3, H, W) tensor as PNG with Pillow."""
+    from PIL import Image
+    Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line `error: …` on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        """Print `error: message` and exit 2."""
+        sys.stderr.write(f'error: {message}\n')
+        sys.exit(2)
+
+
+def pretrain_parser(method, doc):
+    """The flags every pre-training script shares; each also accepts the official repos' spelling."""
+    p = ArgumentParser(prog=f'{method}.py', description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--model', help='model preset (official names accepted, e.g. mim_vit_base, mae_vit_base_patch16)')
+    a('--res', '--input_size', '--input-size', dest='res', type=int, help='input resolution')
+    a('--mask-ratio', '--mask_ratio', dest='mask_ratio', type=float, help='fraction of masked patches')
+    a('--epochs', type=int, help='pre-training epochs')
+    a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float, help='linear warm-up epochs')
+    a('--blr', type=float, help='base lr: lr = blr * effective batch / 256')
+    a('--lr', type=float, help='absolute lr (overrides --blr)')
+    a('--min-lr', '--min_lr', dest='min_lr', type=float, default=0.0, help='cosine floor (official default 0)')
+    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, default=0.05, help='AdamW weight decay')
+    a('--batch-size', '--batch_size', dest='batch_size', type=int, help='images per process per micro-step')
+    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, default=1, help='gradient accumulation steps')
+    a('--clip-grad', '--clip_grad', dest='clip_grad', type=float, help='clip the global grad norm (none by default)')
+    a('--data-path', '--data_path', dest='data_path', help='ImageFolder root (<root>/train used when present); '
+      'none = built-in SyntheticShapes and the CPU smoke preset')
+    a('--synthetic-size', dest='synthetic_size', type=int, default=2048, help='images in the built-in data')
+    a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.2, 1.0),
+      help='RandomResizedCrop scale range')
+    a('--output-dir', '--output_dir', dest='output_dir', help=f'default output/{method}_<model>')
+    a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth when present)')
+    a('--seed', type=int, default=0, help='seed of the per-sample randomness')
+    a('--num-workers', '--num_workers', dest='num_workers', type=int, help='data loader workers (default 8)')
+    a('--precision', choices=('auto', 'bf16', 'fp16', 'fp32'), default='auto',
+      help='auto = bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler')
+    a('--compile', action='store_true', help='torch.compile the model')
+    a('--log-freq', dest='log_freq', type=int, default=20, help='optimizer steps between log rows')
+    a('--save-freq', '--save_ckpt_freq', dest='save_freq', type=int, default=20,
+      help='epochs between kept checkpoints (checkpoint-last.pth is written every epoch)')
+    a('--max-steps', dest='max_steps', type=int, help='stop (with a checkpoint) after this many optimizer steps')
+    a('--benchmark', type=int, default=0, metavar='N', help='time N steps on synthetic batches and print JSON')
+    a('--benchmark-data', dest='benchmark_data', type=int, default=0, metavar='N',
+      help='time N batches of the input pipeline alone and print JSON')
+    for flag in ('--log_dir', '--dist_url', '--world_size', '--device', '--pin_mem', '--no_pin_mem',
+                 '--dist_on_itp', '--opt_level'):  # official launch/logging flags: accepted, ignored
+        a(flag, nargs='?', const=True, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def apply_defaults(args, table, smoke, model_names=None):
+    """Fill unset flags: the smoke preset without --data-path, then the per-model table; explicit flags win."""
+    launch = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'opt_level')
+    ignored = [f for f in launch if getattr(args, f, None) is not None]
+    if ignored and int(os.environ.get('RANK', 0)) == 0:
+        print(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
+    for f in launch:
+        delattr(args, f)
+    args.num_workers = 8 if args.num_workers is None and args.data_path else args.num_workers
+    if args.data_path is None:
+        for k, v in smoke.items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+    args.model = (model_names or {}).get(args.model, args.model)
+    if args.model not in table:
+        raise ValueError(f'unknown --model {args.model}; choose one of {", ".join(table)}')
+    for k, v in table[args.model].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed():
+    """DDP iff RANK, LOCAL_RANK and WORLD_SIZE are set (torchrun): nccl on CUDA, gloo on CPU. -> (rank, world, device)."""
+    cuda = torch.cuda.is_available()
+    if all(k in os.environ for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')):
+        local = int(os.environ['LOCAL_RANK'])
+        if cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            import datetime
+            dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=30))
+        return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
+    return 0, 1, torch.device('cuda' if cuda else 'cpu')
+
+
+def run_main(fn, argv):
+    """Run a script's main: a ValueError becomes one line `error: …` on stderr and exit code 2."""
+    try:
+        return fn(argv)
+    except ValueError as e:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stderr.write(f'error: {e}\n')
+        raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------- the train loop
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a step's loss is NaN or inf."""
+
+
+def default_no_decay(name, param):
+    """timm-0.3.2 `add_weight_decay` rule of MAE, FastMIM and HPM: no decay for 1-D tensors and biases."""
+    return param.ndim <= 1 or name.endswith('.bias')
+
+
+def param_groups(model, weight_decay, no_decay=default_no_decay):
+    """Two AdamW groups (decay / no decay) over the trainable parameters; frozen tables are left out."""
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (skip if no_decay(name, p) else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': skip, 'weight_decay': 0.0}]
+
+
+def lr_at(epoch, args):
+    """Per-iteration schedule as a pure function of the fractional epoch: linear warm-up from 0, half-cosine to min_lr."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-12)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def autocast_dtype(precision, device):
+    """auto = bf16 on CUDA and fp32 (no autocast) on CPU."""
+    if precision == 'auto':
+        return torch.bfloat16 if device.type == 'cuda' else None
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
+
+
+def resize_optimizer_state(model, optimizer):
+    """After an in-place resize of relative-position tables, resize their AdamW moments the same way (FastMIM-P)."""
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p, {})
+        for k, v in list(state.items()):
+            if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                assert 'relative_position_bias_table' in name, f'cannot resize the optimizer state of {name}'
+                v = resize_rel_pos_table(v, math.isqrt(p.shape[0]))
+                state[k] = v.clamp(min=0) if k == 'exp_avg_sq' else v  # bicubic can overshoot below 0
+
+
+def scalars(out):
+    """The 0-d tensors of a forward's output dict (lists as name_0, name_1, …), detached, in a fixed order."""
+    items = {}
+    for k, v in out.items():
+        if torch.is_tensor(v) and v.dim() == 0:
+            items[k] = v.detach().float()
+        elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) and t.dim() == 0 for t in v):
+            items.update({f'{k}_{i}': t.detach().float() for i, t in enumerate(v)})
+    return items
+
+
+def picture_batch(args, n=8):
+    """A fixed batch for the pictures: the first n images of the built-in val split (or of --data-path), centre crop."""
+    tf = eval_transform(args.res, crop_pct=1.0)
+    base = image_folder(args.data_path) if args.data_path else SyntheticShapes('val', n, args.res, args.seed)
+    return torch.stack([tf(base[i][0]) for i in range(min(n, len(base)))]), torch.arange(n)
+
+
+def save_picture(raw, args, device, path):
+    """Run the model on the picture batch and write its picture() as PNG."""
+    imgs, keys = picture_batch(args)
+    was = raw.training
+    raw.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(args.precision, device) or torch.float32,
+                                         enabled=autocast_dtype(args.precision, device) is not None):
+        imgs = imgs.to(device)
+        write_png(raw.picture(imgs, raw(imgs, keys=keys)), path)
+    raw.train(was)
+
+
+def train(model, args):
+    """Pre-train `model` (the method <-> loop contract of STYLE.md) on CPU, one GPU or under torchrun."""
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    say = print if rank == 0 else (lambda *a, **k: None)
+    dataset = pretrain_dataset(args)
+    per_step = args.batch_size * args.accum_iter * world
+    steps_per_epoch = len(dataset) // world // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(dataset)} images are fewer than one step needs (batch {args.batch_size} x accum '
+                         f'{args.accum_iter} x world {world} = {per_step}); lower --batch-size or add images')
+    if args.lr is None:
+        args.lr = args.blr * per_step / 256
+    total = args.epochs * steps_per_epoch
+    raw = model.to(device)
+    out_dir = args.output_dir
+    last_path = os.path.join(out_dir, 'checkpoint-last.pth')
+    ckpt, step = None, 0
+    resume = args.resume or (last_path if os.path.isfile(last_path) else None)
+    if resume:
+        ckpt = load_file(resume)
+        if hasattr(raw, 'on_epoch'):  # bring resolution-dependent shapes to the saved epoch (FastMIM-P)
+            raw.on_epoch(ckpt['epoch'])
+            args.res = getattr(raw, 'res', args.res)
+        load_model_state(raw, ckpt['model'], f'checkpoint {resume}')
+        step = ckpt['step']
+    amp = autocast_dtype(args.precision, device)
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, getattr(raw, 'no_weight_decay', default_no_decay)),
+                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        if 'model_ema' in ckpt and hasattr(raw, 'load_extra_state'):
+            raw.load_extra_state(ckpt['model_ema'])
+        say(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
+            f'lr {lr_at(step / steps_per_epoch, args):.3g}')
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        say(f'config: {json.dumps(vars(args), default=str)}')
+        if not args.data_path:
+            say(f'no --data-path: built-in SyntheticShapes data ({len(dataset)} images, 10 classes) and smoke preset')
+        n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        say(f'device {device}, world {world}, effective batch {per_step} ({args.batch_size} x {args.accum_iter} x '
+            f'{world}), lr {args.lr:.3g} (blr {args.blr} x {per_step}/256), {steps_per_epoch} steps/epoch, '
+            f'{n_params / 1e6:.2f}M trainable parameters')
+    if step >= total:
+        say(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir or more --epochs')
+        return raw
+
+    def save(epoch, keep):
+        if rank != 0:
+            return
+        state = {'model': raw.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch, 'step': step,
+                 'scaler': scaler.state_dict() if scaler.is_enabled() else {}, 'args': plain(vars(args))}
+        if hasattr(raw, 'extra_state'):
+            state['model_ema'] = raw.extra_state()
+        save_atomic(state, last_path)
+        if keep:
+            save_atomic(state, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
+        if hasattr(raw, 'picture'):
+            save_picture(raw, args, device, os.path.join(out_dir, f'picture-{epoch}.png' if keep else 'picture-last.png'))
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
+    log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if rank == 0 else None
+    loader, net, sums, n_sum, t_log = None, None, {}, 0, time.time()
+    while step < total:
+        epoch = step // steps_per_epoch
+        new_res = raw.on_epoch(epoch) if hasattr(raw, 'on_epoch') else None
+        if loader is None or (new_res and new_res != args.res):
+            if new_res and new_res != args.res:  # FastMIM-P: new resolution -> new crops, moments, DDP, compile
+                say(f'epoch {epoch}: resolution {args.res} -> {new_res}')
+                args.res = new_res
+                resize_optimizer_state(raw, optimizer)
+                dataset = pretrain_dataset(args)
+            sampler = StepSampler(dataset, world, rank, args.seed)
+            loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
+            net = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
+                raw, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
+            if args.compile:
+                net = torch.compile(net)
+        sampler.set_epoch(epoch)
+        sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
+        micro = 0
+        for imgs, _, keys in loader:
+            imgs = imgs.to(device, non_blocking=True)
+            if micro == 0:
+                lr = lr_at(step / steps_per_epoch, args)
+                for g in optimizer.param_groups:
+                    g['lr'] = lr * g.get('lr_scale', 1.0)
+            final = micro == args.accum_iter - 1
+            sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    out = net(imgs, keys=keys)
+                scaler.scale(out['loss'] / args.accum_iter).backward()
+            for k, v in scalars(out).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_sum += 1
+            micro += 1
+            if not final:
+                continue
+            micro = 0
+            bad = (~torch.isfinite(out['loss'].detach())).float()
+            if world > 1:
+                dist.all_reduce(bad)  # every rank decides alike
+            if bad.item():
+                terms = {k: float(v) for k, v in scalars(out).items()}
+                raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: {terms}; '
+                                    f'last good checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}')
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(raw, 'after_step'):
+                raw.after_step()
+            step += 1
+            bar.update(1)
+            if step % args.log_freq == 0 or step == total:
+                names = sorted(sums)
+                vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
+                if world > 1:
+                    dist.all_reduce(vals)
+                    vals /= world
+                row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
+                       'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
+                row.update({k: float(v) for k, v in zip(names, vals.tolist())})
+                if log:
+                    log.write(json.dumps(row) + '\n')
+                    log.flush()
+                    bar.set_postfix(loss=f'{row["loss"]:.4f}')
+                sums, n_sum, t_log = {}, 0, time.time()
+            if args.max_steps and step >= args.max_steps:
+                save(epoch, keep=False)
+                bar.close()
+                return raw
+            if step % steps_per_epoch == 0:
+                break
+        save(epoch, keep=(epoch + 1) % args.save_freq == 0 or step == total)
+    bar.close()
+    say(f'done: {step} steps, checkpoints and pictures in {out_dir}')
+    return raw
+
+
+def plain(obj):
+    """Only plain data (str/int/float/bool/None/list/dict) so checkpoints load with weights_only=True."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
