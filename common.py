@@ -211,7 +211,269 @@ def check_divisible(res, size, what, hint=None):
 
 
 # ----------------------------------------------------------------------------- Swin (windowed, Microsoft key layout)
-# SWIN_PLACEHOLDER
+def window_partition(x, w):
+    """(B, H, W, C) -> (B*nW, w*w, C), windows in raster order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5)  # (B, H/w, W/w, w, w, C)
+    return x.reshape(-1, w * w, C)  # (B*nW, w*w, C)
+
+
+def window_reverse(windows, w, H, W):
+    """(B*nW, w*w, C) -> (B, H, W, C); inverse of window_partition."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5)  # (B, H/w, w, W/w, w, C)
+    return x.reshape(-1, H, W, C)
+
+
+def relative_position_index(w):
+    """(w*w, w*w) index into the ((2w-1)^2, nH) bias table: (dy + w-1) * (2w-1) + (dx + w-1) (Swin Sec. 3.2)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing='ij')).flatten(1)  # (2, w*w)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
+    return (rel[0] + w - 1) * (2 * w - 1) + rel[1] + w - 1
+
+
+def shifted_window_mask(H, W, w, shift):
+    """(nW, w*w, w*w) additive mask: -100 between tokens that the cyclic shift brought from different regions."""
+    region = torch.zeros(1, H, W, 1)
+    n = 0
+    for hs in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+        for ws in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+            region[:, hs, ws] = n
+            n += 1
+    r = window_partition(region, w).squeeze(-1)  # (nW, N)
+    return (r[:, None, :] != r[:, :, None]).float() * -100.0  # (nW, N, N)
+
+
+class WindowAttention(nn.Module):
+    """Window self-attention with a learned relative-position bias, through F.scaled_dot_product_attention."""
+
+    def __init__(self, dim, window, num_heads):
+        super().__init__()
+        self.num_heads, self.window = num_heads, window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer('relative_position_index', relative_position_index(window))
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def bias(self):
+        """The relative-position bias (nH, N, N) gathered from the table."""
+        N = self.window ** 2
+        return self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, x, mask=None):
+        """x (B*nW, N, C), mask (nW, N, N) or None -> (B*nW, N, C)."""
+        BW, N, C = x.shape
+        qkv = self.qkv(x).view(BW, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (BW, nH, N, d)
+        bias = self.bias().to(x.dtype)  # (nH, N, N)
+        if mask is None:
+            out = F.scaled_dot_product_attention(*qkv, attn_mask=bias)  # (BW, nH, N, d)
+        else:  # split windows from the batch so the per-window mask broadcasts: (B, nW, nH, N, d)
+            nW = mask.shape[0]
+            q, k, v = (t.view(BW // nW, nW, self.num_heads, N, -1) for t in qkv)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(x.dtype) + bias)
+        return self.proj(out.reshape(BW, self.num_heads, N, -1).transpose(1, 2).reshape(BW, N, C))
+
+
+class SwinBlock(nn.Module):
+    """Swin block: (shifted) window attention + MLP, pre-norm; `attn_mask` is stored only in shifted blocks."""
+
+    def __init__(self, dim, num_heads, window, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)  # eps 1e-5 everywhere in Swin
+        self.attn = WindowAttention(dim, window, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+        self.register_buffer('attn_mask', None)
+
+    def configure(self, grid, window, shift):
+        """Set the block's grid, window and shift; rebuild index and mask, resize the bias table in place."""
+        self.grid, self.shift = grid, shift
+        attn, dev = self.attn, self.attn.relative_position_bias_table.device
+        if window != attn.window:
+            attn.relative_position_bias_table.data = resize_rel_pos_table(attn.relative_position_bias_table.data,
+                                                                          2 * window - 1)
+            attn.window = window
+            attn.relative_position_index = relative_position_index(window).to(dev)
+        self.attn_mask = shifted_window_mask(grid, grid, window, shift).to(dev) if shift else None
+
+    def forward(self, x):
+        """x (B, G*G, C) -> (B, G*G, C)."""
+        B, L, C = x.shape
+        G, w, s = self.grid, self.attn.window, self.shift
+        h = self.norm1(x).view(B, G, G, C)
+        if s:  # cyclic shift (Swin Sec. 3.2)
+            h = torch.roll(h, (-s, -s), dims=(1, 2))
+        h = window_reverse(self.attn(window_partition(h, w), self.attn_mask), w, G, G)  # (B, G, G, C)
+        if s:
+            h = torch.roll(h, (s, s), dims=(1, 2))
+        x = x + drop_path(h.reshape(B, L, C), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C): (B, G*G, C) -> (B, G*G/4, 2C)."""
+
+    def __init__(self, dim, order='tl,bl,tr,br'):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        # official Swin: TL, BL, TR, BR; LocalMIM's pre-training concatenates TL, TR, BL, BR (localmim.md §4)
+        offsets = {'tl': (0, 0), 'bl': (1, 0), 'tr': (0, 1), 'br': (1, 1)}
+        self.offsets = [offsets[k] for k in order.split(',')]
+
+    def forward(self, x, G):
+        """x (B, G*G, C) -> (B, G*G/4, 2C)."""
+        B, L, C = x.shape
+        x = x.view(B, G, G, C)
+        x = torch.cat([x[:, dy::2, dx::2] for dy, dx in self.offsets], dim=-1)  # (B, G/2, G/2, 4C)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+
+
+class SwinStage(nn.Module):
+    """One stage: blocks, then (except the last stage) a PatchMerging `downsample` — the official layout."""
+
+    def __init__(self, dim, depth, num_heads, window, mlp_ratio, dpr, downsample, merge_order):
+        super().__init__()
+        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, window, mlp_ratio, dpr[i]) for i in range(depth)])
+        self.downsample = PatchMerging(dim, merge_order) if downsample else None
+
+
+class SwinPatchEmbed(nn.Module):
+    """Conv(4x4, stride 4) + LayerNorm: (B, 3, H, W) -> (B, H/4 * W/4, C)."""
+
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        """(B, 3, H, W) -> (B, L, C)."""
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class SwinTransformer(nn.Module):
+    """Swin-v1 (Liu et al. 2021) in the original Microsoft key layout, at any resolution its grids allow.
+
+    Keys: `patch_embed.{proj,norm}`, `layers.{s}.blocks.{b}.{norm1, attn.{qkv, proj, relative_position_bias_table,
+    relative_position_index}, norm2, mlp}`, `layers.{s}.blocks.{b}.attn_mask` (shifted blocks only),
+    `layers.{s}.downsample` (end of stages 0..S-2), `norm`, optional `head`. Window clamp of the original code: a
+    stage whose grid is not larger than the window uses window = grid and no shift.
+    """
+
+    def __init__(self, img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                 window_size=7, mlp_ratio=4.0, drop_path=0.0, num_classes=0, merge_order='tl,bl,tr,br'):
+        super().__init__()
+        self.patch_size, self.depths = patch_size, tuple(depths)
+        self.patch_embed = SwinPatchEmbed(patch_size, embed_dim)
+        dpr = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear stochastic depth
+        self.layers = nn.ModuleList([
+            SwinStage(embed_dim * 2 ** s, depths[s], num_heads[s], window_size, mlp_ratio,
+                      dpr[sum(depths[:s]):sum(depths[:s + 1])], s < len(depths) - 1, merge_order)
+            for s in range(len(depths))])
+        self.num_features = embed_dim * 2 ** (len(depths) - 1)
+        self.norm = nn.LayerNorm(self.num_features)
+        if num_classes:
+            self.head = nn.Linear(self.num_features, num_classes)
+        for m in self.modules():  # Swin init: trunc-normal Linear, zero bias, LayerNorm (1, 0)
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.set_resolution(img_size, window_size)
+
+    def set_resolution(self, img_size, window_size):
+        """(Re)configure every stage for an input size and window; tables resize in place when the window changes."""
+        stride = self.patch_size * 2 ** (len(self.depths) - 1)
+        check_divisible(img_size, stride, 'the Swin output stride',
+                        f'patch {self.patch_size} x {len(self.depths) - 1} patch merges')
+        self.img_size, self.window_size = img_size, window_size
+        for s, stage in enumerate(self.layers):
+            G = img_size // self.patch_size // 2 ** s
+            w, shift = (G, 0) if G <= window_size else (window_size, window_size // 2)  # official window clamp
+            if G % w:
+                good = [v for v in range(2, window_size + 1) if all(
+                    (img_size // self.patch_size // 2 ** t) % v == 0 or img_size // self.patch_size // 2 ** t <= v
+                    for t in range(len(self.depths)))]
+                raise ValueError(f'window {window_size} does not divide stage grid {G} at res {img_size}; '
+                                 f'use --window-size {good[-1] if good else 1}')
+            for b, blk in enumerate(stage.blocks):
+                blk.configure(G, w, shift if b % 2 else 0)
+
+    def forward_features(self, imgs, stages=False):
+        """imgs (B, 3, H, W) -> final tokens after `norm` (B, L, C); stages=True also returns each stage's output
+        before its downsample, [(B, G_s*G_s, C_s)]."""
+        if imgs.shape[-1] != self.img_size or imgs.shape[-2] != self.img_size:
+            raise ValueError(f'input {tuple(imgs.shape[-2:])} differs from the model size {self.img_size}; '
+                             f'call set_resolution first')
+        x = self.patch_embed(imgs)  # (B, L, C)
+        outs = []
+        for s, stage in enumerate(self.layers):
+            for blk in stage.blocks:
+                x = blk(x)
+            outs.append(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x, self.img_size // self.patch_size // 2 ** s)
+        x = self.norm(x)
+        return (x, outs) if stages else x
+
+    def forward(self, imgs):
+        """Classification: average pool of the normed final tokens -> head (or the pooled features)."""
+        x = self.forward_features(imgs).mean(1)
+        return self.head(x) if hasattr(self, 'head') else x
+
+
+def resize_rel_pos_table(table, new_side, mode='bicubic'):
+    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH) (interop.md §5).
+
+    'bicubic': F.interpolate on the (nH, side, side) grid (timm's simple resize; FastMIM `interpolate` mode).
+    'geometric': the BEiT/SimMIM resampling, offsets stretched geometrically, piecewise-linear in torch.
+    """
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0] or table.dim() != 2:
+        raise ValueError(f'a relative-position table must be (side*side, heads), got {tuple(table.shape)}')
+    if side == new_side:
+        return table.clone()
+    t = table.float().T.reshape(1, -1, side, side)  # (1, nH, S, S): rows = dy, columns = dx
+    if mode == 'bicubic':
+        out = F.interpolate(t, size=(new_side, new_side), mode='bicubic', align_corners=False)
+    elif mode == 'geometric':
+        src = geometric_offsets(side, new_side).to(t.device)
+        dst = torch.arange(new_side, device=t.device, dtype=torch.float64) - new_side // 2
+        Wm = linear_interp_matrix(src, dst).float().to(t.device)  # (new, S)
+        out = torch.einsum('ia,nhab,jb->nhij', Wm, t, Wm)
+    else:
+        raise ValueError(f'unknown resize mode {mode!r}; use bicubic or geometric')
+    return out.reshape(-1, new_side * new_side).T.to(table.dtype).contiguous()  # (new*new, nH)
+
+
+def geometric_offsets(src, dst):
+    """BEiT/SimMIM source offsets: ±(1 + q + … + q^k) with q found by bisection so the ends reach dst//2."""
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2
+        if (1 - q ** (src // 2)) / (1 - q) > dst // 2:
+            hi = q
+        else:
+            lo = q
+    dis, cur = [], 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return torch.tensor([-d for d in reversed(dis)] + [0.0] + dis, dtype=torch.float64)
+
+
+def linear_interp_matrix(nodes, targets):
+    """(len(targets), len(nodes)) weights of piecewise-linear interpolation (linear extrapolation at the ends)."""
+    idx = torch.searchsorted(nodes, targets).clamp(1, len(nodes) - 1)
+    x0, x1 = nodes[idx - 1], nodes[idx]
+    t = (targets - x0) / (x1 - x0)
+    W = torch.zeros(len(targets), len(nodes), dtype=torch.float64)
+    rows = torch.arange(len(targets))
+    W[rows, idx - 1] = 1 - t
+    W[rows, idx] = t
+    return W
 
 
 # ----------------------------------------------------------------------------- HOG
@@ -223,7 +485,7 @@ def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True, gaussian_window=0):
     atan2(gx, gy) (this argument order in FastMIM, LocalMIM and mmpretrain), unsigned bins by floor-mod, hard
     assignment, sum (or mean) over cell x cell pixels, optional L2 norm of each histogram; channel = colour*nbins + bin.
     """
-    with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):
+    with torch.no_grad(), fp32(imgs.device):
         x = imgs.float()
         B, C, H, W = x.shape
         kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
@@ -244,6 +506,13 @@ def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True, gaussian_window=0):
         if normalize:  # per colour and cell, over the bins (FastMIM --norm_pix_loss)
             hist = F.normalize(hist.view(B, C, nbins, H // cell, W // cell), dim=2).flatten(1, 2)
         return hist
+
+
+def fp32(device):
+    """A context that turns autocast off on `device` (targets such as HOG are computed in fp32)."""
+    if device.type in ('cpu', 'cuda'):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. 'meta', where FLOPs are counted
 
 
 def per_token(feat, u):
@@ -573,8 +842,9 @@ def eval_transform(res, crop_pct=0.875):
 class Keyed(torch.utils.data.Dataset):
     """Wraps a dataset; item (epoch, i) -> (image, label, key), the transform drawn from a generator seeded by the key."""
 
-    def __init__(self, base, transform, seed):
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base, transform, seed, skip_bad=False):
+        self.base, self.transform, self.seed, self.skip_bad = base, transform, seed, skip_bad
+        self.bad = 0
 
     def __len__(self):
         return len(self.base)
@@ -582,7 +852,15 @@ class Keyed(torch.utils.data.Dataset):
     def __getitem__(self, item):
         epoch, i = item
         key = sample_key(self.seed, epoch, i)
-        img, label = self.base[i]
+        for j in range(len(self.base)):  # with --skip-bad-images an unreadable file is replaced by the next one
+            try:
+                img, label = self.base[(i + j) % len(self.base)]
+                break
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
+                self.bad += 1
+                sys.stderr.write(f'warning: skipped {e} ({self.bad} skipped by this worker)\n')
         with torch.random.fork_rng(devices=[]):  # the crop and flip depend on the sample, not the process
             torch.manual_seed(key % (1 << 63))
             img = self.transform(img)
@@ -609,7 +887,7 @@ def pretrain_dataset(args):
         base = image_folder(args.data_path)
     else:
         base = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
-    return Keyed(base, pretrain_transform(args.res, args.rrc_scale), args.seed)
+    return Keyed(base, pretrain_transform(args.res, args.rrc_scale), args.seed, args.skip_bad_images)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device):
@@ -639,6 +917,11 @@ def grid_picture(columns, gray=0.5):
 
 def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
     """input | masked | prediction for pixel-predicting ViT models (pred (B, L, p*p*3), mask (B, L))."""
+    return grid_picture(pixel_columns(imgs, pred, mask, p, norm_pix_loss))
+
+
+def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
+    """The columns of pixel_picture, [input, masked, prediction] (B, 3, H, W) in [0, 1], for adding more."""
     target = patchify(imgs.float(), p)
     pred = pred.float()
     if norm_pix_loss:  # undo the per-patch standardisation with the true patch statistics (MAE visualisation)
@@ -648,7 +931,7 @@ def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
     masked = unpatchify(target * (1 - m), p, H, W)
     recon = unpatchify(target * (1 - m) + pred * m, p, H, W)
     masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0, torch.zeros_like(masked) - 10, masked)
-    return grid_picture([denormalize(imgs), denormalize(masked), denormalize(recon)])
+    return [denormalize(imgs), denormalize(masked), denormalize(recon)]
 
 
 def hog_glyphs(h, nbins, cell=8, size=None):
@@ -715,10 +998,14 @@ def pretrain_parser(method, doc):
     a('--precision', choices=('auto', 'bf16', 'fp16', 'fp32'), default='auto',
       help='auto = bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler')
     a('--compile', action='store_true', help='torch.compile the model')
-    a('--log-freq', dest='log_freq', type=int, default=20, help='optimizer steps between log rows')
-    a('--save-freq', '--save_ckpt_freq', dest='save_freq', type=int, default=20,
-      help='epochs between kept checkpoints (checkpoint-last.pth is written every epoch)')
+    a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
+    a('--save-freq', '--save_ckpt_freq', dest='save_freq', type=int,
+      help='epochs between kept checkpoints (default 20; checkpoint-last.pth is written every epoch)')
     a('--max-steps', dest='max_steps', type=int, help='stop (with a checkpoint) after this many optimizer steps')
+    a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
+      help='skip up to K steps whose loss is NaN/inf instead of stopping')
+    a('--skip-bad-images', dest='skip_bad_images', action='store_true',
+      help='skip unreadable images (each is named on stderr) instead of stopping')
     a('--benchmark', type=int, default=0, metavar='N', help='time N steps on synthetic batches and print JSON')
     a('--benchmark-data', dest='benchmark_data', type=int, default=0, metavar='N',
       help='time N batches of the input pipeline alone and print JSON')
@@ -728,7 +1015,7 @@ def pretrain_parser(method, doc):
     return p
 
 
-def apply_defaults(args, table, smoke, model_names=None):
+def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base'):
     """Fill unset flags: the smoke preset without --data-path, then the per-model table; explicit flags win."""
     launch = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'opt_level')
     ignored = [f for f in launch if getattr(args, f, None) is not None]
@@ -736,12 +1023,14 @@ def apply_defaults(args, table, smoke, model_names=None):
         print(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
     for f in launch:
         delattr(args, f)
-    args.num_workers = 8 if args.num_workers is None and args.data_path else args.num_workers
+    for k, v in dict(num_workers=8, log_freq=20, save_freq=20).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.data_path is None:
         for k, v in smoke.items():
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
-    args.model = (model_names or {}).get(args.model, args.model)
+    args.model = (model_names or {}).get(args.model, args.model or default_model)
     if args.model not in table:
         raise ValueError(f'unknown --model {args.model}; choose one of {", ".join(table)}')
     for k, v in table[args.model].items():
@@ -767,14 +1056,15 @@ def setup_distributed():
 
 
 def run_main(fn, argv):
-    """Run a script's main: a ValueError becomes one line `error: …` on stderr and exit code 2."""
+    """Run a script's main: a user error (ValueError) is one line `error: …` and exit 2; a NaN loss exits 1."""
     try:
         return fn(argv)
-    except ValueError as e:
+    except (ValueError, NonFiniteLoss) as e:
+        sys.stderr.write(f'error: {e}\n')
+        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        sys.stderr.write(f'error: {e}\n')
-        raise SystemExit(2) from None
 
 
 # ----------------------------------------------------------------------------- the train loop
@@ -838,7 +1128,13 @@ def picture_batch(args, n=8):
     """A fixed batch for the pictures: the first n images of the built-in val split (or of --data-path), centre crop."""
     tf = eval_transform(args.res, crop_pct=1.0)
     base = image_folder(args.data_path) if args.data_path else SyntheticShapes('val', n, args.res, args.seed)
-    return torch.stack([tf(base[i][0]) for i in range(min(n, len(base)))]), torch.arange(n)
+    imgs = []
+    for i in range(len(base)):
+        with contextlib.suppress(ValueError):  # an unreadable file is not worth a picture
+            imgs.append(tf(base[i][0]))
+        if len(imgs) == n:
+            break
+    return torch.stack(imgs), torch.arange(len(imgs))
 
 
 def save_picture(raw, args, device, path):
@@ -853,10 +1149,87 @@ def save_picture(raw, args, device, path):
     raw.train(was)
 
 
+def count_flops(model, imgs, **kw):
+    """Forward + backward FLOPs of one training step on `imgs` (attention counted: SDPA's math backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(imgs, **kw)['loss'].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def peak_memory_mb(device):
+    """CUDA max allocated, or the process's peak resident set on CPU, in MB."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(model, args, device, warmup=2):
+    """--benchmark N: time N training steps on synthetic batches (no data loading) and print one JSON line."""
+    model = model.to(device)
+    amp = autocast_dtype(args.precision, device)
+    imgs = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
+    keys = torch.arange(args.batch_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                            fused=device.type == 'cuda')
+    net = torch.compile(model) if args.compile else model
+    times = []
+    for i in range(warmup + args.benchmark):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = net(imgs, keys=keys)['loss']
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if hasattr(model, 'after_step'):
+            model.after_step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]
+    n = min(2, args.batch_size)
+    flops = count_flops(model, imgs[:n], keys=keys[:n]) / n
+    row = {'method': args.method, 'model': args.model, 'res': args.res, 'batch': args.batch_size,
+           'device': device.type, 'dtype': str(amp or torch.float32).replace('torch.', ''),
+           'img_per_s': round(args.batch_size / step, 2), 'step_ms_median': round(step * 1e3, 2),
+           'flops_per_img': int(flops), 'tflops': round(flops * args.batch_size / step / 1e12, 4),
+           'peak_mem_mb': round(peak_memory_mb(device), 1)}
+    print(json.dumps(row))
+    return row
+
+
+def benchmark_data(args, device):
+    """--benchmark-data N: time N batches of the input pipeline alone (decode, crop, flip, normalise)."""
+    dataset = pretrain_dataset(args)
+    sampler = StepSampler(dataset, 1, 0, args.seed)
+    loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
+    it, n, t0 = iter(loader), 0, None
+    for i in range(args.benchmark_data + 1):
+        imgs = next(it)[0]
+        if i == 0:  # the first batch pays for worker start-up
+            t0 = time.perf_counter()
+        else:
+            n += imgs.shape[0]
+    rate = n / (time.perf_counter() - t0)
+    row = {'method': args.method, 'res': args.res, 'batch': args.batch_size, 'workers': args.num_workers,
+           'img_per_s': round(rate, 1), 'img_per_s_per_worker': round(rate / max(args.num_workers, 1), 1),
+           'data': args.data_path or 'SyntheticShapes'}
+    print(json.dumps(row))
+    return row
+
+
 def train(model, args):
     """Pre-train `model` (the method <-> loop contract of STYLE.md) on CPU, one GPU or under torchrun."""
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
+    if args.benchmark_data:
+        return benchmark_data(args, device)
+    if args.benchmark:
+        return benchmark(model, args, device)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -920,12 +1293,17 @@ def train(model, args):
         if hasattr(raw, 'picture'):
             save_picture(raw, args, device, os.path.join(out_dir, f'picture-{epoch}.png' if keep else 'picture-last.png'))
 
+    stop = []  # preemption: SIGTERM / SIGUSR1 finish the current step, save, exit 0
+    import signal
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
+    skipped = 0
     log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if rank == 0 else None
     loader, net, sums, n_sum, t_log = None, None, {}, 0, time.time()
     while step < total:
         epoch = step // steps_per_epoch
+        out = None  # drop the last graph: a table resized in place needs a fresh autograd accumulator
         new_res = raw.on_epoch(epoch) if hasattr(raw, 'on_epoch') else None
         if loader is None or (new_res and new_res != args.res):
             if new_res and new_res != args.res:  # FastMIM-P: new resolution -> new crops, moments, DDP, compile
@@ -945,6 +1323,7 @@ def train(model, args):
         for imgs, _, keys in loader:
             imgs = imgs.to(device, non_blocking=True)
             if micro == 0:
+                torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # drop path: a function of the step
                 lr = lr_at(step / steps_per_epoch, args)
                 for g in optimizer.param_groups:
                     g['lr'] = lr * g.get('lr_scale', 1.0)
@@ -961,13 +1340,22 @@ def train(model, args):
             if not final:
                 continue
             micro = 0
-            bad = (~torch.isfinite(out['loss'].detach())).float()
+            flags = torch.stack([(~torch.isfinite(out['loss'].detach())).float(),
+                                 torch.tensor(float(bool(stop)), device=device)])
             if world > 1:
-                dist.all_reduce(bad)  # every rank decides alike
-            if bad.item():
+                dist.all_reduce(flags)  # one sync per step: every rank decides alike
+            bad, stopping = flags.tolist()
+            if bad:
                 terms = {k: float(v) for k, v in scalars(out).items()}
+                if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
+                    skipped += 1
+                    say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite}): {terms}')
+                    optimizer.zero_grad(set_to_none=True)
+                    sums, n_sum = {}, 0
+                    continue
                 raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: {terms}; '
-                                    f'last good checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}')
+                                    f'last good checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}'
+                                    f' (resume from it with a lower --blr, or pass --skip-nonfinite K)')
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
@@ -992,14 +1380,20 @@ def train(model, args):
                     log.flush()
                     bar.set_postfix(loss=f'{row["loss"]:.4f}')
                 sums, n_sum, t_log = {}, 0, time.time()
-            if args.max_steps and step >= args.max_steps:
+            if stopping or (args.max_steps and step >= args.max_steps):
                 save(epoch, keep=False)
                 bar.close()
+                if stopping:
+                    say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
+                for sig, h in handlers.items():
+                    signal.signal(sig, h)
                 return raw
             if step % steps_per_epoch == 0:
                 break
         save(epoch, keep=(epoch + 1) % args.save_freq == 0 or step == total)
     bar.close()
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
     say(f'done: {step} steps, checkpoints and pictures in {out_dir}')
     return raw
 

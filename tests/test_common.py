@@ -1,0 +1,168 @@
+"""common.py: HOG by hand and against a per-bin oracle, masking rules, sin-cos values, attention, schedule."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+# ----------------------------------------------------------------------------- HOG
+
+def hog_oracle(imgs, nbins=9, cell=8, normalize=False):
+    """Straightforward per-bin HOG (the test oracle for common.hog): one masked sum per bin and channel."""
+    B, C, H, W = imgs.shape
+    x = F.pad(imgs.double(), (1, 1, 1, 1), mode='reflect')
+    gx = (x[..., :-2, :-2] + 2 * x[..., 1:-1, :-2] + x[..., 2:, :-2]) - (x[..., :-2, 2:] + 2 * x[..., 1:-1, 2:] + x[..., 2:, 2:])
+    gy = (x[..., :-2, :-2] + 2 * x[..., :-2, 1:-1] + x[..., :-2, 2:]) - (x[..., 2:, :-2] + 2 * x[..., 2:, 1:-1] + x[..., 2:, 2:])
+    mag = torch.sqrt(gx ** 2 + gy ** 2)
+    b = torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins
+    out = torch.zeros(B, C, nbins, H // cell, W // cell, dtype=torch.float64)
+    for k in range(nbins):
+        m = mag * (b == k)
+        out[:, :, k] = m.unfold(2, cell, cell).unfold(3, cell, cell).sum((-1, -2))
+    if normalize:
+        out = F.normalize(out, dim=2)
+    return out.flatten(1, 2).float()
+
+
+def one_channel(img):
+    return common.hog(img[None, None].float(), nbins=9, cell=8, normalize=False)[0]  # (9, Hc, Wc)
+
+
+def test_hog_vertical_edge_by_hand():
+    img = torch.zeros(16, 16)
+    img[:, 4:] = 3.0  # a = 0 left of the edge between columns 3 and 4, b = 3 right of it
+    h = one_channel(img)
+    expect = torch.zeros(9)
+    expect[4] = 64 * 3.0  # two edge columns x 8 rows x magnitude 4|a-b|, gradient angle pi/2 -> bin 4
+    assert torch.allclose(h[:, 0, 0], expect)
+
+
+def test_hog_horizontal_edge_and_ramps():
+    img = torch.zeros(16, 16)
+    img[4:] = 1.0
+    assert one_channel(img)[:, 0, 0].argmax() == 0 and one_channel(img)[1:, 0, 0].abs().sum() == 0
+    y, x = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing='ij')
+    for ramp, b in ((y + x, 2), (y - x, 6)):
+        h = common.hog(ramp[None, None], normalize=False)[0]
+        # cell (1, 1) is interior: every pixel has (gx, gy) = (-8, -8) resp. (8, -8), magnitude 8 sqrt 2, one bin
+        expect = torch.zeros(9)
+        expect[b] = 64 * 8 * 2 ** 0.5
+        assert torch.allclose(h[:, 1, 1], expect)
+    assert common.hog(torch.ones(1, 3, 16, 16)).abs().sum() == 0
+
+
+def test_hog_matches_oracle_non_square():
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 48)
+    for norm in (False, True):
+        fast = common.hog(imgs, normalize=norm)
+        assert fast.shape == (2, 27, 4, 6)
+        assert torch.allclose(fast, hog_oracle(imgs, normalize=norm), rtol=1e-5, atol=1e-4)
+
+
+def test_normalised_hog_energy_is_one_ninth():
+    torch.manual_seed(0)
+    h = common.hog(torch.randn(2, 3, 32, 32), normalize=True)
+    assert torch.allclose((h ** 2).mean(), torch.tensor(1 / 9), atol=1e-6)
+
+
+@pytest.mark.parametrize('u', [1, 2, 4])
+def test_per_token_layout(u):
+    G, C = 2, 3
+    feat = torch.arange(C * (G * u) ** 2, dtype=torch.float32).view(1, C, G * u, G * u)
+    t = common.per_token(feat, u)
+    for i in range(G):
+        for j in range(G):
+            for c in range(C):
+                for dy in range(u):
+                    for dx in range(u):
+                        assert t[0, i * G + j, c * u * u + dy * u + dx] == feat[0, c, i * u + dy, j * u + dx]
+
+
+# ----------------------------------------------------------------------------- masking
+
+def test_block_mask_counts_rule_and_per_image():
+    noise = torch.rand(4, 64)
+    m = common.block_mask(noise, 8, 0.75)
+    assert m.shape == (4, 8, 8) and (m.flatten(1).sum(1) == 48).all()
+    visible = (~m).flatten(1)
+    for b in range(4):  # visible = the 16 smallest noise values of the row
+        assert set(visible[b].nonzero().flatten().tolist()) == set(noise[b].argsort()[:16].tolist())
+    assert not torch.equal(m[0], m[1])
+    assert (common.block_mask(torch.rand(3, 16), 4, 0.75).flatten(1).sum(1) == 12).all()
+    up = common.upsample_mask(m, 16)
+    assert up.shape == (4, 128, 128) and torch.equal(up[:, ::16, ::16], m)
+
+
+def test_random_masking_and_given_mask():
+    noise = torch.rand(3, 16)
+    ids_keep, mask, ids_restore = common.random_masking(noise, 0.75)
+    assert ids_keep.shape == (3, 4) and (mask.sum(1) == 12).all()
+    assert torch.equal(torch.gather(torch.argsort(noise, 1), 1, ids_restore), torch.arange(16).expand(3, 16))
+    assert not mask.gather(1, ids_keep).any()
+    keep2, mask2, _ = common.ids_from_mask(mask)
+    assert torch.equal(keep2, ids_keep.sort(1).values)
+    with pytest.raises(ValueError, match='same masked count'):
+        common.ids_from_mask(torch.tensor([[True, False], [True, True]]))
+
+
+def test_sample_noise_is_keyed_per_sample():
+    a = common.sample_noise(2, 10, 'cpu', torch.tensor([5, 7]))
+    b = common.sample_noise(2, 10, 'cpu', torch.tensor([7, 5]))
+    assert torch.equal(a[0], b[1]) and not torch.equal(a[0], a[1])
+
+
+# ----------------------------------------------------------------------------- ViT pieces
+
+def test_sincos_values_and_layout():
+    t = common.sincos_pos_embed(8, 3)
+    assert t.shape == (10, 8) and (t[0] == 0).all()
+    row, col = 1, 2
+    w = torch.tensor([1.0, 0.01])
+    expect = torch.cat([torch.sin(col * w), torch.cos(col * w), torch.sin(row * w), torch.cos(row * w)])
+    assert torch.allclose(t[1 + row * 3 + col], expect)
+    vit = common.VisionTransformer(32, 8, 16, 2, 2)
+    assert not vit.pos_embed.requires_grad
+
+
+def test_attention_matches_manual_softmax():
+    torch.manual_seed(0)
+    att = common.Attention(16, 4)
+    x = torch.randn(2, 5, 16)
+    qkv = att.qkv(x).view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    w = (qkv[0] @ qkv[1].transpose(-1, -2) * 4 ** -0.5).softmax(-1)
+    ref = att.proj((w @ qkv[2]).transpose(1, 2).reshape(2, 5, 16))
+    assert torch.allclose(att(x), ref, atol=1e-6)
+
+
+def test_patchify_roundtrip_and_vit_kept_tokens():
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(common.unpatchify(common.patchify(x, 8), 8, 32), x)
+    vit = common.VisionTransformer(32, 8, 16, 2, 2)
+    ids = torch.tensor([[0, 5], [3, 15]])
+    assert vit.forward_features(x, ids).shape == (2, 3, 16)
+    out, layers = vit.forward_features(x, layers=[0, 1])
+    assert out.shape == (2, 17, 16) and len(layers) == 2
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    args = SimpleNamespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10)
+    assert common.lr_at(0, args) == 0 and common.lr_at(1, args) == 0.5 and common.lr_at(2, args) == 1.0
+    assert math.isclose(common.lr_at(6, args), 0.55) and math.isclose(common.lr_at(10, args), 0.1)
+
+
+def test_check_divisible_message():
+    with pytest.raises(ValueError, match='res 130 is not divisible by patch 16; use a multiple of 16 such as 128'):
+        common.check_divisible(130, 16, 'patch')
+
+
+def test_synthetic_shapes_deterministic_and_labelled():
+    ds = common.SyntheticShapes('train', 20, 32, seed=0)
+    img, label = ds[3]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == 3
+    assert torch.equal(ds[3][0], common.SyntheticShapes('train', 20, 32, seed=0)[3][0])
+    assert not torch.equal(ds[3][0], common.SyntheticShapes('val', 20, 32, seed=0)[3][0])

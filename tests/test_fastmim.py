@@ -1,0 +1,210 @@
+"""fastmim.py: pixel-space masking, HOG target layout, loss locality, learning, checkpoints, resume, FastMIM-P, CLI."""
+import json
+import os
+
+import pytest
+import torch
+
+import common
+import fastmim
+
+
+def tiny_vit(**kw):
+    cfg = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mask_size=16, decoder_dim=32)
+    cfg.update(kw)
+    return fastmim.FastMIMViT(**cfg)
+
+
+def tiny_swin(**kw):
+    cfg = dict(img_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2, mask_size=32,
+               decoder_dim=32, decoder_depth=1)
+    cfg.update(kw)
+    return fastmim.FastMIMSwin(**cfg)
+
+
+def steps(model, imgs, n=30, lr=1e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    keys = torch.arange(len(imgs))
+    losses = []
+    for _ in range(n):
+        loss = model(imgs, keys=keys)['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_vit_shapes_at_128():
+    m = fastmim.FastMIMViT(128, 16, 16, 1, 2, decoder_dim=32)
+    out = m(torch.randn(2, 3, 128, 128))
+    assert out['pred'].shape == (2, 64, 108) and out['target'].shape == (2, 64, 108)
+    assert out['mask'].shape == (2, 8, 8) and (out['mask'].flatten(1).sum(1) == 48).all()
+    assert fastmim.FastMIMViT(128, 16, 16, 1, 2, decoder_dim=32, target='pixel')(torch.randn(1, 3, 128, 128))['pred'].shape == (1, 64, 768)
+
+
+@pytest.mark.parametrize('res,window,expect', [(128, 4, (2, 16, 432)), (224, 7, (2, 49, 432))])
+def test_swin_shapes(res, window, expect):
+    m = fastmim.FastMIMSwin(res, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=window,
+                            decoder_dim=32, decoder_depth=1)
+    out = m(torch.randn(2, 3, res, res))
+    assert out['pred'].shape == expect and out['mask'].shape == (2, res // 32, res // 32)
+
+
+def test_painted_pixels_and_mask_token_gradient():
+    torch.manual_seed(0)
+    m = tiny_vit()
+    imgs = torch.randn(2, 3, 32, 32)
+    mask = torch.tensor([[[True, False], [False, False]], [[False, False], [False, True]]])
+    x = m.paint(imgs, mask)
+    assert torch.equal(x[0, :, :16, :16], m.mask_token[0].expand(3, 16, 16))
+    assert torch.equal(x[0, :, 16:, :], imgs[0, :, 16:, :])
+    m(imgs, mask=mask)['loss'].backward()
+    assert m.mask_token.grad.abs().sum() > 0
+
+
+def test_loss_is_taken_on_masked_tokens_only():
+    torch.manual_seed(0)
+    m = tiny_vit(img_size=64)
+    imgs = torch.randn(2, 3, 64, 64)
+    out = m(imgs)
+    pred = out['pred'].detach().clone().requires_grad_()
+    loss = m.loss(pred, out['target'], out['mask'])
+    loss.backward()
+    visible = ~out['mask'].flatten(1)
+    assert (pred.grad[visible] == 0).all() and (pred.grad[~visible] != 0).any()
+    changed = pred.detach().clone()
+    changed[visible] += 5.0
+    assert torch.equal(m.loss(changed, out['target'], out['mask']), loss.detach())
+    zero = m.loss(torch.zeros_like(pred), out['target'], out['mask'])  # normalised HOG: mean target^2 = 1/9
+    assert abs(zero.item() - 1 / 9) < 2e-3
+
+
+def test_cell_level_loss_below_token_stride():
+    torch.manual_seed(0)
+    m = tiny_vit(mask_size=8)  # 8-px blocks on a 16-px token grid: per-cell loss (official quirk #11)
+    out = m(torch.randn(2, 3, 32, 32))
+    assert out['mask'].shape == (2, 4, 4)
+    target = out['target']
+    pred = target.clone()
+    # perturb exactly one cell feature of token 0: (c=0, dy=0, dx=0) -> cell (0, 0) only
+    pred[:, 0, 0] += 1.0
+    mask = out['mask'].clone()
+    mask[:, 0, 0] = True
+    loss = m.loss(pred, target, mask)
+    n_masked = mask.flatten(1).sum()
+    assert torch.allclose(loss, 2 * 1.0 / 27 / n_masked)
+
+
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+def test_loss_decreases_on_a_fixed_batch(make):
+    torch.manual_seed(0)
+    m = make()
+    res = 32 if make is tiny_vit else 64
+    imgs = torch.randn(4, 3, res, res)
+    losses = steps(m, imgs, 30)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_from_official_round_trip_and_key_counts():
+    m = tiny_vit()
+    sd = {'module.' + k: v for k, v in m.state_dict().items()}
+    m2 = tiny_vit()
+    m2.load_state_dict(fastmim.from_official({'model': sd, 'epoch': 3}), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    s = tiny_swin()
+    s2 = tiny_swin()
+    s2.load_state_dict(fastmim.from_official(s.state_dict()), strict=True)
+    assert any(k.startswith('encoder.layers.0.blocks.0.attn.relative_position_bias_table') for k in s.state_dict())
+    with torch.device('meta'):
+        vit_b = fastmim.FastMIMViT(128, 16, 768, 12, 6)
+        swin_b = fastmim.FastMIMSwin(128)
+    assert len(vit_b.state_dict()) == 169  # fastmim.md §13: official ViT-B pre-training checkpoint
+    assert len(swin_b.state_dict()) == 417  # and Swin-B at 128 / window 4, buffers included
+    assert vit_b.state_dict()['decoder_pred.weight'].shape == (108, 256)
+    assert swin_b.state_dict()['decoder_pred.weight'].shape == (432, 256)
+    assert swin_b.state_dict()['encoder.layers.0.blocks.1.attn_mask'].shape == (64, 16, 16)
+    assert 'encoder.layers.3.blocks.1.attn_mask' not in swin_b.state_dict()  # grid 4 = window 4: no shift
+
+
+def run(tmp_path, *extra, name='run'):
+    out = tmp_path / name
+    fastmim.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '64', '--batch-size', '16',
+                  '--res', '32', '--epochs', '2', '--warmup-epochs', '1', '--log-freq', '1', *extra])
+    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    return out, rows
+
+
+def test_default_run_writes_log_checkpoint_picture(tmp_path):
+    out, rows = run(tmp_path, '--max-steps', '3')
+    assert [r['step'] for r in rows] == [1, 2, 3] and all(r['loss'] > 0 for r in rows)
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['step'] == 3 and ckpt['epoch'] == 0 and set(ckpt) >= {'model', 'optimizer', 'scaler', 'args'}
+    assert os.path.getsize(out / 'picture-last.png') > 0
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        a, rows_a = run(tmp_path, '--max-steps', '6', name='a')  # 4 steps per epoch: crosses an epoch
+        b, _ = run(tmp_path, '--max-steps', '3', name='b')  # stop mid-epoch ...
+        b, rows_b = run(tmp_path, '--max-steps', '6', name='b')  # ... and resume from checkpoint-last.pth
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r['loss'] for r in rows_a] == [r['loss'] for r in rows_b]
+    wa = torch.load(a / 'checkpoint-last.pth', weights_only=True)['model']
+    wb = torch.load(b / 'checkpoint-last.pth', weights_only=True)['model']
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_finished_run_says_so(tmp_path, capsys):
+    run(tmp_path, '--epochs', '1')
+    capsys.readouterr()
+    run(tmp_path, '--epochs', '1')
+    assert 'already finished at epoch 1' in capsys.readouterr().out
+
+
+def test_fastmim_p_vit_and_swin_switch(tmp_path):
+    vit = tiny_vit(res_schedule=[(32, 1), (48, 1)])
+    assert vit.on_epoch(0) is None and vit.on_epoch(1) == 48
+    assert vit.pos_embed.shape == (1, 10, 32) and vit(torch.randn(1, 3, 48, 48))['pred'].shape == (1, 9, 108)
+    swin = tiny_swin(res_schedule=[(64, 1), (96, 1)])
+    opt = torch.optim.AdamW(swin.parameters())
+    swin(torch.randn(1, 3, 64, 64))['loss'].backward()
+    opt.step()
+    assert swin.on_epoch(1) == 96
+    common.resize_optimizer_state(swin, opt)
+    table = swin.encoder.layers[0].blocks[0].attn.relative_position_bias_table
+    assert table.shape == (25, 1) and opt.state[table]['exp_avg'].shape == (25, 1)
+    assert (opt.state[table]['exp_avg_sq'] >= 0).all()
+    assert swin(torch.randn(1, 3, 96, 96))['pred'].shape == (1, 9, 432)
+
+
+def test_fastmim_p_resume_across_switch(tmp_path, monkeypatch):
+    monkeypatch.setitem(fastmim.SWIN_PRESETS, 'swin_tiny', dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)))
+    args = ['--model', 'swin_tiny', '--res-schedule', '64:1,96:1', '--epochs', '2', '--window-size', '2',
+            '--decoder-dim', '32', '--decoder-depth', '1']
+    torch.use_deterministic_algorithms(True)
+    try:
+        a, rows_a = run(tmp_path, *args, '--batch-size', '32', name='a')
+        run(tmp_path, *args, '--batch-size', '32', '--max-steps', '2', name='b')  # stops at the switch
+        b, rows_b = run(tmp_path, *args, '--batch-size', '32', name='b')
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r['loss'] for r in rows_a] == [r['loss'] for r in rows_b]
+    wa = torch.load(a / 'checkpoint-last.pth', weights_only=True)['model']
+    assert wa['encoder.layers.0.blocks.0.attn.relative_position_bias_table'].shape == (25, 1)
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['--res', '130'], 'res 130'),
+    (['--res-schedule', '64:1,96:1', '--epochs', '3'], 'covers 2 epochs'),
+    (['--mask-ratio', '1.5'], 'out of range'),
+    (['--model', 'swin_tiny', '--res', '128', '--window-size', '7'], 'window 7'),
+    (['--data-path', '/nonexistent/folder'], 'does not exist'),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        fastmim.main(['--output-dir', str(tmp_path), '--num-workers', '0', *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
