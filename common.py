@@ -1023,9 +1023,6 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
         print(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
     for f in launch:
         delattr(args, f)
-    for k, v in dict(num_workers=8, log_freq=20, save_freq=20).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     if args.data_path is None:
         for k, v in smoke.items():
             if getattr(args, k, None) is None:
@@ -1035,6 +1032,9 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
         raise ValueError(f'unknown --model {args.model}; choose one of {", ".join(table)}')
     for k, v in table[args.model].items():
         if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    for k, v in dict(num_workers=8, log_freq=20, save_freq=20).items():  # after the presets, which may set them
+        if getattr(args, k) is None:
             setattr(args, k, v)
     return args
 

@@ -14,7 +14,8 @@ Defaults (hpm.md §2; official scripts): ViT-B/16 at 224, decoder 8 blocks x 512
 and the loss predictor, mask ratio 0.75, 800 epochs, 40 warm-up, blr 1.5e-4 (lr = blr * batch / 256, effective
 batch 4096 = 512 x 8 GPUs), AdamW (0.9, 0.95), wd 0.05 on all but 1-D tensors and biases. HPM: raw-pixel target
 (`--no-norm-pix-loss`), relative ranking loss, EMA 0.999 -> 0.9999 over epochs 0-99, alpha = 0.5 (epoch+1)/epochs,
-grad clip 5.0 (`--clip-grad 0` turns it off). MAE: `--norm-pix-loss`, no clipping.
+grad clip 5.0 (`--clip-grad 0` turns it off). MAE: `--norm-pix-loss`, no clipping. The supplement's ablations
+use `--epochs 200` (README results: 800).
 
     python hpm.py                                              # CPU smoke run on the built-in data
     python hpm.py --data-path /data/imagenet                   # one GPU
@@ -44,8 +45,9 @@ DEFAULTS = {
     'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
                      warmup_epochs=40),
 }
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=4, warmup_epochs=1, decoder_dim=128, decoder_depth=2,
-             decoder_heads=4, log_freq=8, save_freq=2, num_workers=2)  # ours: about 2 minutes on 2 CPU cores
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3, decoder_dim=128,
+             decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
+             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so short a run visibly learns
 OFFICIAL_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
                   'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
                   'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
@@ -100,7 +102,8 @@ class HPM(MaskedAutoencoderViT):
     def predict_loss(self, x):
         """Loss predictor on decoder tokens (B, 1+L, Dd) -> one score per token (B, L): mean of the wide head."""
         parts = (self.decoder_blocks_losspred, self.decoder_norm_losspred, self.decoder_pred_losspred)
-        return self.run_decoder(x, *parts).mean(dim=-1)  # (B, L); official comment says (N, L, 1): it is not
+        out = self.run_decoder(x, *parts)  # (B, L, p*p*3); the official comment says (N, L, 1): it is not
+        return out.float().mean(dim=-1)  # (B, L); fp32 so that bf16 scores rarely tie in the top-k
 
     @torch.no_grad()
     def score_patches(self, imgs):
@@ -141,16 +144,19 @@ class HPM(MaskedAutoencoderViT):
 
     # --- masking and forward
     def mask_and_score(self, imgs, mask=None, keys=None):
-        """-> ((ids_keep, mask, ids_restore), teacher scores or None): a given mask as is, else the easy-to-hard
-        mask from the teacher's scores of the unmasked image and per-sample noise (hpm.md §5)."""
+        """A given mask as is, else the easy-to-hard mask -> ((ids_keep, mask, ids_restore), teacher scores | None).
+
+        The drawn mask comes from the teacher's scores of the unmasked image and per-sample noise (hpm.md §5).
+        """
         if mask is not None:
             return super().masking(imgs, mask), None
         B, L = imgs.shape[0], self.grid ** 2
         noise = sample_noise(B, L, imgs.device, keys)
+        n_hard = hard_count(L, self.mask_ratio, self.alpha)
         scores = None
-        if hard_count(L, self.mask_ratio, self.alpha) > 0 or not self.training:  # eval: scores for the picture
+        if n_hard > 0 or not self.training:  # eval: scores for the picture
             scores = self.teacher_on(imgs.device).score_patches(imgs)
-        if hard_count(L, self.mask_ratio, self.alpha) == 0:
+        if n_hard == 0:
             return random_masking(noise, self.mask_ratio), scores  # official: argsort(randn), same distribution
         return easy_to_hard(scores, self.mask_ratio, self.alpha, noise), scores
 
@@ -191,7 +197,7 @@ def difficulty_map(scores, imgs, p):
     H, W = imgs.shape[-2:]
     s = scores.float()
     lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
-    v = ((s - lo) / (hi - lo).clamp(min=1e-12)).view(B, H // p, W // p)  # (B, G, G)
+    v = ((s - lo) / (hi - lo).clamp(min=1e-12)).reshape(B, H // p, W // p)  # (B, G, G)
     v = upsample_mask(v, p)[:, None]  # (B, 1, H, W)
     hot = torch.cat([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], dim=1)  # (B, 3, H, W)
     return 0.3 * denormalize(imgs).mean(1, keepdim=True) + 0.7 * hot
@@ -327,10 +333,11 @@ def pretrain(argv=None):
     if int(os.environ.get('RANK', 0)) == 0:
         L = model.grid ** 2
         keep = int(L * (1 - args.mask_ratio))
-        hard = '' if args.method == 'mae' else (
-            f'; hard patches per image {hard_count(L, args.mask_ratio, model.alpha)} (epoch 0) -> '
-            f'{hard_count(L, args.mask_ratio, alpha_at(args.epochs - 1, args.epochs, args.alpha_start, args.alpha_end))}'
-            f' (last epoch)')
+        hard = ''
+        if args.method == 'hpm':
+            last = alpha_at(args.epochs - 1, args.epochs, args.alpha_start, args.alpha_end)
+            hard = (f'; hard patches per image {hard_count(L, args.mask_ratio, model.alpha)} (epoch 0) -> '
+                    f'{hard_count(L, args.mask_ratio, last)} (last epoch)')
         print(f'{args.method}: {L} patches per image, {keep} visible to the encoder, {L - keep} masked{hard}')
     return train(model, args)
 

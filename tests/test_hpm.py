@@ -1,0 +1,289 @@
+"""hpm.py: MAE parity with the official ordering, ranking loss by hand, easy-to-hard mask, gradient flow, EMA
+teacher, learning, official checkpoints, runs and resume with the teacher, CLI."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import hpm
+
+
+def tiny(cls=hpm.HPM, **kw):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+               decoder_depth=2, decoder_num_heads=2)
+    cfg.update(kw)
+    return cls(**cfg)
+
+
+def fixed_mask(B=2, L=16, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(L, generator=g)[:n] for _ in range(B)])
+    return torch.zeros(B, L, dtype=torch.bool).scatter(1, ids, True)
+
+
+def reference(m, imgs, mask, norm_pix):
+    """The official HPM models_mae_learn_loss.py ordering, by hand: [cls, visible ascending, masked ascending]."""
+    B, L = mask.shape
+    x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
+    D = x.shape[-1]
+    x = torch.cat([(m.cls_token + m.pos_embed[:, :1]).expand(B, -1, -1), x[~mask].view(B, -1, D)], 1)
+    for blk in m.blocks:
+        x = blk(x)
+    x = m.decoder_embed(m.norm(x))
+    Dd = x.shape[-1]
+    pos = m.decoder_pos_embed[:, 1:].expand(B, -1, -1)
+    seq = torch.cat([x[:, :1] + m.decoder_pos_embed[:, :1], x[:, 1:] + pos[~mask].view(B, -1, Dd),
+                     m.mask_token + pos[mask].view(B, -1, Dd)], 1)
+    n = int(mask[0].sum())
+    y = seq
+    for blk in m.decoder_blocks:
+        y = blk(y)
+    pred = m.decoder_pred(m.decoder_norm(y))[:, 1:][:, -n:]
+    p = m.patch_size
+    t = imgs.reshape(B, 3, 32 // p, p, 32 // p, p)
+    t = torch.einsum('nchpwq->nhwpqc', t).reshape(B, L, p * p * 3)[mask].view(B, n, -1)
+    if norm_pix:
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+    sq = (pred - t) ** 2
+    scores = None
+    if hasattr(m, 'decoder_blocks_losspred'):
+        y = seq
+        for blk in m.decoder_blocks_losspred:
+            y = blk(y)
+        scores = m.decoder_pred_losspred(m.decoder_norm_losspred(y))[:, 1:][:, -n:].mean(-1)
+    return sq.mean(), sq.mean(-1), scores
+
+
+def test_mae_and_hpm_equal_the_official_ordering():
+    torch.manual_seed(0)
+    mae = tiny(common.MaskedAutoencoderViT)  # norm-pix on: the MAE recipe
+    imgs, mask = torch.randn(2, 3, 32, 32), fixed_mask()
+    out = mae(imgs, mask=mask)
+    ref, _, _ = reference(mae, imgs, mask, True)
+    assert torch.allclose(out['loss'], ref, rtol=1e-6, atol=0)
+    model = tiny(norm_pix_loss=False)
+    missing = set(model.state_dict()) - set(mae.state_dict())
+    assert missing == {k for k in model.state_dict() if '_losspred' in k}
+    assert set(mae.state_dict()) < set(model.state_dict())
+    model.load_state_dict(mae.state_dict(), strict=False)
+    out = model(imgs, mask=mask)
+    ref, matrix, scores = reference(model, imgs, mask, False)
+    assert torch.allclose(out['loss_rec'], ref, rtol=1e-6, atol=0)
+    assert torch.allclose(out['loss_pred'], hpm.ranking_loss(scores, matrix.detach()), rtol=1e-5, atol=0)
+    assert torch.allclose(out['pred_loss'][mask].view(2, -1), scores, atol=1e-6)
+    assert (out['pred'][~mask] == 0).all() and torch.equal(out['mask'], mask)
+    mae.norm_pix_loss = False
+    assert torch.allclose(mae(imgs, mask=mask)['loss'], out['loss_rec'], rtol=1e-6, atol=0)  # HPM off = MAE
+    uneven = mask.clone()
+    uneven[1, uneven[1].nonzero()[0]] = False  # 12 and 11 masked
+    with pytest.raises(ValueError, match='same masked count'):
+        model(imgs, mask=uneven)
+
+
+@pytest.mark.parametrize('p,t,expect', [
+    ([0, 0], [1, 2], 0.6931452), ([0, 3], [1, 2], 0.0485863), ([3, 0], [1, 2], 3.0485663),
+    ([100, 0], [1, 2], 13.8155107), ([0, 0, 5], [1, 1, 2], 0.0067143)])
+def test_ranking_loss_spec_values(p, t, expect):
+    assert abs(hpm.ranking_loss(torch.tensor([p], dtype=torch.float), torch.tensor([t], dtype=torch.float)).item()
+               - expect) < 2e-6
+
+
+def test_ranking_loss_four_patches_with_ties_and_no_cross_image_pairs():
+    p = torch.tensor([[0.3, -1.0, 2.0, 0.5], [1.0, 0.0, -0.5, 4.0]])
+    t = torch.tensor([[1.0, 1.0, 3.0, 2.0], [0.5, 0.2, 0.2, 0.2]])  # ties: (0, 1) in image 0, three in image 1
+    total, count = 0.0, 0
+    for n in range(2):  # pairs stay inside an image
+        for i in range(4):
+            for j in range(4):
+                if t[n, j] == t[n, i]:
+                    continue
+                s = 1 / (1 + math.exp(-(p[n, j] - p[n, i]).item()))
+                total += -math.log(s + 1e-6) if t[n, j] > t[n, i] else -math.log(1 - s + 1e-6)
+                count += 1
+    assert count == 10 + 6
+    assert abs(hpm.ranking_loss(p, t).item() - total / count) < 1e-6
+    z = torch.zeros(1, 3)
+    assert hpm.ranking_loss(z, z).item() == 0.0  # all tied: guarded 0/0 (quirk #11)
+    t = torch.tensor([[1.0, 2.0, 3.0]])  # absolute ablation: per-image standardised target (unbiased var 1)
+    assert abs(hpm.absolute_loss(z, t).item() - 2 / 3 / (1 + 1e-6)) < 1e-7
+
+
+def test_easy_to_hard_mask():
+    scores = torch.tensor([[0.0, 5, 1, 5, 2, 3, 9, 0]])
+    noise = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.05, 0.7]])
+    got = hpm.easy_to_hard_mask(scores, 0.5, 0.5, noise)  # len_keep 4, len_loss int(4 * 0.5) = 2: patches 6, 3
+    assert got.dtype == torch.bool and got.tolist() == [[False, False, False, True, False, True, True, True]]
+    torch.manual_seed(0)
+    scores, noise = torch.randn(8, 196), torch.rand(8, 196)
+    for alpha in (0.0, 0.005):  # len_loss 0: MAE random masking on the same noise
+        assert torch.equal(hpm.easy_to_hard_mask(scores, 0.75, alpha, noise), common.random_masking(noise, 0.75)[1])
+    m = hpm.easy_to_hard_mask(scores, 0.75, 0.5, noise)
+    assert (m.sum(1) == 147).all()
+    top = torch.topk(scores, 73, dim=1).indices
+    assert m.gather(1, top).all()
+    assert not torch.equal(m, common.random_masking(noise, 0.75)[1])
+
+
+def test_alpha_len_loss_and_ema_decay_tables():
+    counts = {e: hpm.hard_count(196, 0.75, hpm.alpha_at(e, 800)) for e in (9, 10, 799)}
+    assert counts == {9: 0, 10: 1, 799: 73}
+    assert [hpm.hard_count(196, 0.75, hpm.alpha_at(e, 200)) for e in (1, 2, 49, 99, 199)] == [0, 1, 18, 36, 73]
+    assert [hpm.hard_count(64, 0.75, hpm.alpha_at(e, 200)) for e in (7, 8, 49, 99, 199)] == [0, 1, 6, 12, 24]
+    assert hpm.alpha_at(199, 200) == 0.5 and hpm.alpha_at(0, 10, 0.1, 0.3) == pytest.approx(0.12)
+    assert [round(hpm.ema_decay(e), 7) for e in (0, 5, 99, 100, 500)] == [0.999, 0.999045, 0.999891, 0.9999, 0.9999]
+    m = tiny(epochs=4)
+    m.on_epoch(5)
+    assert m.ema_decay == hpm.ema_decay(5) and m.alpha == hpm.alpha_at(5, 4)
+
+
+@pytest.mark.parametrize('relative', [True, False])  # the absolute loss needs the detached target most
+def test_gradient_flow(relative):
+    torch.manual_seed(0)
+    m = tiny(relative=relative)
+    out = m(torch.randn(2, 3, 32, 32), mask=fixed_mask())
+    names, params = zip(*[(k, p) for k, p in m.named_parameters() if p.requires_grad])
+    g_pred = dict(zip(names, torch.autograd.grad(out['loss_pred'], params, retain_graph=True, allow_unused=True)))
+    g_rec = dict(zip(names, torch.autograd.grad(out['loss_rec'], params, allow_unused=True)))
+    zero = lambda g: g is None or (g == 0).all()  # noqa: E731
+    for k in names:
+        recon = k.startswith(('decoder_blocks.', 'decoder_norm.', 'decoder_pred.'))
+        if recon:
+            assert zero(g_pred[k]), k
+        if '_losspred' in k:
+            assert zero(g_rec[k]) and not zero(g_pred[k]), k
+    for k in ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'norm.weight', 'cls_token',
+              'decoder_embed.weight', 'mask_token'):
+        assert not zero(g_pred[k]) and not zero(g_rec[k]), k
+
+
+def test_ema_teacher_update_state_and_scoring_pass():
+    torch.manual_seed(0)
+    m = tiny()
+    assert not any('teacher' in k for k in m.state_dict()) and len(list(m.parameters())) == len(
+        list(m.teacher.parameters()))
+    assert all(not p.requires_grad for p in m.teacher.parameters()) and not m.teacher.training
+    before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    m.on_epoch(5)
+    m.after_step()
+    d = 0.999045
+    for k, v in m.teacher.state_dict().items():
+        assert torch.allclose(v, d * before[k] + (1 - d) * m.state_dict()[k], rtol=1e-6, atol=1e-7), k
+    m(torch.randn(2, 3, 32, 32), keys=torch.arange(2))['loss'].backward()
+    assert all(p.grad is None for p in m.teacher.parameters())
+    state = {k: v.clone() for k, v in m.extra_state().items()}
+    other = tiny()
+    other.load_extra_state(state)
+    assert all(torch.equal(state[k], v) for k, v in other.teacher.state_dict().items())
+    # scoring pass: every patch visible, no mask token, one score per patch = mean of the wide head
+    imgs = torch.randn(2, 3, 32, 32)
+    t = m.teacher
+    t.mask_token.data.fill_(float('nan'))
+    s = t.score_patches(imgs)
+    x = t.decoder_embed(t.forward_features(imgs)) + t.decoder_pos_embed
+    for blk in t.decoder_blocks_losspred:
+        x = blk(x)
+    wide = t.decoder_pred_losspred(t.decoder_norm_losspred(x))[:, 1:]
+    assert s.shape == (2, 16) and torch.isfinite(s).all() and wide.shape == (2, 16, 192)
+    assert torch.allclose(s, wide.mean(-1))
+
+
+def test_hpm_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    m = tiny(epochs=2)
+    m.on_epoch(1)  # alpha 0.5: the teacher chooses 6 of the 12 masked patches
+    data = common.SyntheticShapes('train', 4, 32)
+    imgs = (torch.stack([data[i][0] for i in range(4)]).float() / 255 - 0.45) / 0.25
+    keys = torch.arange(4)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    rec, pred = [], []
+    for _ in range(20):
+        out = m(imgs, keys=keys)
+        opt.zero_grad()
+        out['loss'].backward()
+        opt.step()
+        m.after_step()
+        rec.append(out['loss_rec'].item())
+        pred.append(out['loss_pred'].item())
+    assert 'scores' in out and rec[-1] < 0.7 * rec[0] and sum(pred[-5:]) < sum(pred[:5])
+
+
+def test_from_official_layouts_and_key_counts():
+    torch.manual_seed(0)
+    m = tiny()
+    ema = {k: v + 1 for k, v in m.state_dict().items()}
+    official = {'epoch': 3, 'state_dict': {'module.' + k: v for k, v in m.state_dict().items()}, 'optimizer': {},
+                'model': 'mae_vit_base_patch16_dec512d8b', 'ema_state_dict': ema, 'loss_scaler': {}}
+    m2 = tiny()
+    m2.load_state_dict(hpm.from_official(official), strict=True)
+    assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m.state_dict().items())
+    assert all(torch.equal(v, ema[k]) for k, v in hpm.from_official(official, teacher=True).items())
+    mae = tiny(common.MaskedAutoencoderViT)
+    mae.load_state_dict(hpm.from_official({'model': mae.state_dict()}), strict=True)
+    res = m2.load_state_dict(hpm.from_official({'model': mae.state_dict()}), strict=False)
+    assert set(res.missing_keys) == {k for k in m.state_dict() if '_losspred' in k} and not res.unexpected_keys
+    encoder_only = {k: v for k, v in mae.state_dict().items() if not k.startswith(('decoder', 'mask_token'))}
+    with pytest.raises(ValueError, match=r'mae_pretrain_vit_\*_full\.pth.*mae_visualize_vit_\*\.pth'):
+        hpm.from_official({'model': encoder_only})
+    with torch.device('meta'):
+        big_mae, big = common.MaskedAutoencoderViT(), hpm.HPM()
+    assert len(big_mae.state_dict()) == 254 and len(big.state_dict()) == 354
+    assert big.state_dict()['decoder_pred_losspred.weight'].shape == (768, 512)
+
+
+def run(tmp_path, *extra, name='run'):
+    out = tmp_path / name
+    hpm.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '64', '--batch-size', '16',
+              '--res', '32', '--epochs', '2', '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32',
+              '--decoder-depth', '1', '--decoder-heads', '2', *extra])
+    return out, [json.loads(line) for line in open(out / 'log.jsonl')]
+
+
+def test_resume_with_teacher_equals_uninterrupted(tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        a, rows_a = run(tmp_path, '--max-steps', '6', name='a')  # 4 steps per epoch; epoch 1 uses the teacher
+        run(tmp_path, '--max-steps', '3', name='b')
+        b, rows_b = run(tmp_path, '--max-steps', '6', name='b')
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r['step'] for r in rows_a] == list(range(1, 7)) and {'loss_rec', 'loss_pred'} <= set(rows_a[0])
+    assert [(r['loss'], r['loss_pred']) for r in rows_a] == [(r['loss'], r['loss_pred']) for r in rows_b]
+    ca = torch.load(a / 'checkpoint-last.pth', weights_only=True)
+    cb = torch.load(b / 'checkpoint-last.pth', weights_only=True)
+    assert ca['step'] == 6 and ca['args']['clip_grad'] == 5.0 and set(ca['model_ema']) == set(ca['model'])
+    for part in ('model', 'model_ema'):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part])
+    assert not all(torch.equal(ca['model'][k], ca['model_ema'][k]) for k in ca['model'])
+    assert (a / 'picture-last.png').stat().st_size > 0
+
+
+def test_mae_method_run_and_defaults(tmp_path):
+    out, rows = run(tmp_path, '--method', 'mae', '--max-steps', '2')
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert 'model_ema' not in ckpt and not any('_losspred' in k for k in ckpt['model'])
+    assert 'loss_pred' not in rows[0] and ckpt['args']['norm_pix_loss'] is True and ckpt['args']['clip_grad'] is None
+    args = hpm.get_args(['--data_path', str(tmp_path), '--model', 'mae_vit_base_patch16_dec512d8b', '--input_size',
+                         '224', '--token_size', '14', '--learning_loss', '--relative', '--experiment', 'x'])
+    assert (args.model, args.res, args.method, args.norm_pix_loss, args.clip_grad) == ('vit_base', 224, 'hpm',
+                                                                                       False, 5.0)
+    assert (args.decoder_dim, args.decoder_depth, args.epochs, args.warmup_epochs, args.blr) == (512, 8, 800, 40,
+                                                                                                1.5e-4)
+    assert hpm.get_args(['--norm_pix_loss', '--clip-grad', '0']).norm_pix_loss is True
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['--token_size', '5'], 'token_size 5'),
+    (['--alpha-end', '1.5'], 'alpha-end 1.5'),
+    (['--decoder-dim', '30'], 'decoder-dim 30'),
+    (['--res', '70'], 'res 70'),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        hpm.main(['--output-dir', str(tmp_path), '--num-workers', '0', *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
