@@ -911,6 +911,8 @@ def grid_picture(columns, gray=0.5):
     from torchvision.utils import make_grid
     cols = [c.float().cpu().clamp(0, 1) for c in columns]
     stack = torch.stack(cols, dim=1).flatten(0, 1)  # (B*K, 3, H, W) image-major, so each row is one image
+    if stack.shape[-2] < 128:  # small images are enlarged (nearest) so a person can read them
+        stack = F.interpolate(stack, scale_factor=math.ceil(128 / stack.shape[-2]), mode='nearest')
     grid = make_grid(stack, nrow=len(cols), padding=2, pad_value=gray)
     return (grid * 255).round().to(torch.uint8)
 
