@@ -107,8 +107,9 @@ def init_weights(module):
 
 # ----------------------------------------------------------------------------- ViT
 
-def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True):
-    """Fixed 2-D sin-cos table (1+G*G or G*G, D), MAE layout: first D/2 channels encode the column, row 0 = cls = 0."""
+def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True, order='mae'):
+    """Fixed 2-D sin-cos table (1+G*G or G*G, D), cls row 0; first D/2 channels: column (mae) or row (mmpretrain)."""
+    assert order in ('mae', 'mmpretrain'), order
     assert dim % 4 == 0, 'sin-cos embedding needs a width divisible by 4'
     grid_w = grid_w or grid_h
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
@@ -117,7 +118,8 @@ def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True):
     def half(pos):  # (G*G,) -> (G*G, D/2): [sin(pos*w), cos(pos*w)]
         out = pos.reshape(-1, 1) * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
-    table = torch.cat([half(cols), half(rows)], dim=1)  # (G*G, D), column first (MAE util/pos_embed.py)
+    first, second = (cols, rows) if order == 'mae' else (rows, cols)
+    table = torch.cat([half(first), half(second)], dim=1)  # (G*G, D), MAE util/pos_embed.py: column first
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)  # (1+G*G, D)
     return table.float()
@@ -321,6 +323,8 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         # official Swin: TL, BL, TR, BR; LocalMIM's pre-training concatenates TL, TR, BL, BR (localmim.md §4)
         offsets = {'tl': (0, 0), 'bl': (1, 0), 'tr': (0, 1), 'br': (1, 1)}
+        if sorted(order.split(',')) != sorted(offsets):
+            raise ValueError(f'merge order {order!r} must list tl, bl, tr, br once each')
         self.offsets = [offsets[k] for k in order.split(',')]
 
     def forward(self, x, G):
@@ -374,8 +378,7 @@ class SwinTransformer(nn.Module):
             for s in range(len(depths))])
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)
-        if num_classes:
-            self.head = nn.Linear(self.num_features, num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else None
         for m in self.modules():  # Swin init: trunc-normal Linear, zero bias, LayerNorm (1, 0)
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -421,59 +424,70 @@ class SwinTransformer(nn.Module):
     def forward(self, imgs):
         """Classification: average pool of the normed final tokens -> head (or the pooled features)."""
         x = self.forward_features(imgs).mean(1)
-        return self.head(x) if hasattr(self, 'head') else x
+        return self.head(x) if self.head is not None else x
+
+    def xavier_init_linears(self):
+        """Re-init every Linear xavier-uniform with zero bias (FastMIM's PretrainSwin, fastmim.md §6 quirk #8)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                init_weights(m)
 
 
-def resize_rel_pos_table(table, new_side, mode='bicubic'):
-    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH) (interop.md §5).
+def resize_rel_pos_table(table, new_side, mode='bicubic', num_heads=None):
+    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH) (interop.md §5); also for its AdamW moments.
 
-    'bicubic': F.interpolate on the (nH, side, side) grid (timm's simple resize; FastMIM `interpolate` mode).
-    'geometric': the BEiT/SimMIM resampling, offsets stretched geometrically, piecewise-linear in torch.
+    'bicubic': F.interpolate of the (nH, side, side) grid, align_corners=False (FastMIM `interpolate`, timm simple).
+    'geometric': BEiT/SimMIM/FastMIM `simmim` resampling, piecewise-linear on the stretched offsets, torch only.
+    A same-size call returns a clone. Clamp an `exp_avg_sq` at 0 after a bicubic resize (it can overshoot).
     """
-    side = math.isqrt(table.shape[0])
-    if side * side != table.shape[0] or table.dim() != 2:
-        raise ValueError(f'a relative-position table must be (side*side, heads), got {tuple(table.shape)}')
-    if side == new_side:
+    if table.dim() != 2:
+        raise ValueError(f'a relative-position table is 2-D ((2w-1)^2, heads), got shape {tuple(table.shape)}')
+    L, nH = table.shape
+    side = math.isqrt(L)
+    if side * side != L or side % 2 == 0:
+        raise ValueError(f'a relative-position table has (2w-1)^2 rows, got {L}; is this the right tensor?')
+    if num_heads is not None and num_heads != nH:
+        raise ValueError(f'the table has {nH} heads but the model has {num_heads}; a head count cannot be resized')
+    if not isinstance(new_side, int) or new_side < 1 or new_side % 2 == 0:
+        raise ValueError(f'new side must be 2w-1 for a window w >= 1 (odd), got {new_side!r}')
+    if new_side == side:
         return table.clone()
-    t = table.float().T.reshape(1, -1, side, side)  # (1, nH, S, S): rows = dy, columns = dx
+    grid = table.float().t().reshape(1, nH, side, side)  # (1, nH, S, S): rows dy, columns dx
     if mode == 'bicubic':
-        out = F.interpolate(t, size=(new_side, new_side), mode='bicubic', align_corners=False)
+        out = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)  # (1, nH, S', S')
     elif mode == 'geometric':
-        src = geometric_offsets(side, new_side).to(t.device)
-        dst = torch.arange(new_side, device=t.device, dtype=torch.float64) - new_side // 2
-        Wm = linear_interp_matrix(src, dst).float().to(t.device)  # (new, S)
-        out = torch.einsum('ia,nhab,jb->nhij', Wm, t, Wm)
+        targets = torch.arange(new_side, dtype=torch.float64) - new_side // 2  # integer offsets -t..t
+        Wm = linear_weights(geometric_offsets(side, new_side), targets).to(grid)  # (S', S), same on both axes
+        out = torch.einsum('ia,nhab,jb->nhij', Wm, grid, Wm)  # (1, nH, S', S')
     else:
-        raise ValueError(f'unknown resize mode {mode!r}; use bicubic or geometric')
-    return out.reshape(-1, new_side * new_side).T.to(table.dtype).contiguous()  # (new*new, nH)
+        raise ValueError(f"unknown table resize mode {mode!r}; use 'bicubic' or 'geometric'")
+    return out.reshape(nH, new_side * new_side).t().contiguous().to(table.dtype)  # (S'*S', nH)
 
 
 def geometric_offsets(src, dst):
-    """BEiT/SimMIM source offsets: ±(1 + q + … + q^k) with q found by bisection so the ends reach dst//2."""
-    lo, hi = 1.01, 1.5
+    """BEiT/SimMIM source offsets (src,): 0, ±1, ±(1+q), …, q found by bisection so the last reaches dst//2."""
+    k, reach = src // 2, dst // 2
+    lo, hi = 0.5, 2.0  # FastMIM util/pos_embed.py bracket (BEiT/SimMIM/timm use 1.01-1.5: q capped at 1.5)
     while hi - lo > 1e-6:
         q = (lo + hi) / 2
-        if (1 - q ** (src // 2)) / (1 - q) > dst // 2:
+        if sum(q ** i for i in range(k)) > reach:
             hi = q
         else:
             lo = q
-    dis, cur = [], 1.0
-    for i in range(src // 2):
-        dis.append(cur)
-        cur += q ** (i + 1)
-    return torch.tensor([-d for d in reversed(dis)] + [0.0] + dis, dtype=torch.float64)
+    pos = [sum(q ** i for i in range(n + 1)) for n in range(k)]  # 1, 1+q, 1+q+q^2, …
+    return torch.tensor([-p for p in reversed(pos)] + [0.0] + pos, dtype=torch.float64)
 
 
-def linear_interp_matrix(nodes, targets):
-    """(len(targets), len(nodes)) weights of piecewise-linear interpolation (linear extrapolation at the ends)."""
-    idx = torch.searchsorted(nodes, targets).clamp(1, len(nodes) - 1)
-    x0, x1 = nodes[idx - 1], nodes[idx]
-    t = (targets - x0) / (x1 - x0)
-    W = torch.zeros(len(targets), len(nodes), dtype=torch.float64)
+def linear_weights(nodes, targets):
+    """(len(targets), len(nodes)) piecewise-linear weights; targets beyond the end nodes take the end value."""
+    right = torch.searchsorted(nodes, targets).clamp(1, len(nodes) - 1)  # (T,) index of the node at/after target
+    x0, x1 = nodes[right - 1], nodes[right]
+    a = ((targets - x0) / (x1 - x0)).clamp(0.0, 1.0)  # clamp = nearest-value extrapolation (interp2d, timm)
+    W = torch.zeros(len(targets), len(nodes), dtype=nodes.dtype)
     rows = torch.arange(len(targets))
-    W[rows, idx - 1] = 1 - t
-    W[rows, idx] = t
-    return W
+    W[rows, right - 1] = 1.0 - a
+    W[rows, right] = a
+    return W  # (T, S)
 
 
 # ----------------------------------------------------------------------------- HOG
@@ -727,6 +741,67 @@ def strip_prefix(sd, *prefixes):
     return out
 
 
+# mmpretrain ViT layer -> timm block (mff.md §8); the same renames inside the MAE neck's decoder blocks
+MMPRETRAIN_BLOCK = (('ln1.', 'norm1.'), ('ln2.', 'norm2.'), ('ffn.layers.0.0.', 'mlp.fc1.'),
+                    ('ffn.layers.1.', 'mlp.fc2.'))
+TIMM_ENCODER = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.', 'fc_norm.')
+
+
+def mmpretrain_key_to_timm(key):
+    """One mmpretrain key (`backbone.layers.3.ffn.layers.0.0.weight`, `neck.ln1.bias`, …) -> timm/MAE name."""
+    for prefix, stack, final_norm in (('backbone.', 'layers', 'norm'), ('neck.', 'decoder_blocks', 'decoder_norm')):
+        if not key.startswith(prefix):
+            continue
+        k = key[len(prefix):].replace('patch_embed.projection.', 'patch_embed.proj.')
+        parts = k.split('.', 2)
+        if parts[0] == stack and len(parts) == 3:  # a transformer layer: (stack, i, rest)
+            rest = parts[2]
+            for old, new in MMPRETRAIN_BLOCK:
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+            return f'{"blocks" if prefix == "backbone." else stack}.{parts[1]}.{rest}'
+        if k.startswith('ln1.'):  # outside the layers ln1 is the final norm
+            return f'{final_norm}.{k[4:]}'
+        if k.startswith('ln2.') and prefix == 'backbone.':  # out_type='avg_featmap' pooled norm = timm fc_norm
+            return f'fc_norm.{k[4:]}'
+        return k  # cls_token, pos_embed, MFF's proj_layers / proj_weights, mask_token, decoder_embed, …
+    return key
+
+
+def timm_key_to_mmpretrain(key):
+    """Inverse of mmpretrain_key_to_timm for an MAE-family model's keys (encoder -> backbone., decoder -> neck.)."""
+    parts = key.split('.', 2)
+    if parts[0] in ('blocks', 'decoder_blocks') and len(parts) == 3:
+        rest = parts[2]
+        for old, new in MMPRETRAIN_BLOCK:
+            if rest.startswith(new):
+                rest = old + rest[len(new):]
+        return (f'backbone.layers.{parts[1]}.{rest}' if parts[0] == 'blocks'
+                else f'neck.decoder_blocks.{parts[1]}.{rest}')
+    for ours, theirs in (('norm.', 'backbone.ln1.'), ('fc_norm.', 'backbone.ln2.'), ('decoder_norm.', 'neck.ln1.'),
+                         ('patch_embed.proj.', 'backbone.patch_embed.projection.')):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return ('neck.' if key.startswith(('mask_token', 'decoder_')) else 'backbone.') + key
+
+
+def mmpretrain_vit_to_timm(sd, encoder_only=False):
+    """mmpretrain/mmselfsup ViT (+ MAE neck, MFF proj_*) state dict -> timm/MAE names; timm-named keys pass through.
+
+    encoder_only keeps just the timm encoder, dropping MFF's `proj_*` (and the stray `proj_blocks.*` of mmselfsup's
+    mmcls2timm.py), the decoder and the data preprocessor, as mmpretrain's benchmark configs ignore them (mff.md §8).
+    """
+    out = {mmpretrain_key_to_timm(k): v for k, v in sd.items() if not k.startswith('data_preprocessor.')}
+    if encoder_only:
+        out = {k: v for k, v in out.items() if k.startswith(TIMM_ENCODER)}
+    return out
+
+
+def timm_vit_to_mmpretrain(sd):
+    """Our MAE-family state dict (timm encoder, MAE decoder, MFF proj_*) -> mmpretrain names (backbone. / neck.)."""
+    return {timm_key_to_mmpretrain(k): v for k, v in sd.items()}
+
+
 def load_model_state(model, sd, what='checkpoint'):
     """Strict load that turns a key or shape mismatch into a ValueError listing the keys."""
     own = model.state_dict()
@@ -747,6 +822,212 @@ def save_atomic(obj, path):
     tmp = f'{path}.tmp'
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+# Encoder key maps and resizing (interop.md §2-6): one path from any supported file to a ViT/Swin classifier.
+
+REBUILT_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')  # rebuilt from (grid, window)
+
+
+def resize_pos_embed(pos_embed, new_grid, num_prefix=1, antialias=False):
+    """Bicubic resize of an absolute pos-embed (1, n+G*G, D) -> (1, n+h*w, D); the n prefix rows (cls) are kept.
+
+    MAE `interpolate_pos_embed` (DeiT) with antialias=False; timm `resample_abs_pos_embed` with antialias=True
+    (matters when shrinking). Computed in fp32, returned in the input dtype; an identity resize returns a copy.
+    """
+    h, w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
+    n = pos_embed.shape[1] - num_prefix
+    G = math.isqrt(n)
+    if G * G != n:
+        raise ValueError(f'pos_embed has {n} grid rows after {num_prefix} prefix rows, not a square grid')
+    if (G, G) == (h, w):
+        return pos_embed.clone()
+    D = pos_embed.shape[-1]
+    grid = pos_embed[:, num_prefix:].float().reshape(1, G, G, D).permute(0, 3, 1, 2)  # (1, D, G, G)
+    grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False, antialias=antialias)  # (1, D, h, w)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, D).to(pos_embed.dtype)  # (1, h*w, D)
+    return torch.cat([pos_embed[:, :num_prefix], grid], dim=1)
+
+
+def swin_to_timm(sd):
+    """Microsoft Swin keys -> timm >= 0.9 (interop.md §3): `layers.{s}.downsample` -> `layers.{s+1}.downsample`,
+    `head.` -> `head.fc.`, rebuilt buffers dropped."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(REBUILT_BUFFERS):
+            continue
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        if m:
+            k = f'layers.{int(m[1]) + 1}.downsample.{m[2]}'
+        elif k.startswith('head.'):
+            k = 'head.fc.' + k[len('head.'):]
+        out[k] = v
+    return out
+
+
+def timm_to_swin(sd):
+    """timm >= 0.9 Swin keys -> Microsoft layout (the inverse of swin_to_timm; buffers are rebuilt by the model)."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        if m:
+            k = f'layers.{int(m[1]) - 1}.downsample.{m[2]}'
+        elif k.startswith('head.fc.'):
+            k = 'head.' + k[len('head.fc.'):]
+        out[k] = v
+    return out
+
+
+def permute_merge(sd, order=(0, 2, 1, 3)):
+    """Reorder the four C-wide chunks of every PatchMerging (`downsample.norm.*` rows, `downsample.reduction.weight`
+    input columns): LocalMIM pre-training concatenates TL,TR,BL,BR, standard Swin TL,BL,TR,BR (localmim.md §4)."""
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.endswith(('downsample.norm.weight', 'downsample.norm.bias')):
+            out[k] = torch.cat([v.chunk(4, 0)[i] for i in order], 0)  # (4C,)
+        elif k.endswith('downsample.reduction.weight'):
+            out[k] = torch.cat([v.chunk(4, 1)[i] for i in order], 1)  # (2C, 4C)
+    return out
+
+
+def vit_layer_id(name, depth):
+    """MAE/BEiT layer id (interop.md §8): cls_token, pos_embed, patch_embed (and mask_token) 0; blocks.i -> i+1;
+    everything else (norm, fc_norm, head) depth+1."""
+    if name in ('cls_token', 'pos_embed', 'mask_token') or name.startswith('patch_embed'):
+        return 0
+    if name.startswith('blocks.'):
+        return int(name.split('.')[1]) + 1
+    return depth + 1
+
+
+def swin_layer_id(name, depths):
+    """Original-layout Swin layer id (SimMIM get_swin_layer = FastMIM/LocalMIM lr_decay): patch_embed 0; block b of
+    stage s -> sum(depths[:s]) + b + 1; stage s's downsample -> sum(depths[:s+1]); the rest sum(depths) + 1."""
+    if name == 'mask_token' or name.startswith('patch_embed'):
+        return 0
+    if name.startswith('layers.'):
+        parts = name.split('.')
+        s = int(parts[1])
+        if parts[2] == 'downsample':
+            return sum(depths[:s + 1])
+        return sum(depths[:s]) + int(parts[3]) + 1
+    return sum(depths) + 1
+
+
+def layer_decay_groups(model, weight_decay, no_decay, layer_id, decay, num_layers=None):
+    """AdamW groups `layer_{id}_{decay|no_decay}` with `lr_scale` = decay^(num_layers - id) (MAE util/lr_decay.py).
+
+    no_decay(name, param) -> bool; layer_id(name) -> int; num_layers defaults to the largest id (the head's).
+    Frozen parameters are left out; groups keep the order in which their first parameter appears.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ids = {n: layer_id(n) for n, _ in named}
+    top = max(ids.values()) if num_layers is None else num_layers
+    groups = {}
+    for n, p in named:
+        skip = no_decay(n, p)
+        key = f'layer_{ids[n]}_{"no_decay" if skip else "decay"}'
+        if key not in groups:
+            groups[key] = {'name': key, 'params': [], 'weight_decay': 0.0 if skip else weight_decay,
+                           'lr_scale': decay ** (top - ids[n])}
+        groups[key]['params'].append(p)
+    return list(groups.values())
+
+
+def key_summary(keys, limit=12):
+    """Keys for a log line: all of them when few, else grouped by the prefix before the first index with counts."""
+    import re
+    keys = sorted(keys)
+    if len(keys) <= limit:
+        return ', '.join(keys) or 'none'
+    groups = {}  # name -> [indices, count, first key]
+    for k in keys:
+        m = re.match(r'(.*?)\.(\d+)\.', k)
+        g = groups.setdefault(m[1] if m else k.split('.')[0], [set(), 0, k])
+        g[1] += 1
+        if m:
+            g[0].add(int(m[2]))
+    parts = []
+    for name, (idx, n, first) in groups.items():
+        if idx:
+            parts.append(f'{name}.{{{min(idx)}..{max(idx)}}}.* ({n})')
+        else:
+            parts.append(f'{name}.* ({n})' if n > 1 else first)
+    return ', '.join(parts) + f' [{len(keys)} keys]'
+
+
+def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geometric', fresh=('fc_norm', 'head'),
+                 level_norm=True, say=print):
+    """Load the encoder of any supported checkpoint (ours or an official release, interop.md §6) into `model`.
+
+    `model` is a common.VisionTransformer or common.SwinTransformer classifier. Steps: pick the state dict (the
+    teacher's with teacher=True); strip `module.`/`_orig_mod.`, then `encoder.` (FastMIM/LocalMIM Swin) or map
+    mmpretrain names (`backbone.`, MFF); timm-layout Swin -> Microsoft layout; optional LocalMIM merge permutation;
+    LocalMIM's last per-level norm `norm.{k}` serves as `norm` when level_norm (linear probe, k-NN); rebuilt buffers
+    and a head of another shape are dropped; pos-embed and relative tables resized when shapes differ. Keys of the
+    model under a `fresh` prefix (and rebuilt buffers) may be missing; any other missing key is an error.
+    Returns (missing, unexpected) and prints both.
+    """
+    import re
+    sd = strip_prefix(pick_state_dict(obj, teacher))
+    tried = ['module.', '_orig_mod.']
+    if any(k.startswith('backbone.') for k in sd):  # mmpretrain (MFF): rename first (mff.md §8)
+        sd = mmpretrain_vit_to_timm(sd)
+        tried.append('backbone. (mmpretrain names)')
+    if any(k.startswith('encoder.') for k in sd):  # FastMIM/LocalMIM Swin, SimMIM: the encoder sits under `encoder.`
+        sd = {k[len('encoder.'):] if k.startswith('encoder.') else k: v for k, v in sd.items()}
+        tried.append('encoder.')
+    own = model.state_dict()
+    if isinstance(model, SwinTransformer):
+        if any(k.startswith('head.fc.') for k in sd) or (
+                'layers.1.downsample.reduction.weight' in sd and 'layers.0.downsample.reduction.weight' not in sd):
+            sd = timm_to_swin(sd)
+            tried.append('timm Swin layout')
+        if merge_permute:
+            sd = permute_merge(sd)
+    if level_norm and 'norm.weight' in own and 'norm.weight' not in sd:  # LocalMIM: no final norm, per-level ones
+        levels = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r'norm\.(\d+)\.weight', k)))
+        if levels:
+            sd['norm.weight'], sd['norm.bias'] = sd.pop(f'norm.{levels[-1]}.weight'), sd.pop(f'norm.{levels[-1]}.bias')
+            say(f'norm: the last per-level norm norm.{levels[-1]} of the checkpoint serves as the final norm')
+    sd = {k: v for k, v in sd.items() if not k.endswith(REBUILT_BUFFERS)}
+    if 'pos_embed' in sd and 'pos_embed' in own and sd['pos_embed'].shape != own['pos_embed'].shape:
+        old, new = math.isqrt(sd['pos_embed'].shape[1] - 1), math.isqrt(own['pos_embed'].shape[1] - 1)
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], new, antialias=new < old)  # antialias when shrinking
+        say(f'pos_embed resized {old}x{old} -> {new}x{new} (bicubic{", antialias" if new < old else ""})')
+    resized = []
+    for k in [k for k in sd if k.endswith('relative_position_bias_table') and k in own]:
+        if sd[k].shape != own[k].shape:
+            if sd[k].shape[1] != own[k].shape[1]:
+                raise ValueError(f'{k} has {sd[k].shape[1]} heads in the checkpoint but {own[k].shape[1]} in the '
+                                 f'model; a head count cannot be resized (wrong --model?)')
+            src = math.isqrt(sd[k].shape[0])
+            sd[k] = resize_rel_pos_table(sd[k], math.isqrt(own[k].shape[0]), table_mode)
+            resized.append(src)
+    if resized:
+        side = math.isqrt(own[next(k for k in own if k.endswith('relative_position_bias_table'))].shape[0])
+        say(f'{len(resized)} relative-position tables resized ({table_mode}), e.g. {resized[0]}x{resized[0]} -> '
+            f'{side}x{side}')
+    for k in ('head.weight', 'head.bias'):  # MAE main_finetune: a head of another shape is dropped
+        if k in sd and (k not in own or sd[k].shape != own[k].shape):
+            say(f'{k} {tuple(sd[k].shape)} dropped (the model has {tuple(own[k].shape) if k in own else "none"})')
+            del sd[k]
+    shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in sd if k in own and sd[k].shape != own[k].shape]
+    if shapes:
+        raise ValueError(f'checkpoint does not match this model (wrong --model or size?): {"; ".join(shapes[:6])}')
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    allowed = tuple(p + '.' for p in fresh)
+    bad = [k for k in missing if not k.startswith(allowed) and not k.endswith(REBUILT_BUFFERS)]
+    if bad:
+        raise ValueError(f'checkpoint lacks encoder keys {key_summary(bad)} (prefixes tried: {", ".join(tried)}); '
+                         f'is it an encoder of this --model?')
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    say(f'loaded {len(sd) - len(unexpected)} tensors; missing (fresh or rebuilt): '
+        f'{key_summary(missing)}; unexpected (ignored): {key_summary(unexpected)}')
+    return missing, unexpected
 
 
 # ----------------------------------------------------------------------------- data
@@ -831,6 +1112,18 @@ def pretrain_transform(res, scale=(0.2, 1.0)):
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def pixmim_transform(res):
+    """PixMIM's SRC crop: short side -> res (bilinear), res crop of the 4-px reflect-padded image, flip, normalise.
+
+    mmselfsup configs/selfsup/pixmim/*.py and mmpretrain configs/mff/*.py; the steps before ToImage run on PIL
+    images as there, on uint8 tensors (the built-in data) otherwise.
+    """
+    from torchvision.transforms import InterpolationMode, v2
+    return v2.Compose([v2.Resize(res, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                       v2.RandomCrop(res, padding=4, padding_mode='reflect'), v2.RandomHorizontalFlip(),
+                       v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def eval_transform(res, crop_pct=0.875):
     """Resize(res/0.875, bicubic) + centre crop + ImageNet normalisation (256 -> 224 at res 224)."""
     from torchvision.transforms import InterpolationMode, v2
@@ -882,12 +1175,18 @@ class StepSampler(torch.utils.data.DistributedSampler):
 
 
 def pretrain_dataset(args):
-    """The training set of a pre-training run: ImageFolder at --data-path, else the built-in SyntheticShapes."""
+    """The training set of a pre-training run: ImageFolder at --data-path, else the built-in SyntheticShapes.
+
+    The crop is RandomResizedCrop unless the method sets `args.crop = 'pixmim'` (MFF / PixMIM).
+    """
     if args.data_path:
         base = image_folder(args.data_path)
     else:
         base = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
-    return Keyed(base, pretrain_transform(args.res, args.rrc_scale), args.seed, args.skip_bad_images)
+    crop = getattr(args, 'crop', 'rrc')
+    assert crop in ('rrc', 'pixmim'), crop
+    tf = pixmim_transform(args.res) if crop == 'pixmim' else pretrain_transform(args.res, args.rrc_scale)
+    return Keyed(base, tf, args.seed, args.skip_bad_images)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device):
