@@ -1,0 +1,346 @@
+"""MFF: Improving Pixel-based MIM by Reducing Wasted Modeling Capability (Liu et al., ICCV 2023), on MAE and PixMIM.
+https://arxiv.org/abs/2308.00261 · official code: open-mmlab/mmpretrain (models/selfsup/mff.py, configs/mff);
+PixMIM (Liu et al., arXiv 2303.02416): open-mmlab/mmselfsup 1.x (models/target_generators/low_freq_generator.py)
+
+Pixel reconstruction makes the last encoder blocks keep low-level detail ("wasted modelling capability"). MFF adds
+a shortcut: the outputs of a few shallow blocks, each through its own Linear(D, D), are mixed with the last block's
+output by a learned softmax-weighted sum, before the shared final LayerNorm; masking, decoder, target and loss stay
+those of MAE (MFF_MAE, `--target pixel`) or of PixMIM (MFF_PixMIM, `--target lowfreq`: the target image keeps only
+the frequencies inside a circle of radius 40 at 224 px). The fusion exists only in pre-training: downstream models
+are plain ViTs that ignore `proj_*`. The fusion weights are logged (`fusion_weights_k`) and drawn as a bar chart
+under each checkpoint's picture (supplement Fig. 1: does the model lean on shallow blocks?).
+
+Defaults (mff.md §2; mmpretrain configs/mff/mff_vit-base-p16_8xb512-amp-coslr-800e_in1k.py): ViT-B/16 at 224,
+fused blocks 0, 2, 4, 6, 8, 11 (preset L6), decoder 8 blocks x 512 (16 heads), mask ratio 0.75, norm-pix pixel
+target, PixMIM's crop (resize + 4-px reflect-padded random crop + flip; `--crop rrc` = MAE's), 800 epochs
+(300 also released), 40 warm-up, blr 1.5e-4 (lr = blr * batch / 256 at batch 4096 = 512 x 8 GPUs), AdamW
+(0.9, 0.95), wd 0.05 on all but norms, biases, pos-embeds, cls and mask tokens (the fusion logits and projections
+are decayed, as mmpretrain's rule does). Sin-cos tables in mmpretrain's layout (row encoding first).
+
+    python mff.py                                              # CPU smoke run on the built-in data
+    python mff.py --data-path /data/imagenet                   # one GPU
+    torchrun --nproc_per_node 8 mff.py --data-path /data/imagenet --model vit_base                  # MFF_MAE
+    torchrun --nproc_per_node 8 mff.py --data-path /data/imagenet --target lowfreq                  # MFF_PixMIM
+    torchrun --nproc_per_node 8 mff.py --data-path /data/imagenet --fuse-layers L1 --target lowfreq # PixMIM
+    torchrun --nproc_per_node 8 mff.py --data-path /data/imagenet --fuse-layers L12 --epochs 300    # Fig. 1 study
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT, apply_defaults, denormalize,
+                    fp32, grid_picture, init_weights, mmpretrain_vit_to_timm, pick_state_dict, pixel_columns,
+                    pretrain_parser, run_main, sincos_pos_embed, strip_prefix, train)
+
+# Per-model defaults (mff.md §2: the released configs; MAE's decoder elsewhere). Small presets are ours, for CPUs.
+DEFAULTS = {
+    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5),
+    'vit_small': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                      warmup_epochs=40),  # our reading: the paper gives ViT-S results, not its decoder
+    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                     warmup_epochs=40),  # configs/mff/*_800e (8 x 512 = 4096; the metafile's 2048 is a typo)
+    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                      warmup_epochs=40),  # MAE's ViT-L recipe
+    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                     warmup_epochs=40),
+}
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=12, warmup_epochs=1, blr=1.5e-3, decoder_dim=128,
+             decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
+             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run visibly learns
+OFFICIAL_NAMES = {'b': 'vit_base', 'base': 'vit_base', 'l': 'vit_large', 'large': 'vit_large', 'h': 'vit_huge',
+                  'huge': 'vit_huge', 'mff_vit-base-p16': 'vit_base', 'mae_vit_base_patch16': 'vit_base',
+                  'mae_vit_large_patch16': 'vit_large', 'mae_vit_huge_patch14': 'vit_huge'}
+LOWFREQ_RADIUS_224 = 40  # PixMIM config: LowFreqTargetGenerator(radius=40, img_size=224)
+
+
+# ----------------------------------------------------------------------------- which blocks to fuse
+
+def fuse_preset(K, depth):
+    """Preset LK: K blocks, k * (depth // (K-1)) for k < K-1 plus the last; every block when depth < K (mff.md §7)."""
+    if depth < K:
+        return list(range(depth))
+    if K == 1:
+        return [depth - 1]
+    step = depth // (K - 1)
+    return [k * step for k in range(K - 1)] + [depth - 1]  # depth 12: L6 = [0, 2, 4, 6, 8, 11] (MFF Tab. 3b)
+
+
+def parse_fuse_layers(text, depth):
+    """'0,2,4,6,8,11' (negative = from the end) or a preset 'L1'/'L2'/'L4'/'L6'/'L12' -> block indices."""
+    text = str(text).strip()
+    if text[:1] in ('L', 'l') and text[1:].isdigit() and int(text[1:]) > 0:
+        return fuse_preset(int(text[1:]), depth)
+    try:
+        return [int(t) for t in text.split(',')]
+    except ValueError:
+        raise ValueError(f'--fuse-layers {text!r} is neither a comma list of block indices (e.g. 0,2,4,6,8,11) '
+                         f'nor a preset L1, L2, L4, L6 or L12') from None
+
+
+def check_fuse_layers(layers, depth, allow_truncated=False):
+    """Indices (negative counted from the end) -> checked list: in range, strictly increasing, ending at depth-1."""
+    if isinstance(layers, str):
+        layers = parse_fuse_layers(layers, depth)
+    idx = [i + depth if i < 0 else i for i in layers]  # official: -1 -> depth-1
+    shown = ','.join(map(str, layers))
+    if not idx or not all(0 <= i < depth for i in idx):
+        raise ValueError(f'--fuse-layers {shown}: block indices must lie in 0..{depth - 1} (or -{depth}..-1)')
+    if any(b <= a for a, b in zip(idx, idx[1:])):
+        raise ValueError(f'--fuse-layers {shown} must be strictly increasing, e.g. 0,2,4,6,8,{depth - 1}')
+    if idx[-1] != depth - 1 and not allow_truncated:  # mff.md §12 #4: the official code silently drops the rest
+        raise ValueError(f'--fuse-layers {shown} ends at block {idx[-1]}, so blocks {idx[-1] + 1}..{depth - 1} would '
+                         f'be dropped; end the list with {depth - 1} (or -1), or pass --allow-truncated-fusion')
+    return idx
+
+
+# ----------------------------------------------------------------------------- PixMIM low-frequency target
+
+def lowpass_filter(H, W, radius, device=None):
+    """Ideal circular low-pass (H, W) bool: True within `radius` of ((H-1)/2, (W-1)/2) (PixMIM, official centre).
+
+    The centre sits half a pixel off the shifted DC bin (H/2, W/2); reproduced (mff.md §12 #10).
+    """
+    i = torch.arange(H, dtype=torch.float64, device=device)[:, None]  # (H, 1)
+    j = torch.arange(W, dtype=torch.float64, device=device)[None]  # (1, W)
+    return (i - (H - 1) / 2) ** 2 + (j - (W - 1) / 2) ** 2 <= radius ** 2  # (H, W); official: zero where > R^2
+
+
+def low_pass(x, radius):
+    """[0, 1] images (B, 3, H, W) -> |ifft2(filter * fftshift(fft2(x)))| (B, 3, H, W): real, >= 0 (PixMIM)."""
+    X = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))  # (B, 3, H, W) complex, DC moved to the middle
+    X = X * lowpass_filter(*x.shape[-2:], radius, x.device)
+    # official: no ifftshift before the inverse; for even sizes that only multiplies by (-1)^(i+j), which abs removes,
+    # and the off-centre filter makes the result complex, hence the magnitude rather than the real part
+    return torch.fft.ifft2(X).abs()  # (B, 3, H, W)
+
+
+def lowfreq_image(imgs, radius):
+    """ImageNet-normalised images (B, 3, H, W) -> their low-frequency version, normalised again (fp32, no grad)."""
+    with torch.no_grad(), fp32(imgs.device):
+        mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+        x = imgs.float() * std + mean  # back to [0, 1] RGB, not clamped (official)
+        return (low_pass(x, radius) - mean) / std
+
+
+# ----------------------------------------------------------------------------- model
+
+class MFF(MaskedAutoencoderViT):
+    """MAE whose latent is LN(sum_k alpha_k f_k) over the fused blocks (mmpretrain MFFViT + MAE neck and head).
+
+    f_k = proj_layers[k](h_k) for the shallow blocks, f_K = h_K for the last listed block; alpha = softmax of the
+    K learnable logits `proj_weights` (K, 1, 1, 1), initialised to ones. With one index there is no projection,
+    the logit is frozen and alpha = 1 exactly: MFF equals MAE to the last bit. Keys: MAE's plus `proj_layers.k.*`
+    and `proj_weights` (mmpretrain's `backbone.proj_*` without the prefix).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
+                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=True, mask_ratio=0.75,
+                 fuse_layers='L6', detach_shallow=False, allow_truncated=False, target='pixel',
+                 lowfreq_radius=None, sincos_order='mmpretrain', decay_fusion=True):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth,
+                         decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
+        if target not in ('pixel', 'lowfreq'):
+            raise ValueError(f'--target {target} is unknown; use pixel (MFF_MAE) or lowfreq (MFF_PixMIM)')
+        if lowfreq_radius is not None and lowfreq_radius < 0:
+            raise ValueError(f'--lowfreq-radius {lowfreq_radius} is negative; use a radius in frequency bins >= 0')
+        self.fuse_layers = check_fuse_layers(fuse_layers, depth, allow_truncated)
+        K = len(self.fuse_layers)
+        self.proj_layers = nn.ModuleList([nn.Linear(embed_dim, embed_dim) for _ in range(K - 1)])
+        self.proj_layers.apply(init_weights)  # configs/_base_/models/mae_vit-base-p16.py: Xavier on every Linear
+        self.proj_weights = nn.Parameter(torch.ones(K, 1, 1, 1), requires_grad=K > 1)  # MFFViT: frozen for K = 1
+        self.detach_shallow, self.target_kind, self.decay_fusion = detach_shallow, target, decay_fusion
+        # PixMIM: R = 40 at 224; our reading: R scales with the side at other resolutions (mff.md §5)
+        self.lowfreq_radius = LOWFREQ_RADIUS_224 * img_size / 224 if lowfreq_radius is None else lowfreq_radius
+        self.sincos_order = sincos_order
+        self.fill_tables()
+
+    def fill_tables(self):
+        """Both fixed sin-cos tables in the chosen layout (mmpretrain: row encoding first; mff.md §12 #6)."""
+        for table in (self.pos_embed, self.decoder_pos_embed):
+            table.data = sincos_pos_embed(table.shape[-1], self.grid, order=self.sincos_order)[None].to(table.device)
+
+    def set_resolution(self, img_size):
+        """New input size: recompute both tables, in this model's layout."""
+        super().set_resolution(img_size)
+        self.fill_tables()
+
+    def no_weight_decay(self, name, param):
+        """mmpretrain paramwise_cfg: no decay for names containing ln, bias, pos_embed, mask_token, cls_token.
+
+        Mapped onto our names: mmpretrain's LayerNorms are `ln1`/`ln2` (blocks), `backbone.ln1` and `neck.ln1`;
+        ours are `norm1`/`norm2`, `norm` and `decoder_norm`, and no other name of ours contains 'norm'. So
+        `proj_weights` and `proj_layers.*.weight` are decayed (official) unless decay_fusion=False.
+        """
+        if not self.decay_fusion and name.startswith('proj_'):
+            return True
+        return any(s in name for s in ('norm', 'bias', 'pos_embed', 'mask_token', 'cls_token'))
+
+    # --- encoder with fusion
+    def fusion_weights(self):
+        """alpha = softmax of the K logits (K, 1, 1, 1), recomputed every forward (MFFViT.forward)."""
+        return F.softmax(self.proj_weights, dim=0)
+
+    def fuse(self, feats):
+        """K block outputs (B, N, D) -> sum_k alpha_k f_k (B, N, D); every token, cls included (official)."""
+        shallow = [proj(h.detach() if self.detach_shallow else h)  # MFF^detach, supplement A.8 (mff.md §6)
+                   for proj, h in zip(self.proj_layers, feats[:-1])]
+        return (torch.stack(shallow + feats[-1:]) * self.fusion_weights()).sum(0)  # (K, B, N, D) -> (B, N, D)
+
+    def forward_encoder(self, imgs, ids_keep, layers=None):
+        """Encoder on the kept tokens: LN(fused) (B, 1+K, D) (and, with `layers`, those blocks' raw outputs)."""
+        x = self.embed(imgs, ids_keep)  # (B, 1+K, D)
+        last = max(self.fuse_layers + list(layers or []))
+        feats, outs = [], []
+        for i, blk in enumerate(self.blocks[:last + 1]):  # blocks past the last index only matter if truncated
+            x = blk(x)
+            if i in self.fuse_layers:
+                feats.append(x)
+            if layers is not None and i in layers:
+                outs.append(x)
+        latent = self.norm(self.fuse(feats))  # the one final LayerNorm, after the fusion (MFFViT: norm1(res))
+        return (latent, outs) if layers is not None else latent
+
+    # --- target, forward, picture
+    def target(self, imgs):
+        """Norm-pix target (B, L, p*p*3) of the image (pixel) or of its low-frequency version (lowfreq, PixMIM)."""
+        if self.target_kind == 'lowfreq':
+            imgs = lowfreq_image(imgs, self.lowfreq_radius)
+        return super().target(imgs)
+
+    def forward(self, imgs, mask=None, keys=None):
+        """imgs (B, 3, H, W) -> dict(loss, pred, target, mask, fusion_weights (K 0-d tensors, logged))."""
+        out = super().forward(imgs, mask, keys)  # MAE's masking, decoder and masked-patch loss, our encoder
+        out['fusion_weights'] = list(self.fusion_weights().detach().view(-1).unbind())  # official weight_0..K-1
+        return out
+
+    def picture(self, imgs, out):
+        """input | (low-freq target) | masked | reconstruction, with a bar chart of the fusion weights under it."""
+        shown = lowfreq_image(imgs, self.lowfreq_radius) if self.target_kind == 'lowfreq' else imgs
+        cols = pixel_columns(shown, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)
+        grid = grid_picture(([denormalize(imgs)] if self.target_kind == 'lowfreq' else []) + cols)
+        alpha = [float(a) for a in out['fusion_weights']]
+        return torch.cat([grid, fusion_bars(alpha, self.fuse_layers, grid.shape[-1])], dim=1)  # (3, H + h, W)
+
+
+def fusion_bars(alpha, layers, width, height=160):
+    """Bar chart of the fusion weights per fused block, uint8 (3, height, width); dashed line = uniform 1/K."""
+    from PIL import Image, ImageDraw
+    img = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(img)
+    K, top, bottom, left = len(alpha), 32, height - 16, 4
+    draw.text((left, 2), f'fusion weights alpha = softmax(proj_weights) per block; dashed: uniform 1/{K}', fill='black')
+    scale = (bottom - top) / max(max(alpha), 1 / K)
+    slot = (width - 2 * left) / K
+    for k, (a, block) in enumerate(zip(alpha, layers)):
+        x0, x1 = left + (k + 0.15) * slot, left + (k + 0.85) * slot
+        y0 = bottom - a * scale
+        draw.rectangle([x0, y0, x1, bottom], fill=(200, 90, 60) if k == K - 1 else (70, 110, 180))
+        draw.text((x0, y0 - 12), f'{a:.3f}'.lstrip('0'), fill='black')
+        draw.text((x0, bottom + 2), f'b{block}', fill='black')
+    y = bottom - scale / K
+    for x in range(left, width - left, 8):
+        draw.line([(x, y), (x + 4, y)], fill=(120, 120, 120))
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).contiguous()  # (3, height, width)
+
+
+def from_official(obj):
+    """mmpretrain MFF checkpoint (mmengine {'meta', 'state_dict'}, `backbone.`/`neck.` names) or ours -> our keys.
+
+    The stored sin-cos tables are kept as they are (mmpretrain's layout, halves swapped against MAE's); the
+    non-persistent data-preprocessor buffers are absent, and dropped if present.
+    """
+    return mmpretrain_vit_to_timm(strip_prefix(pick_state_dict(obj)))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def get_args(argv=None):
+    """Parse the command line and fill the per-model defaults."""
+    p = pretrain_parser('mff', __doc__)
+    a = p.add_argument
+    a('--fuse-layers', '--fuse_layers', '--out_indices', '--out-indices', dest='fuse_layers',
+      help='fused blocks: comma list ending at the last block (0-based, -1 = last) or preset L1/L2/L4/L6/L12; '
+           'default L6 = 0,2,4,6,8,11 at depth 12 (configs/mff out_indices; MFF Tab. 3b / supplement Tab. 4)')
+    a('--allow-truncated-fusion', dest='allow_truncated', action='store_true',
+      help='allow a list that stops before the last block (official behaviour: later blocks are dropped; '
+           'single process only, DDP would need find_unused_parameters)')
+    a('--detach-shallow', '--detach_shallow', dest='detach_shallow', action='store_true',
+      help='MFF^detach (supplement A.8): no gradient from the fusion into the shallow blocks')
+    a('--target', choices=('pixel', 'lowfreq'), default='pixel',
+      help='pixel = MFF_MAE (default, configs/mff) or lowfreq = MFF_PixMIM (low-frequency target image)')
+    a('--lowfreq-radius', '--lowfreq_radius', '--radius', dest='lowfreq_radius', type=float,
+      help='low-pass radius in frequency bins at --res; default 40 * res / 224 (PixMIM: 40 at 224)')
+    a('--crop', choices=('pixmim', 'rrc'), default='pixmim',
+      help='pixmim = resize + 4-px reflect-padded random crop + flip (configs/mff, default); rrc = MAE '
+           'RandomResizedCrop(--rrc-scale, bicubic) + flip')
+    a('--norm-pix-loss', '--norm_pix_loss', '--norm_pix', dest='norm_pix_loss', action=argparse.BooleanOptionalAction,
+      default=True, help='standardise each target patch (mmpretrain norm_pix=True, default)')
+    a('--sincos-order', dest='sincos_order', choices=('mmpretrain', 'mae'), default='mmpretrain',
+      help='sin-cos table layout for from-scratch runs: mmpretrain (row first, default) or mae (column first)')
+    a('--fusion-weight-decay', dest='fusion_weight_decay', action=argparse.BooleanOptionalAction, default=True,
+      help='weight decay on proj_weights and proj_layers.*.weight (mmpretrain rule, default on)')
+    a('--decoder-dim', '--decoder_embed_dim', dest='decoder_dim', type=int, help='decoder width; default 512')
+    a('--decoder-depth', '--decoder_depth', dest='decoder_depth', type=int, help='decoder blocks; default 8')
+    a('--decoder-heads', '--decoder_num_heads', dest='decoder_heads', type=int, help='decoder heads; default 16')
+    args = p.parse_args(argv)
+    args.method = 'mff'
+    try:
+        apply_defaults(args, DEFAULTS, SMOKE, OFFICIAL_NAMES)
+        depth = VIT_PRESETS[args.model]['depth']
+        args.fuse_layers = check_fuse_layers(args.fuse_layers or 'L6', depth, args.allow_truncated)
+    except ValueError as e:
+        p.error(str(e))
+    args.res = args.res or 224
+    args.mask_ratio = 0.75 if args.mask_ratio is None else args.mask_ratio
+    args.blr = args.blr or 1.5e-4
+    if args.fuse_layers[-1] != depth - 1 and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        p.error('--allow-truncated-fusion leaves blocks without gradient, which DDP rejects; run it in one process')
+    if args.lowfreq_radius is not None and args.target != 'lowfreq':
+        p.error(f'--lowfreq-radius {args.lowfreq_radius:g} needs --target lowfreq')
+    if args.lowfreq_radius is None and args.target == 'lowfreq':
+        args.lowfreq_radius = LOWFREQ_RADIUS_224 * args.res / 224
+    if args.data_path and not os.path.isdir(args.data_path):
+        p.error(f'--data-path {args.data_path} does not exist')
+    args.output_dir = args.output_dir or f'output/mff_{args.model}'
+    return args
+
+
+def build_model(args):
+    """The MFF model of the resolved arguments."""
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        raise ValueError(f'--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads '
+                         f'{args.decoder_heads} and by 4 (sin-cos table)')
+    return MFF(img_size=args.res, decoder_embed_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+               decoder_num_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
+               fuse_layers=args.fuse_layers, detach_shallow=args.detach_shallow,
+               allow_truncated=args.allow_truncated, target=args.target, lowfreq_radius=args.lowfreq_radius,
+               sincos_order=args.sincos_order, decay_fusion=args.fusion_weight_decay, **VIT_PRESETS[args.model])
+
+
+def pretrain(argv=None):
+    """Parse, build, train."""
+    args = get_args(argv)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
+    model = build_model(args)
+    if int(os.environ.get('RANK', 0)) == 0:
+        L, K = model.grid ** 2, len(model.fuse_layers)
+        keep = int(L * (1 - args.mask_ratio))
+        target = f'low-frequency (radius {model.lowfreq_radius:g})' if args.target == 'lowfreq' else 'pixel'
+        detach = ', shallow detached' if args.detach_shallow else ''
+        print(f'mff: {L} patches per image, {keep} visible to the encoder, {L - keep} masked; fused blocks '
+              f'{model.fuse_layers} (K = {K}, alpha = 1/{K} at init{detach}); {target} target; {args.crop} crop')
+    return train(model, args)
+
+
+def main(argv=None):
+    """Pre-train MFF (see the module docstring); a user error prints `error: …` and exits 2."""
+    return run_main(pretrain, argv)
+
+
+if __name__ == '__main__':
+    main()
