@@ -367,9 +367,12 @@ class SwinTransformer(nn.Module):
     """
 
     def __init__(self, img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                 window_size=7, mlp_ratio=4.0, drop_path=0.0, num_classes=0, merge_order='tl,bl,tr,br'):
+                 window_size=7, mlp_ratio=4.0, drop_path=0.0, num_classes=0, merge_order='tl,bl,tr,br',
+                 head_norm='norm'):
         super().__init__()
-        self.patch_size, self.depths = patch_size, tuple(depths)
+        if head_norm not in ('norm', 'fc_norm', 'pool_norm'):
+            raise ValueError(f'unknown head_norm {head_norm!r}; use norm, fc_norm or pool_norm')
+        self.patch_size, self.depths, self.head_norm = patch_size, tuple(depths), head_norm
         self.patch_embed = SwinPatchEmbed(patch_size, embed_dim)
         dpr = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear stochastic depth
         self.layers = nn.ModuleList([
@@ -378,6 +381,8 @@ class SwinTransformer(nn.Module):
             for s in range(len(depths))])
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)
+        if head_norm == 'fc_norm':  # FastMIM fine-tuning (mim_swin_finetune.py): a fresh fc_norm, then pooling
+            self.norm, self.fc_norm = nn.Identity(), nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else None
         for m in self.modules():  # Swin init: trunc-normal Linear, zero bias, LayerNorm (1, 0)
             if isinstance(m, nn.Linear):
@@ -404,9 +409,9 @@ class SwinTransformer(nn.Module):
             for b, blk in enumerate(stage.blocks):
                 blk.configure(G, w, shift if b % 2 else 0)
 
-    def forward_features(self, imgs, stages=False):
+    def forward_features(self, imgs, stages=False, final_norm=True):
         """imgs (B, 3, H, W) -> final tokens after `norm` (B, L, C); stages=True also returns each stage's output
-        before its downsample, [(B, G_s*G_s, C_s)]."""
+        before its downsample, [(B, G_s*G_s, C_s)]; final_norm=False skips `norm`."""
         if imgs.shape[-1] != self.img_size or imgs.shape[-2] != self.img_size:
             raise ValueError(f'input {tuple(imgs.shape[-2:])} differs from the model size {self.img_size}; '
                              f'call set_resolution first')
@@ -418,12 +423,22 @@ class SwinTransformer(nn.Module):
             outs.append(x)
             if stage.downsample is not None:
                 x = stage.downsample(x, self.img_size // self.patch_size // 2 ** s)
-        x = self.norm(x)
+        if final_norm:
+            x = self.norm(x)
         return (x, outs) if stages else x
 
     def forward(self, imgs):
-        """Classification: average pool of the normed final tokens -> head (or the pooled features)."""
-        x = self.forward_features(imgs).mean(1)
+        """Classification: average pool of the normed final tokens -> head (or the pooled features).
+
+        head_norm 'norm': norm, then pool (Swin, timm); 'fc_norm': fc_norm, then pool (FastMIM); 'pool_norm': pool,
+        then norm (LocalMIM models_swin.py).
+        """
+        if self.head_norm == 'pool_norm':
+            x = self.norm(self.forward_features(imgs, final_norm=False).mean(1))  # (B, C)
+        elif self.head_norm == 'fc_norm':
+            x = self.fc_norm(self.forward_features(imgs)).mean(1)  # (B, C); `norm` is the identity here
+        else:
+            x = self.forward_features(imgs).mean(1)  # (B, C)
         return self.head(x) if self.head is not None else x
 
     def xavier_init_linears(self):
@@ -987,6 +1002,8 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
             tried.append('timm Swin layout')
         if merge_permute:
             sd = permute_merge(sd)
+        if 'norm.weight' in own and 'norm.weight' not in sd and 'fc_norm.weight' in sd:  # FastMIM fine-tuned Swin:
+            sd['norm.weight'], sd['norm.bias'] = sd.pop('fc_norm.weight'), sd.pop('fc_norm.bias')  # fc_norm, pool
     if level_norm and 'norm.weight' in own and 'norm.weight' not in sd:  # LocalMIM: no final norm, per-level ones
         levels = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r'norm\.(\d+)\.weight', k)))
         if levels:
@@ -1014,7 +1031,8 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             say(f'{k} {tuple(sd[k].shape)} dropped (the model has {tuple(own[k].shape) if k in own else "none"})')
             del sd[k]
-    shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in sd if k in own and sd[k].shape != own[k].shape]
+    shapes = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items()
+              if k in own and v.shape != own[k].shape]
     if shapes:
         raise ValueError(f'checkpoint does not match this model (wrong --model or size?): {"; ".join(shapes[:6])}')
     missing = sorted(set(own) - set(sd))
@@ -1025,8 +1043,11 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
         raise ValueError(f'checkpoint lacks encoder keys {key_summary(bad)} (prefixes tried: {", ".join(tried)}); '
                          f'is it an encoder of this --model?')
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    say(f'loaded {len(sd) - len(unexpected)} tensors; missing (fresh or rebuilt): '
-        f'{key_summary(missing)}; unexpected (ignored): {key_summary(unexpected)}')
+    rebuilt = [k for k in missing if k.endswith(REBUILT_BUFFERS)]
+    say(f'loaded {len(sd) - len(unexpected)} tensors; missing (fresh): '
+        f'{key_summary([k for k in missing if k not in rebuilt])}' + (f' (+{len(rebuilt)} rebuilt buffers)' if rebuilt
+                                                                      else '')
+        + f'; unexpected (ignored): {key_summary(unexpected)}')
     return missing, unexpected
 
 
@@ -1316,6 +1337,9 @@ def pretrain_parser(method, doc):
     return p
 
 
+SCHEDULE = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', 'save_freq', 'num_workers')
+
+
 def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base'):
     """Fill unset flags: the smoke preset without --data-path, then the per-model table; explicit flags win."""
     launch = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'opt_level')
@@ -1324,13 +1348,15 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
         print(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
     for f in launch:
         delattr(args, f)
-    if args.data_path is None:
-        for k, v in smoke.items():
-            if getattr(args, k, None) is None:
-                setattr(args, k, v)
-    args.model = (model_names or {}).get(args.model, args.model or default_model)
+    chosen = args.model is not None  # an explicit --model keeps its own architecture under the smoke preset
+    args.model = (model_names or {}).get(args.model, args.model or (smoke['model'] if args.data_path is None
+                                                                    else default_model))
     if args.model not in table:
         raise ValueError(f'unknown --model {args.model}; choose one of {", ".join(table)}')
+    if args.data_path is None:
+        for k, v in smoke.items():
+            if getattr(args, k, None) is None and not (chosen and k in table[args.model] and k not in SCHEDULE):
+                setattr(args, k, v)
     for k, v in table[args.model].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
