@@ -1,0 +1,866 @@
+"""Downstream evaluation of every method's encoders: fine-tuning, linear probing, k-NN (ours and official releases).
+
+The transfer protocols the five papers report, on ViT and Swin encoders pre-trained by fastmim.py, hpm.py,
+localmim.py, mff.py or efficient_mae.py, or released by the official repositories (MAE, HPM, FastMIM ViT/Swin,
+LocalMIM ViT/Swin, MFF in mmpretrain names). The checkpoint's layout is detected, prefixes, decoders and method-only
+keys are stripped, names mapped, the pos-embed and Swin relative tables resized (common.load_encoder). Without
+`--ckpt` the encoder starts from random init: the baseline every table needs.
+
+- finetune (MAE main_finetune.py and its descendants): AdamW (0.9, 0.999) with layer-wise lr decay, linear warm-up +
+  cosine per iteration, RandAugment(9, 0.5), mixup 0.8 / cutmix 1.0 with label smoothing 0.1, random erasing 0.25,
+  drop path, global average pooling + a fresh `fc_norm`, optional EMA, top-1/top-5 each epoch, best checkpoint kept.
+- linear (MAE main_linprobe.py): frozen encoder, cls token after the final norm (or `--pool avg`, or the block
+  `--probe-layer`), BatchNorm1d without affine + Linear; LARS blr 0.1 at batch 16384 (MAE, MFF) or SGD (HPM).
+- knn (DINO eval_knn.py): cosine similarity of L2-normalised features, vote weight exp(sim / 0.07), k 10/20/100/200;
+  features computed once (cached in the output dir) and gathered with their dataset indices under DDP.
+`--recipe` picks a method's published recipe (default: the one matching the checkpoint); explicit flags win. Every
+mode ends with the lines `top1 <percent>` and `top5 <percent>` and writes them to log.jsonl.
+`--export-timm OUT.pth` writes the encoder in timm key names (+ OUT.json with the timm.create_model kwargs) and exits.
+
+    python finetune.py                                                   # CPU smoke run: random-init vit_tiny, 64 px
+    python finetune.py --mode knn --ckpt output/fastmim_vit_tiny/checkpoint-last.pth --res 64
+    python finetune.py --ckpt mae_pretrain_vit_base.pth --data-path /data/imagenet                 # one GPU
+    torchrun --nproc_per_node 8 finetune.py --ckpt vit_base_fastmim_hog_800e_pretrain.pth --data-path /data/imagenet
+    torchrun --nproc_per_node 8 finetune.py --mode linear --ckpt hpm.pth --recipe hpm --data-path /data/imagenet
+    python finetune.py --ckpt swin_base_fastmim_hog_400e_pretrain.pth --model swin_base --export-timm swin_b.pth
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser, Keyed, NonFiniteLoss,
+                    StepSampler, SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, eval_transform,
+                    image_folder, layer_decay_groups, load_encoder, load_file, load_model_state, lr_at, make_loader,
+                    mmpretrain_vit_to_timm, pick_state_dict, plain, run_main, save_atomic, setup_distributed,
+                    strip_prefix, swin_layer_id, swin_to_timm, vit_layer_id)
+
+# Defaults of each mode; recipes below override them. Per-process batches assume 8 processes (the papers' setting):
+# effective batch = batch x accum x world, lr = blr x effective batch / 256.
+MODE_DEFAULTS = {
+    'finetune': dict(epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
+                     drop_path=0.1, batch_size=128, accum_iter=1, smoothing=0.1, mixup=0.8, cutmix=1.0, reprob=0.25,
+                     randaug=True, pool='avg', swin_head='norm', window_size=7, optimizer='adamw'),  # MAE FINETUNE.md
+    'linear': dict(epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0, weight_decay=0.0, batch_size=512, accum_iter=4,
+                   optimizer='lars', pool='cls', window_size=7, drop_path=0.0),  # MAE main_linprobe.py: 16384
+    'knn': dict(batch_size=128, pool='cls', window_size=7, nb_knn='10,20,100,200', temperature=0.07),  # DINO
+}
+# Published recipes (specs: fastmim.md §2, hpm.md §10, localmim.md §2, mff.md §2, interop.md §8); keys 'all' <
+# family ('vit' / 'swin') < model name. Absolute lrs of the official commands are written as blr = lr x 256 / batch.
+RECIPES = {
+    'mae': {'finetune': {'vit_large': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),  # MAE FINETUNE.md
+                         'vit_huge': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3),
+                         'swin': dict(blr=1e-3, layer_decay=0.8)}},  # MAE has no Swin: FastMIM's Swin-B recipe
+    'fastmim': {'finetune': {'vit': dict(blr=6e-4, layer_decay=0.70),  # README (paper 1e-3; FastMIM.pytorch#1)
+                             'swin': dict(blr=1e-3, layer_decay=0.8, swin_head='fc_norm'),
+                             'swin_large': dict(layer_decay=0.75, drop_path=0.3)}},  # paper
+    'hpm': {'finetune': {'vit': dict(layer_decay=0.8, batch_size=48),  # finetune_base.sh: 48 x 8 = 384
+                         'vit_large': dict(epochs=50, batch_size=64)},  # finetune_large.sh
+            'linear': {'all': dict(optimizer='sgd', blr=1e-3, epochs=100, batch_size=256, accum_iter=1)}},  # linprob.sh
+    'localmim': {'finetune': {'vit': dict(blr=5e-4, warmup_epochs=20, min_lr=1e-5),  # lr 2e-3 at 1024 (README)
+                              'vit_large': dict(epochs=50, warmup_epochs=5, blr=7.5e-4, layer_decay=0.75,
+                                                drop_path=0.2, batch_size=64, accum_iter=2),  # lr 3e-3 at 1024
+                              'swin': dict(blr=1e-3, layer_decay=0.9, warmup_epochs=20, min_lr=2.5e-7,
+                                           swin_head='pool_norm'),  # lr 4e-3 at 1024, norm after pooling
+                              'swin_large': dict(blr=2.5e-4, layer_decay=0.8, drop_path=0.3, window_size=14,
+                                                 batch_size=32, accum_iter=8)}},  # lr 2e-3 at 32 x 8 x 8
+    'mff': {'finetune': {'vit': dict(blr=5e-4, layer_decay=0.65)}},  # released config: lr 2e-3 at 1024
+}
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, accum_iter=1, epochs=4, warmup_epochs=1, window_size=4,
+             num_workers=2, log_freq=8)  # ours: a couple of minutes on 2 CPU cores
+METHOD_RECIPE = {'mae': 'mae', 'hpm': 'hpm', 'fastmim': 'fastmim', 'localmim': 'localmim', 'mff': 'mff',
+                 'efficient_mae': 'mae'}  # Efficient MAE fine-tunes with MAE's recipe (efficient_mae.md §2)
+LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'dist_eval',
+                'nb_classes', 'experiment', 'opt_level')  # --nb_classes: the class count comes from the data
+TIMM_SWIN_WINDOW = 7  # timm names: swin_*_patch4_window7_224; other windows go to OUT.json
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_config(args):
+    """Constructor arguments of the encoder: the preset, then --patch-size/--embed-dim/--depth/--num-heads overrides."""
+    if args.model.startswith('vit'):
+        cfg = dict(VIT_PRESETS[args.model])
+        for k in ('patch_size', 'embed_dim', 'depth', 'num_heads'):
+            if getattr(args, k) is not None:
+                cfg[k] = int(getattr(args, k)) if k in ('depth', 'num_heads') else getattr(args, k)
+        return cfg
+    cfg = dict(SWIN_PRESETS[args.model])
+    if args.embed_dim is not None:
+        cfg['embed_dim'] = args.embed_dim
+    for k, name in (('depth', 'depths'), ('num_heads', 'num_heads')):
+        if getattr(args, k) is not None:
+            cfg[name] = tuple(int(v) for v in str(getattr(args, k)).split(','))
+    if len(cfg['depths']) != len(cfg['num_heads']):
+        raise ValueError(f'Swin needs one depth and one head count per stage, got --depth {cfg["depths"]} and '
+                         f'--num-heads {cfg["num_heads"]}')
+    return cfg
+
+
+def build_encoder(args, num_classes=0, pool='token', drop_path=0.0, swin_head='norm'):
+    """The ViT (timm names, learnable pos-embed) or Swin (Microsoft layout) of --model at --res."""
+    cfg = model_config(args)
+    if args.model.startswith('vit'):
+        return VisionTransformer(args.res, drop_path=drop_path, global_pool=pool, num_classes=num_classes,
+                                 learnable_pos=True, **cfg)
+    return SwinTransformer(args.res, 4, window_size=args.window_size, drop_path=drop_path, num_classes=num_classes,
+                           head_norm=swin_head, **cfg)
+
+
+def encoder_features(enc, imgs, pool='cls', layer=None):
+    """Frozen features (B, D): ViT cls token after the final norm, or the mean patch token through an affine-free
+    LayerNorm (MAE linprobe --global_pool: a fresh fc_norm), after block `layer` (1-based); Swin normed mean token."""
+    if isinstance(enc, SwinTransformer):
+        return enc.forward_features(imgs).mean(1)  # (B, C)
+    x = enc.embed(imgs)  # (B, 1+L, D)
+    for blk in enc.blocks[:layer]:
+        x = blk(x)
+    if pool == 'cls':
+        return enc.norm(x)[:, 0]  # (B, D)
+    return F.layer_norm(x[:, 1:].mean(1), (x.shape[-1],), eps=1e-6)  # (B, D)
+
+
+class Probe(nn.Module):
+    """Linear probe (MAE main_linprobe.py): frozen encoder -> features -> BatchNorm1d(no affine, eps 1e-6) -> Linear."""
+
+    def __init__(self, encoder, dim, num_classes, pool='cls', layer=None):
+        super().__init__()
+        self.encoder, self.pool, self.layer = encoder, pool, layer
+        self.encoder.requires_grad_(False)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)  # MoCo v3 / MAE linprobe init
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode=True):
+        """Only the head trains; the encoder stays in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, imgs):
+        """imgs (B, 3, H, W) -> logits (B, classes)."""
+        with torch.no_grad():
+            f = encoder_features(self.encoder, imgs, self.pool, self.layer)
+        return self.head(f)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MoCo v3 / MAE util/lars.py: SGD momentum whose update of every >1-D tensor is weight-decayed and
+    scaled by trust * |w| / |update|; 1-D tensors (BatchNorm, biases) get a plain momentum step."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One LARS update of every parameter that has a gradient."""
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g['weight_decay'])
+                    w, u = torch.norm(p), torch.norm(d)
+                    d = d * torch.where((w > 0) & (u > 0), g['trust_coefficient'] * w / u, torch.ones_like(w))
+                mu = self.state[p].setdefault('mu', torch.zeros_like(p))
+                mu.mul_(g['momentum']).add_(d)
+                p.add_(mu, alpha=-g['lr'])
+
+
+def vit_no_decay(name, param):
+    """MAE fine-tuning: no weight decay for 1-D tensors, biases and the no_weight_decay() names pos_embed, cls_token."""
+    return param.ndim <= 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
+
+
+def finetune_groups(model, args):
+    """Layer-decay AdamW groups (interop.md §8): the MAE rule for ViT, the original-layout rule for Swin."""
+    if isinstance(model, SwinTransformer):
+        depths = model.depths
+        return layer_decay_groups(model, args.weight_decay, vit_no_decay, partial(swin_layer_id, depths=depths),
+                                  args.layer_decay, num_layers=sum(depths) + 1)
+    depth = len(model.blocks)
+    return layer_decay_groups(model, args.weight_decay, vit_no_decay, partial(vit_layer_id, depth=depth),
+                              args.layer_decay, num_layers=depth + 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def detect_recipe(obj, sd):
+    """The recipe of a checkpoint: `args.method` of ours, else the official layout told by its keys."""
+    a = obj.get('args') if isinstance(obj, dict) else None
+    a = vars(a) if isinstance(a, argparse.Namespace) else a
+    if isinstance(a, dict) and a.get('method') == 'finetune' and a.get('recipe') in RECIPES:
+        return a['recipe']
+    if isinstance(a, dict) and a.get('method') in METHOD_RECIPE:
+        return METHOD_RECIPE[a['method']]
+    if any('_losspred' in k for k in sd):
+        return 'hpm'
+    if 'mask_token' in sd and tuple(sd['mask_token'].shape) == (1, 3, 1, 1):  # FastMIM's RGB mask colour
+        return 'fastmim'
+    if any(k.startswith(('hog_enc.', 'decoder.0.')) or re.fullmatch(r'(encoder\.)?norm\.\d+\.weight', k) for k in sd):
+        return 'localmim'
+    if any('proj_weights' in k for k in sd):
+        return 'mff'
+    return 'mae'
+
+
+def infer_model(sd):
+    """The preset whose shapes match a state dict (timm or Microsoft names, any prefix), or None."""
+    sd = mmpretrain_vit_to_timm(sd) if any(k.startswith('backbone.') for k in sd) else sd
+    sd = {re.sub(r'^encoder\.', '', k): v for k, v in sd.items()}
+    if 'patch_embed.proj.weight' in sd and 'cls_token' in sd:
+        D, depth = sd['cls_token'].shape[-1], len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+        return next((n for n, c in VIT_PRESETS.items() if c['embed_dim'] == D and c['depth'] == depth), None)
+    if 'patch_embed.proj.weight' in sd and any(k.startswith('layers.') for k in sd):
+        C = sd['patch_embed.proj.weight'].shape[0]
+        depths = tuple(len({k.split('.')[3] for k in sd if k.startswith(f'layers.{s}.blocks.')}) for s in range(4))
+        return next((n for n, c in SWIN_PRESETS.items() if c['embed_dim'] == C and tuple(c['depths']) == depths), None)
+    return None
+
+
+def plain_args(obj):
+    """The `args` of a checkpoint as a dict (ours: a dict; MAE family: an argparse.Namespace), else {}."""
+    a = obj.get('args') if isinstance(obj, dict) else None
+    return vars(a) if isinstance(a, argparse.Namespace) else (a if isinstance(a, dict) else {})
+
+
+# ----------------------------------------------------------------------------- data
+
+def finetune_transform(res, randaug=True, reprob=0.25, scale=(0.08, 1.0)):
+    """timm create_transform(is_training) as MAE fine-tuning uses it: RandomResizedCrop(0.08-1, bicubic), flip,
+    RandAugment, normalise, random erasing (pixel mode)."""
+    from torchvision.transforms import InterpolationMode, v2
+    ops = [v2.ToImage(), v2.RandomResizedCrop(res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+           v2.RandomHorizontalFlip()]
+    if randaug:  # rand-m9-mstd0.5-inc1 approximated: magnitude 9 of 10 bins, no magnitude noise (interop.md §10)
+        fill = [round(255 * m) for m in IMAGENET_MEAN]  # timm fills with the mean pixel
+        ops.append(v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
+                                  interpolation=InterpolationMode.BILINEAR, fill=fill))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if reprob > 0:  # timm RandomErasing(mode='pixel'): per-pixel normal noise after normalisation
+        ops.append(v2.RandomErasing(p=reprob, value='random'))
+    return v2.Compose(ops)
+
+
+def linear_transform(res, scale=(0.08, 1.0)):
+    """MAE linear probing: RandomResizedCrop(0.08-1, bicubic) + flip + normalise."""
+    from torchvision.transforms import InterpolationMode, v2
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(res, scale=tuple(scale),
+                                                          interpolation=InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class Indexed(torch.utils.data.Dataset):
+    """A share of a dataset with a fixed transform; items are (image, label, dataset index) (evaluation, k-NN)."""
+
+    def __init__(self, base, transform, indices):
+        self.base, self.transform, self.indices = base, transform, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        img, label = self.base[self.indices[j]]
+        return self.transform(img), label, self.indices[j]
+
+
+def splits(args):
+    """(train, val, number of classes): ImageFolder <data>/train and <data>/val, else the built-in SyntheticShapes."""
+    if args.data_path:
+        train, val = image_folder(args.data_path, 'train'), image_folder(args.data_path, 'val')
+        if train.classes != val.classes:
+            raise ValueError(f'{args.data_path}/train and /val have different class folders ({len(train.classes)} vs '
+                             f'{len(val.classes)}); they must match')
+        return train, val, len(train.classes)
+    train = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
+    return train, SyntheticShapes('val', args.synthetic_val_size, args.res, args.seed), len(SyntheticShapes.classes)
+
+
+def eval_loader(base, args, rank, world, device):
+    """Sequential loader over this rank's strided share of `base` (the whole set is covered once, no padding)."""
+    share = Indexed(base, eval_transform(args.res), range(rank, len(base), world))
+    return torch.utils.data.DataLoader(share, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                                       pin_memory=device.type == 'cuda', drop_last=False)
+
+
+def mix_batch(imgs, labels, num_classes, args):
+    """Mixup or CutMix (each with probability 0.5, one lambda per batch: timm Mixup mode 'batch') with label smoothing
+    applied by hand, y = (1 - s) y_mix + s / K (= timm's smooth-then-mix; interop.md §10) -> (imgs, (B, K))."""
+    from torchvision.transforms import v2
+    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    imgs, y = v2.RandomChoice(ops)(imgs, labels)  # the global RNG, seeded per step and rank
+    return imgs, y * (1 - args.smoothing) + args.smoothing / num_classes
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp, world):
+    """Top-1 and top-5 accuracy (percent) over the whole val set; counts are summed over ranks."""
+    was = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
+    for imgs, labels, _ in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(imgs)
+        hit = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (B, 5)
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=device)]).double()
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train(was)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+@torch.no_grad()
+def extract_features(fn, loader, device, amp, world, total):
+    """L2-normalised features (N, D) and labels (N,) of a whole dataset in dataset order, gathered from all ranks
+    together with their dataset indices (the official HPM script stores them by loader position and misaligns them)."""
+    feats, labels, index = [], [], []
+    for imgs, y, i in loader:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            f = fn(imgs.to(device, non_blocking=True))
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(torch.as_tensor(y, device=device))
+        index.append(torch.as_tensor(i, device=device))
+    f, y, i = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    if world > 1:  # all_gather needs equal sizes: pad every share to the largest, with index -1
+        n = torch.tensor([len(i)], device=device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n)
+        m = int(max(s.item() for s in sizes))
+        pad = m - len(i)
+        f = torch.cat([f, f.new_zeros(pad, f.shape[1])])
+        y, i = torch.cat([y, y.new_zeros(pad)]), torch.cat([i, i.new_full((pad,), -1)])
+        parts = [[torch.empty_like(t) for _ in range(world)] for t in (f, y, i)]
+        for out, t in zip(parts, (f, y, i)):
+            dist.all_gather(out, t)
+        f, y, i = (torch.cat(p) for p in parts)
+        keep = i >= 0
+        f, y, i = f[keep], y[keep], i[keep]
+    order = torch.argsort(i)
+    assert torch.equal(i[order].cpu(), torch.arange(total)), 'every image must be seen exactly once'
+    return f[order], y[order]
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, k, T=0.07, num_classes=None, chunk=1024):
+    """DINO weighted k-NN on L2-normalised features: the k most similar train features vote with exp(sim / T)
+    for their labels -> (top-1, top-5) in percent."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    k = min(k, len(train_y))
+    hits1 = hits5 = 0
+    for s in range(0, len(test_y), chunk):
+        sim = test_f[s:s + chunk] @ train_f.T  # (b, N) cosine similarity
+        top, idx = sim.topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(top), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (top / T).exp())  # (b, K) summed weights per class
+        pred = votes.topk(min(5, num_classes), dim=1).indices  # (b, 5)
+        hit = pred == test_y[s:s + chunk, None]
+        hits1 += int(hit[:, 0].sum())
+        hits5 += int(hit.any(1).sum())
+    return 100.0 * hits1 / len(test_y), 100.0 * hits5 / len(test_y)
+
+
+# ----------------------------------------------------------------------------- modes
+
+def load_pretrained(model, args, obj, say, fresh, level_norm):
+    """Encoder weights from --ckpt (when given) via common.load_encoder."""
+    if obj is None:
+        say('no --ckpt: the encoder starts from random init (the baseline)')
+        return
+    say(f'loading {args.ckpt} (recipe {args.recipe})')
+    load_encoder(model, obj, teacher=args.teacher, merge_permute=args.permute_merge, table_mode=args.table_resize,
+                 fresh=fresh, level_norm=level_norm, say=say)
+
+
+def finish(args, log, say, top1, top5, **extra):
+    """Print `top1 <n>` / `top5 <n>` and append them to log.jsonl."""
+    row = dict(mode=args.mode, top1=round(top1, 4), top5=round(top5, 4), **extra)
+    if log:
+        log.write(json.dumps(row) + '\n')
+        log.flush()
+    say(f'top1 {top1:.2f}')
+    say(f'top5 {top5:.2f}')
+    return row
+
+
+def run_knn(args, obj, rank, world, device, say, log):
+    """k-NN mode: features of train and val once (cached), then DINO's vote for every k."""
+    train, val, K = splits(args)
+    enc = build_encoder(args)
+    load_pretrained(enc, args, obj, say, fresh=(), level_norm=True)
+    enc = enc.to(device).eval()
+    cache = os.path.join(args.output_dir, 'knn_features.pth')
+    stamp = plain(dict(ckpt=args.ckpt, mtime=os.path.getmtime(args.ckpt) if args.ckpt else None, model=args.model,
+                       res=args.res, pool=args.pool, layer=args.probe_layer, data=args.data_path, teacher=args.teacher,
+                       n=[len(train), len(val)], seed=args.seed, cfg=model_config(args)))
+    cached = torch.load(cache, map_location='cpu', weights_only=True) if os.path.isfile(cache) else None
+    hit = torch.tensor(int(cached is not None and cached.get('stamp') == stamp), device=device)
+    if world > 1:  # every rank must take the same branch (the extraction below has collectives)
+        dist.all_reduce(hit, op=dist.ReduceOp.MIN)
+    if hit.item():
+        say(f'features from {cache}')
+        feats = {k: v.to(device) for k, v in cached.items() if k != 'stamp'}
+    else:
+        amp = autocast_dtype(args.precision, device)
+        fn = partial(encoder_features, enc, pool=args.pool, layer=args.probe_layer)
+        feats = {}
+        for name, base in (('train', train), ('val', val)):  # DINO: the eval transform for both sets
+            feats[name], feats[name + '_labels'] = extract_features(fn, eval_loader(base, args, rank, world, device),
+                                                                    device, amp, world, len(base))
+        if rank == 0:
+            save_atomic({'stamp': stamp, **{k: v.cpu() for k, v in feats.items()}}, cache)
+    best = None
+    for k in [int(v) for v in str(args.nb_knn).split(',')]:
+        top1, top5 = knn_classify(feats['train'], feats['train_labels'], feats['val'], feats['val_labels'], k,
+                                  args.temperature, K)
+        say(f'k-NN k={k} T={args.temperature}: top1 {top1:.2f} top5 {top5:.2f}')
+        if log:
+            log.write(json.dumps(dict(mode='knn', k=k, top1=round(top1, 4), top5=round(top5, 4))) + '\n')
+        if best is None or top1 > best[1]:
+            best = (k, top1, top5)
+    say(f'best k = {best[0]} (the HPM supplement reports the best k)')
+    return finish(args, log, say, best[1], best[2], k=best[0])
+
+
+def run_training(args, obj, rank, world, device, say, log):
+    """finetune and linear modes: one loop (DDP, accumulation, AMP, resume, per-epoch evaluation, best checkpoint)."""
+    train_base, val_base, K = splits(args)
+    per_step = args.batch_size * args.accum_iter * world
+    steps_per_epoch = len(train_base) // world // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(train_base)} training images are fewer than one step needs (batch {args.batch_size} '
+                         f'x accum {args.accum_iter} x world {world} = {per_step}); lower --batch-size or add images')
+    if args.lr is None:
+        args.lr = args.blr * per_step / 256
+    total = args.epochs * steps_per_epoch
+    out_dir = args.output_dir
+    last_path, best_path = os.path.join(out_dir, 'checkpoint-last.pth'), os.path.join(out_dir, 'checkpoint-best.pth')
+    resume = args.resume or (last_path if os.path.isfile(last_path) else None)
+    ckpt = load_file(resume) if resume else None
+
+    if args.mode == 'finetune':
+        model = build_encoder(args, K, 'avg' if args.pool == 'avg' else 'token', args.drop_path, args.swin_head)
+        if ckpt is None:
+            fresh = ('fc_norm', 'head', 'norm') if args.swin_head == 'pool_norm' else ('fc_norm', 'head')
+            load_pretrained(model, args, obj, say, fresh=fresh, level_norm=args.swin_head != 'pool_norm')
+            nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE main_finetune: head re-initialised
+            nn.init.zeros_(model.head.bias)
+    else:
+        enc = build_encoder(args)
+        if ckpt is None:
+            load_pretrained(enc, args, obj, say, fresh=(), level_norm=True)
+        dim = enc.num_features if isinstance(enc, SwinTransformer) else enc.embed_dim
+        model = Probe(enc, dim, K, args.pool, args.probe_layer)
+    model = model.to(device)
+    if args.mode == 'finetune':
+        optimizer = torch.optim.AdamW(finetune_groups(model, args), lr=args.lr, betas=(0.9, 0.999),
+                                      fused=device.type == 'cuda')
+    elif args.optimizer == 'lars':
+        optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:  # HPM main_linprob.py: SGD momentum 0.9
+        optimizer = torch.optim.SGD(model.head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    amp = autocast_dtype(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.model_ema else None
+    step, best = 0, {'top1': -1.0, 'top5': 0.0, 'epoch': -1}
+    if ckpt is not None:
+        load_model_state(model, ckpt['model'], f'checkpoint {resume}')
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        if ema is not None and 'model_ema' in ckpt:
+            ema = {k: v.to(device) for k, v in ckpt['model_ema'].items()}
+        step, best = ckpt['step'], ckpt.get('best', best)
+        say(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
+            f'lr {lr_at(step / steps_per_epoch, args):.3g}')
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f'device {device}, world {world}, effective batch {per_step} ({args.batch_size} x {args.accum_iter} x '
+        f'{world}), lr {args.lr:.3g} (blr {args.blr} x {per_step}/256), {steps_per_epoch} steps/epoch, {K} classes, '
+        f'{len(train_base)} train / {len(val_base)} val images, {n_train / 1e6:.2f}M trainable parameters')
+    if step >= total:
+        say(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir or more --epochs')
+        return dict(best)
+
+    transform = finetune_transform(args.res, args.randaug, args.reprob, args.rrc_scale) if args.mode == 'finetune' \
+        else linear_transform(args.res, args.rrc_scale)
+    dataset = Keyed(train_base, transform, args.seed, args.skip_bad_images)
+    sampler = StepSampler(dataset, world, rank, args.seed)
+    loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
+    val_loader = eval_loader(val_base, args, rank, world, device)
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
+    if args.compile:
+        net = torch.compile(net)
+    mixing = args.mode == 'finetune' and (args.mixup > 0 or args.cutmix > 0)
+    smoothing = args.smoothing if args.mode == 'finetune' else 0.0
+    ema_model = copy.deepcopy(model) if ema is not None else None
+
+    def save(epoch, path):
+        if rank != 0:
+            return
+        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch, 'step': step,
+                 'scaler': scaler.state_dict() if scaler.is_enabled() else {}, 'args': plain(vars(args)),
+                 'best': dict(best)}
+        if ema is not None:
+            state['model_ema'] = ema
+        save_atomic(state, path)
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.mode, mininterval=2)
+    sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
+    top1 = top5 = None
+    while step < total:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)
+        sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
+        micro, stop = 0, False
+        model.train()
+        for imgs, labels, _ in loader:
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if micro == 0:
+                torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # drop path, mixup: seed + rank, step
+                lr = lr_at(step / steps_per_epoch, args)
+                for g in optimizer.param_groups:
+                    g['lr'] = lr * g.get('lr_scale', 1.0)
+            if mixing:
+                imgs, target = mix_batch(imgs, labels, K, args)
+            final = micro == args.accum_iter - 1
+            sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = net(imgs)
+                if mixing:  # soft-target cross-entropy (timm SoftTargetCrossEntropy)
+                    loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                else:
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+                scaler.scale(loss / args.accum_iter).backward()
+            sums += loss.detach()
+            n_sum += 1
+            micro += 1
+            if not final:
+                continue
+            micro = 0
+            flag = (~torch.isfinite(loss.detach())).float()
+            if world > 1:
+                dist.all_reduce(flag)
+            if flag.item():
+                raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.mode}; last good '
+                                    f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}')
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:  # timm ModelEmaV2 over the whole state dict
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        if v.dtype.is_floating_point:
+                            ema[k].lerp_(v, 1 - args.model_ema_decay)
+                        else:
+                            ema[k].copy_(v)
+            step += 1
+            bar.update(1)
+            if step % args.log_freq == 0 or step == total:
+                val = sums / n_sum
+                if world > 1:
+                    dist.all_reduce(val)
+                    val /= world
+                row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': float(val), 'lr': lr,
+                       'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
+                if log:
+                    log.write(json.dumps(row) + '\n')
+                    log.flush()
+                    bar.set_postfix(loss=f'{row["loss"]:.4f}')
+                sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
+            stop = bool(args.max_steps and step >= args.max_steps)
+            if stop or step % steps_per_epoch == 0:
+                break
+        if step % steps_per_epoch and not stop:
+            continue  # the loader ran out early (cannot happen with drop_last; kept for safety)
+        top1, top5 = evaluate(model, val_loader, device, amp, world)
+        row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'top1': round(top1, 4), 'top5': round(top5, 4)}
+        if ema is not None:
+            ema_model.load_state_dict(ema)
+            ema_top = evaluate(ema_model, val_loader, device, amp, world)
+            row['top1_ema'], row['top5_ema'] = round(ema_top[0], 4), round(ema_top[1], 4)
+        if top1 > best['top1']:
+            best = {'top1': top1, 'top5': top5, 'epoch': epoch}
+            save(epoch, best_path)
+        row['best_top1'] = round(best['top1'], 4)
+        say(f'epoch {epoch}: top1 {top1:.2f} top5 {top5:.2f} (best {best["top1"]:.2f})')
+        if log:
+            log.write(json.dumps(row) + '\n')
+            log.flush()
+        save(epoch, last_path)
+        if stop:
+            break
+    bar.close()
+    if top1 is None:  # resumed exactly at the end of training: evaluate the saved model
+        top1, top5 = evaluate(model, val_loader, device, amp, world)
+    say(f'best top1 {best["top1"]:.2f} at epoch {best["epoch"]} ({best_path})')
+    return finish(args, log, say, top1, top5, best_top1=round(best['top1'], 4), step=step)
+
+
+def export_timm(args, obj, say):
+    """--export-timm OUT.pth: the encoder with timm key names (Swin in timm's layout) + OUT.json with the kwargs of
+    timm.create_model(...) that load it strictly (interop.md §2)."""
+    sd = strip_prefix(pick_state_dict(obj, args.teacher))
+    avg = 'fc_norm.weight' in sd and args.model.startswith('vit')  # a fine-tuned ViT: global pool + fc_norm
+    enc = build_encoder(args, pool='avg' if avg else 'token')
+    load_encoder(enc, obj, teacher=args.teacher, merge_permute=args.permute_merge, table_mode=args.table_resize,
+                 fresh=(), level_norm=True, say=say)
+    cfg, out = model_config(args), enc.state_dict()
+    if args.model.startswith('vit'):
+        preset = VIT_PRESETS[args.model]
+        name = f'{args.model}_patch{preset["patch_size"]}_224'
+        kwargs = dict(img_size=args.res, num_classes=0, global_pool='avg' if avg else 'token',
+                      num_heads=cfg['num_heads'])
+    else:
+        preset = SWIN_PRESETS[args.model]
+        name = f'{args.model}_patch4_window{TIMM_SWIN_WINDOW}_224'
+        out = swin_to_timm(out)
+        kwargs = dict(img_size=args.res, num_classes=0, window_size=args.window_size)
+    kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if preset.get(k) != v})
+    torch.save({k: v.contiguous() for k, v in out.items()}, args.export_timm)
+    spec = dict(model_name=name, pretrained=False, **kwargs)
+    json_path = os.path.splitext(args.export_timm)[0] + '.json'
+    with open(json_path, 'w') as f:
+        json.dump(spec, f, indent=1)
+    say(f'wrote {len(out)} tensors in timm names to {args.export_timm} and the create_model kwargs to {json_path}:\n'
+        f'  timm.create_model(**json.load(open({json_path!r}))).load_state_dict(torch.load({args.export_timm!r}))')
+    return spec
+
+
+# ----------------------------------------------------------------------------- command line
+
+def canonical_model(name):
+    """Official model names -> our presets: vit_base_patch16 -> vit_base, swin_base_patch4_window7_224 -> swin_base;
+    returns (preset, window or None)."""
+    m = re.match(r'(?:mim_|mae_|MIM_)?((?:vit|swin)_(?:tiny|small|base|large|huge))(.*)', name or '')
+    if not m:
+        return name, None
+    w = re.search(r'win(?:dow)?(\d+)', m[2])
+    return m[1], int(w[1]) if w else None
+
+
+def get_args(argv=None):
+    """Parse the command line, then fill: the smoke preset (no --data-path), the recipe, the mode's defaults."""
+    p = ArgumentParser(prog='finetune.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--mode', choices=('finetune', 'linear', 'knn'), default='finetune', help='protocol (default finetune)')
+    a('--ckpt', '--finetune', dest='ckpt', help='pre-trained checkpoint (ours or official; MAE spelling --finetune); '
+      'none = random init')
+    a('--recipe', choices=tuple(RECIPES), help='published recipe; default: the one matching --ckpt (else mae)')
+    a('--teacher', action='store_true', help='load the EMA teacher (HPM ema_state_dict / our model_ema)')
+    a('--model', help='preset: vit_tiny|vit_small|vit_base|vit_large|vit_huge|swin_tiny|swin_base|swin_large '
+      '(official names such as vit_base_patch16 accepted); default: from --ckpt, else vit_base')
+    a('--res', '--input_size', '--input-size', dest='res', type=int, help='input resolution (default 224; 64 smoke)')
+    a('--patch-size', dest='patch_size', type=int, help='override the preset (custom / tiny ViTs)')
+    a('--embed-dim', dest='embed_dim', type=int, help='override the preset width')
+    a('--depth', help='override the preset depth (Swin: comma list per stage)')
+    a('--num-heads', dest='num_heads', help='override the preset heads (Swin: comma list); FastMIM ViT-B was '
+      'pre-trained with 6, fine-tuned with 12 (fastmim.md §12)')
+    a('--window-size', '--window_size', dest='window_size', type=int, help='Swin window (7; LocalMIM Swin-L 14)')
+    a('--epochs', type=int, help='default: 100 finetune (50 ViT-L/H) / 90 linear (100 HPM)')
+    a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float, help='default 5 / 10 (20 LocalMIM)')
+    a('--blr', type=float, help='base lr, lr = blr x effective batch / 256; default per recipe (MAE 5e-4 / LARS 0.1)')
+    a('--lr', type=float, help='absolute lr (overrides --blr)')
+    a('--min-lr', '--min_lr', dest='min_lr', type=float, help='cosine floor (default 1e-6 finetune, 0 linear)')
+    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, help='default 0.05 finetune / 0 linear')
+    a('--layer-decay', '--layer_decay', dest='layer_decay', type=float, help='layer-wise lr decay (interop.md §8)')
+    a('--drop-path', '--drop_path', dest='drop_path', type=float, help='stochastic depth (default 0.1)')
+    a('--batch-size', '--batch_size', dest='batch_size', type=int, help='images per process per micro-step')
+    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, help='gradient accumulation steps')
+    a('--clip-grad', '--clip_grad', dest='clip_grad', type=float, help='clip the global grad norm (default none)')
+    a('--pool', choices=('avg', 'cls'), help='avg (fine-tune: mean patch token + fc_norm) or cls (linear, k-NN)')
+    a('--global_pool', dest='pool', action='store_const', const='avg', help=argparse.SUPPRESS)
+    a('--cls_token', dest='pool', action='store_const', const='cls', help=argparse.SUPPRESS)
+    a('--swin-head', dest='swin_head', choices=('norm', 'fc_norm', 'pool_norm'),
+      help='Swin classifier: norm then pool (standard), fresh fc_norm then pool (FastMIM), pool then fresh norm '
+      '(LocalMIM); default per recipe')
+    a('--smoothing', type=float, help='label smoothing (default 0.1)')
+    a('--mixup', type=float, help='mixup alpha (default 0.8; 0 = off)')
+    a('--cutmix', type=float, help='cutmix alpha (default 1.0; 0 = off)')
+    a('--reprob', type=float, help='random erasing probability (default 0.25)')
+    a('--randaug', action=argparse.BooleanOptionalAction, default=None, help='RandAugment(2 ops, m9) (default on)')
+    a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.08, 1.0),
+      help='RandomResizedCrop scale range of the training images (timm / MAE: 0.08 1.0)')
+    a('--aa', help='timm auto-augment string: rand-m9-mstd0.5-inc1 = --randaug, none = --no-randaug')
+    a('--model-ema', '--model_ema', dest='model_ema', action='store_true', help='keep and evaluate an EMA')
+    a('--model-ema-decay', '--model_ema_decay', dest='model_ema_decay', type=float, default=0.9999, help='EMA decay')
+    a('--optimizer', choices=('lars', 'sgd'), help='linear probe: lars (MAE, MFF) or sgd (HPM)')
+    a('--probe-layer', dest='probe_layer', type=int, help='linear / k-NN: features after this block (1-based; '
+      'default the last)')
+    a('--nb-knn', '--nb_knn', dest='nb_knn', help='k values, comma separated (default 10,20,100,200)')
+    a('--temperature', type=float, help='k-NN vote temperature (default 0.07)')
+    a('--table-resize', '--remap_mode', dest='table_resize', default='geometric',
+      type=lambda s: {'simmim': 'geometric', 'interpolate': 'bicubic'}.get(s, s), choices=('geometric', 'bicubic'),
+      help='Swin relative tables: geometric (default; FastMIM/SimMIM simmim) or bicubic (FastMIM interpolate)')
+    a('--permute-merge', dest='permute_merge', action='store_true',
+      help='reorder LocalMIM pre-training merges (TL,TR,BL,BR) for the standard Swin (off: as the official loader)')
+    a('--export-timm', dest='export_timm', metavar='OUT.pth', help='write the encoder in timm names and exit')
+    a('--data-path', '--data_path', dest='data_path', help='ImageFolder root: train/, val/; none = built-in data')
+    a('--synthetic-size', dest='synthetic_size', type=int, default=2048, help='built-in training images')
+    a('--synthetic-val-size', dest='synthetic_val_size', type=int, default=512, help='built-in val images')
+    a('--output-dir', '--output_dir', dest='output_dir', help='default output/<mode>_<model>')
+    a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth when present)')
+    a('--seed', type=int, default=0, help='seed of the per-sample randomness')
+    a('--num-workers', '--num_workers', dest='num_workers', type=int, help='data loader workers (default 8)')
+    a('--precision', choices=('auto', 'bf16', 'fp16', 'fp32'), default='auto', help='auto = bf16 on CUDA, fp32 on CPU')
+    a('--compile', action='store_true', help='torch.compile the model')
+    a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
+    a('--max-steps', dest='max_steps', type=int, help='stop (evaluate, save) after this many optimizer steps')
+    a('--skip-bad-images', dest='skip_bad_images', action='store_true', help='skip unreadable images')
+    for flag in LAUNCH_FLAGS:  # official launch / logging flags: accepted and ignored with a note
+        a(f'--{flag}', nargs='?', const=True, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    ignored = [f for f in LAUNCH_FLAGS if getattr(args, f) is not None]
+    for f in LAUNCH_FLAGS:
+        delattr(args, f)
+    args.method = 'finetune'
+    args.ignored_flags = ignored
+    if args.aa is not None and args.randaug is None:
+        args.randaug = args.aa.lower() not in ('none', '')
+    return args
+
+
+def resolve(args, obj):
+    """Fill every unset flag: smoke preset, model (flag, checkpoint args, or shapes), recipe, mode defaults."""
+    if args.ckpt is None and args.export_timm:
+        raise ValueError('--export-timm needs --ckpt')
+    if args.data_path is None and not args.export_timm:
+        for k, v in SMOKE.items():
+            if getattr(args, k, None) is None and not (k == 'model' and obj is not None):
+                setattr(args, k, v)
+    sd = strip_prefix(pick_state_dict(obj, args.teacher)) if obj is not None else {}
+    ck = plain_args(obj)
+    if args.model is None and obj is not None:
+        if ck.get('method') in METHOD_RECIPE or ck.get('method') == 'finetune':  # ours: the run's preset
+            args.model = canonical_model(ck.get('model'))[0]
+            if ck.get('method') == 'finetune':  # and its size overrides
+                for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size'):
+                    if getattr(args, k) is None and ck.get(k) is not None:
+                        setattr(args, k, ck[k])
+        args.model = args.model or infer_model(sd)
+        if args.model is None:
+            raise ValueError(f'cannot tell the model of {args.ckpt} from its shapes; pass --model (and --embed-dim/'
+                             f'--depth/--num-heads for a custom size)')
+    args.model, window = canonical_model(args.model or 'vit_base')
+    if args.model not in VIT_PRESETS and args.model not in SWIN_PRESETS:
+        raise ValueError(f'unknown --model {args.model}; choose one of {", ".join([*VIT_PRESETS, *SWIN_PRESETS])}')
+    if args.window_size is None and window is not None:
+        args.window_size = window
+    if args.export_timm:  # keep the checkpoint's own geometry unless told otherwise (interop.md §2)
+        if args.res is None and 'pos_embed' in sd and args.model.startswith('vit'):
+            args.res = math.isqrt(sd['pos_embed'].shape[1] - 1) * (args.patch_size or
+                                                                   VIT_PRESETS[args.model]['patch_size'])
+        tables = [v for k, v in sd.items() if k.endswith('relative_position_bias_table')]
+        if args.window_size is None and tables:
+            args.window_size = (math.isqrt(tables[0].shape[0]) + 1) // 2
+        if args.num_heads is None and ck.get('num_heads') and args.model.startswith('vit'):
+            args.num_heads = ck['num_heads']  # e.g. FastMIM's 6-head ViT-B
+        args.res = args.res or ck.get('res') or 224
+    args.recipe = args.recipe or (detect_recipe(obj, sd) if obj is not None else 'mae')
+    family = 'vit' if args.model.startswith('vit') else 'swin'
+    table = RECIPES[args.recipe].get(args.mode, {})
+    for source in (table.get(args.model, {}), table.get(family, {}), table.get('all', {}), MODE_DEFAULTS[args.mode]):
+        for k, v in source.items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+    for k, v in dict(res=224, num_workers=8, log_freq=20).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.output_dir = args.output_dir or f'output/{args.mode}_{args.model}'
+    return args
+
+
+def validate(args):
+    """Check sizes and ranges before anything is printed."""
+    cfg = model_config(args)
+    if args.model.startswith('vit'):
+        if args.res % cfg['patch_size']:
+            raise ValueError(f'res {args.res} is not divisible by patch {cfg["patch_size"]}; use a multiple of '
+                             f'{cfg["patch_size"]}')
+        if cfg['embed_dim'] % cfg['num_heads']:
+            raise ValueError(f'--embed-dim {cfg["embed_dim"]} is not divisible by --num-heads {cfg["num_heads"]}')
+        if args.probe_layer is not None and not 1 <= args.probe_layer <= cfg['depth']:
+            raise ValueError(f'--probe-layer {args.probe_layer} is out of range; the model has {cfg["depth"]} blocks')
+    else:
+        if args.probe_layer is not None:
+            raise ValueError('--probe-layer applies to ViT only (Swin features are the normed final stage)')
+        S = len(cfg['depths'])
+        SwinTransformer(args.res, 4, 1, (1,) * S, (1,) * S, args.window_size)  # a 1-wide copy checks res and window
+    if args.mode != 'knn':
+        for k in ('epochs', 'batch_size', 'accum_iter'):
+            if getattr(args, k) < 1:
+                raise ValueError(f'--{k.replace("_", "-")} must be at least 1, got {getattr(args, k)}')
+    if args.mode == 'finetune' and not (0 <= args.smoothing < 1 and args.mixup >= 0 and args.cutmix >= 0
+                                        and 0 <= args.reprob <= 1 and 0 <= args.drop_path < 1):
+        raise ValueError('--smoothing and --drop-path must lie in [0, 1), --reprob in [0, 1], --mixup/--cutmix >= 0')
+    if args.mode == 'knn' and not all(v.strip().isdigit() and int(v) > 0 for v in str(args.nb_knn).split(',')):
+        raise ValueError(f'--nb-knn {args.nb_knn} must be positive integers separated by commas, e.g. 10,20,100,200')
+    if args.data_path and not args.export_timm:
+        for split in ('train', 'val'):
+            if not os.path.isdir(os.path.join(args.data_path, split)):
+                raise ValueError(f'no {split}/ folder in --data-path {args.data_path}; fine-tuning, linear probing and '
+                                 f'k-NN read <root>/train and <root>/val')
+    if args.resume and not os.path.isfile(args.resume):
+        raise ValueError(f'--resume {args.resume} does not exist')
+
+
+def run(argv=None):
+    """Parse, resolve, validate, then export, k-NN, or train (finetune / linear)."""
+    args = get_args(argv)
+    obj = load_file(args.ckpt) if args.ckpt else None
+    resolve(args, obj)
+    validate(args)
+    rank, world, device = setup_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if args.ignored_flags:
+        say(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in args.ignored_flags)}')
+    torch.manual_seed(args.seed)  # the same initial head / random-init encoder on every rank
+    if args.export_timm:
+        return export_timm(args, obj, say)
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        say(f'config: {json.dumps(vars(args), default=str)}')
+        if not args.data_path:
+            say(f'no --data-path: built-in SyntheticShapes data ({args.synthetic_size} train / '
+                f'{args.synthetic_val_size} val images, 10 classes) and smoke preset')
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    log = open(os.path.join(args.output_dir, 'log.jsonl'), 'a') if rank == 0 else None
+    try:
+        if args.mode == 'knn':
+            return run_knn(args, obj, rank, world, device, say, log)
+        return run_training(args, obj, rank, world, device, say, log)
+    finally:
+        if log:
+            log.close()
+
+
+def main(argv=None):
+    """Fine-tune / linear-probe / k-NN (see the module docstring); a user error prints `error: …` and exits 2."""
+    return run_main(run, argv)
+
+
+if __name__ == '__main__':
+    main()
