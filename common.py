@@ -1608,8 +1608,12 @@ def train(model, args):
         return raw
 
     def save(epoch, keep):
-        if rank != 0:
-            return
+        if rank == 0:
+            write(epoch, keep)
+        if world > 1:
+            dist.barrier()  # no rank runs ahead (or shuts the group down) while rank 0 writes
+
+    def write(epoch, keep):
         state = {'model': raw.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch, 'step': step,
                  'scaler': scaler.state_dict() if scaler.is_enabled() else {}, 'args': plain(vars(args))}
         if hasattr(raw, 'extra_state'):
