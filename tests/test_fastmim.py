@@ -208,3 +208,12 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
         fastmim.main(['--output-dir', str(tmp_path), '--num-workers', '0', *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
+
+
+def test_compiled_loss_equals_eager():
+    torch.manual_seed(0)
+    m = tiny_vit()
+    imgs, keys = torch.randn(2, 3, 32, 32), torch.arange(2)
+    eager = m(imgs, keys=keys)['loss']
+    compiled = torch.compile(m, backend='aot_eager')(imgs, keys=keys)['loss']
+    assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
