@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser, Keyed, NonFiniteLoss,
-                    StepSampler, SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, eval_transform,
+                    StepSampler, SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, benchmark,
+                    eval_transform,
                     image_folder, layer_decay_groups, load_encoder, load_file, load_model_state, lr_at, make_loader,
                     mmpretrain_vit_to_timm, pick_state_dict, plain, run_main, save_atomic, setup_distributed,
                     strip_prefix, swin_layer_id, swin_to_timm, vit_layer_id)
@@ -728,6 +729,8 @@ def get_args(argv=None):
     a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
     a('--max-steps', dest='max_steps', type=int, help='stop (evaluate, save) after this many optimizer steps')
     a('--skip-bad-images', dest='skip_bad_images', action='store_true', help='skip unreadable images')
+    a('--benchmark', type=int, default=0, metavar='N',
+      help='time N fine-tuning steps (1000 classes) on synthetic batches and print one JSON line')
     for flag in LAUNCH_FLAGS:  # official launch / logging flags: accepted and ignored with a note
         a(f'--{flag}', nargs='?', const=True, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -838,6 +841,8 @@ def run(argv=None):
     torch.manual_seed(args.seed)  # the same initial head / random-init encoder on every rank
     if args.export_timm:
         return export_timm(args, obj, say)
+    if args.benchmark:
+        return benchmark_finetune(args, device)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         say(f'config: {json.dumps(vars(args), default=str)}')
@@ -855,6 +860,26 @@ def run(argv=None):
     finally:
         if log:
             log.close()
+
+
+class Classifier(nn.Module):
+    """Encoder + cross-entropy in the pre-training forward contract, so common.benchmark can time it."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, imgs, keys=None):
+        """imgs (B, 3, H, W) -> dict(loss) against labels drawn from the keys."""
+        logits = self.encoder(imgs)
+        return {'loss': F.cross_entropy(logits.float(), keys.to(imgs.device) % logits.shape[-1])}
+
+
+def benchmark_finetune(args, device):
+    """--benchmark N: the fine-tuning step of --model at --res (ImageNet's 1000 classes, global pool, drop path)."""
+    args.method = f'finetune-{args.mode}'
+    enc = build_encoder(args, num_classes=1000, pool='avg', drop_path=args.drop_path or 0.0)
+    return benchmark(Classifier(enc), args, device)
 
 
 def main(argv=None):

@@ -217,3 +217,14 @@ def test_compiled_loss_equals_eager():
     eager = m(imgs, keys=keys)['loss']
     compiled = torch.compile(m, backend='aot_eager')(imgs, keys=keys)['loss']
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('script', ['fastmim', 'finetune'])
+def test_benchmark_prints_one_json_line(script, capsys):
+    import finetune
+    main = {'fastmim': fastmim.main, 'finetune': finetune.main}[script]
+    main(['--benchmark', '1', '--res', '32', '--batch-size', '2', '--num-workers', '0', '--model', 'vit_tiny'])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(row) >= {'method', 'model', 'res', 'batch', 'device', 'dtype', 'img_per_s', 'step_ms_median',
+                        'flops_per_img', 'tflops', 'peak_mem_mb'}
+    assert row['flops_per_img'] > 0 and row['res'] == 32 and row['batch'] == 2
