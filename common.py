@@ -633,6 +633,9 @@ class MaskedAutoencoderViT(VisionTransformer):
                  drop_path=0.0):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path)
         check_ratio(mask_ratio, 'mask ratio')
+        if decoder_embed_dim % decoder_num_heads or decoder_embed_dim % 4:
+            raise ValueError(f'--decoder-dim {decoder_embed_dim} must be divisible by --decoder-heads '
+                             f'{decoder_num_heads} and by 4 (sin-cos table)')
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -1549,6 +1552,18 @@ def benchmark_data(args, device):
     return row
 
 
+def step_plan(n_images, args, world):
+    """-> (effective batch, optimizer steps per epoch) with drop_last per rank; sets args.lr = blr * batch / 256."""
+    per_step = args.batch_size * args.accum_iter * world
+    steps_per_epoch = n_images // world // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f'{n_images} images are fewer than one step needs (batch {args.batch_size} x accum '
+                         f'{args.accum_iter} x world {world} = {per_step}); lower --batch-size or add images')
+    if args.lr is None:
+        args.lr = args.blr * per_step / 256
+    return per_step, steps_per_epoch
+
+
 def train(model, args):
     """Pre-train `model` (the method <-> loop contract of STYLE.md) on CPU, one GPU or under torchrun."""
     rank, world, device = setup_distributed()
@@ -1562,13 +1577,7 @@ def train(model, args):
         torch.backends.cudnn.benchmark = True
     say = print if rank == 0 else (lambda *a, **k: None)
     dataset = pretrain_dataset(args)
-    per_step = args.batch_size * args.accum_iter * world
-    steps_per_epoch = len(dataset) // world // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f'{len(dataset)} images are fewer than one step needs (batch {args.batch_size} x accum '
-                         f'{args.accum_iter} x world {world} = {per_step}); lower --batch-size or add images')
-    if args.lr is None:
-        args.lr = args.blr * per_step / 256
+    per_step, steps_per_epoch = step_plan(len(dataset), args, world)
     total = args.epochs * steps_per_epoch
     raw = model.to(device)
     out_dir = args.output_dir

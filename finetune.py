@@ -43,7 +43,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, Argu
                     StepSampler, SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, benchmark,
                     eval_transform,
                     image_folder, layer_decay_groups, load_encoder, load_file, load_model_state, lr_at, make_loader,
-                    mmpretrain_vit_to_timm, pick_state_dict, plain, run_main, save_atomic, setup_distributed,
+                    mmpretrain_vit_to_timm, pick_state_dict, plain, run_main, save_atomic, setup_distributed, step_plan,
                     strip_prefix, swin_layer_id, swin_to_timm, vit_layer_id)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes (the papers' setting):
@@ -442,13 +442,7 @@ def run_knn(args, obj, rank, world, device, say, log):
 def run_training(args, obj, rank, world, device, say, log):
     """finetune and linear modes: one loop (DDP, accumulation, AMP, resume, per-epoch evaluation, best checkpoint)."""
     train_base, val_base, K = splits(args)
-    per_step = args.batch_size * args.accum_iter * world
-    steps_per_epoch = len(train_base) // world // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f'{len(train_base)} training images are fewer than one step needs (batch {args.batch_size} '
-                         f'x accum {args.accum_iter} x world {world} = {per_step}); lower --batch-size or add images')
-    if args.lr is None:
-        args.lr = args.blr * per_step / 256
+    per_step, steps_per_epoch = step_plan(len(train_base), args, world)
     total = args.epochs * steps_per_epoch
     out_dir = args.output_dir
     last_path, best_path = os.path.join(out_dir, 'checkpoint-last.pth'), os.path.join(out_dir, 'checkpoint-best.pth')

@@ -312,9 +312,6 @@ def get_args(argv=None):
 
 def build_model(args):
     """The MFF model of the resolved arguments."""
-    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
-        raise ValueError(f'--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads '
-                         f'{args.decoder_heads} and by 4 (sin-cos table)')
     return MFF(img_size=args.res, decoder_embed_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                decoder_num_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
                fuse_layers=args.fuse_layers, detach_shallow=args.detach_shallow,
