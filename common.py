@@ -1552,6 +1552,16 @@ def benchmark_data(args, device):
     return row
 
 
+def optimizer_step(optimizer, scaler, params, clip_grad=None):
+    """Unscale and clip the global grad norm (when asked), step through the GradScaler, zero the grads."""
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def step_plan(n_images, args, world):
     """-> (effective batch, optimizer steps per epoch) with drop_last per rank; sets args.lr = blr * batch / 256."""
     per_step = args.batch_size * args.accum_iter * world
@@ -1696,12 +1706,7 @@ def train(model, args):
                 raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: {terms}; '
                                     f'last good checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}'
                                     f' (resume from it with a lower --blr, or pass --skip-nonfinite K)')
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, raw.parameters(), args.clip_grad)
             if hasattr(raw, 'after_step'):
                 raw.after_step()
             step += 1

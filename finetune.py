@@ -43,8 +43,8 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, Argu
                     StepSampler, SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, benchmark,
                     eval_transform,
                     image_folder, layer_decay_groups, load_encoder, load_file, load_model_state, lr_at, make_loader,
-                    mmpretrain_vit_to_timm, pick_state_dict, plain, run_main, save_atomic, setup_distributed, step_plan,
-                    strip_prefix, swin_layer_id, swin_to_timm, vit_layer_id)
+                    mmpretrain_vit_to_timm, optimizer_step, pick_state_dict, plain, run_main, save_atomic,
+                    setup_distributed, step_plan, strip_prefix, swin_layer_id, swin_to_timm, vit_layer_id)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes (the papers' setting):
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -557,12 +557,7 @@ def run_training(args, obj, rank, world, device, say, log):
             if flag.item():
                 raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.mode}; last good '
                                     f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}')
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
             if ema is not None:  # timm ModelEmaV2 over the whole state dict
                 with torch.no_grad():
                     for k, v in model.state_dict().items():
