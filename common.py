@@ -507,19 +507,21 @@ def linear_weights(nodes, targets):
 
 # ----------------------------------------------------------------------------- HOG
 
-def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True, gaussian_window=0):
+def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True, gaussian_window=0, bias=None):
     """Per-colour HOG as convolutions: imgs (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32, no grad.
 
     MaskFeat/FastMIM layer: reflect pad 1, Sobel per colour channel, magnitude sqrt(gx^2 + gy^2), angle
     atan2(gx, gy) (this argument order in FastMIM, LocalMIM and mmpretrain), unsigned bins by floor-mod, hard
     assignment, sum (or mean) over cell x cell pixels, optional L2 norm of each histogram; channel = colour*nbins + bin.
+    `bias` (2,) is added to (gx, gy) before the magnitude and angle (LocalMIM's frozen random conv bias, --hog-bias).
     """
     with torch.no_grad(), fp32(imgs.device):
         x = imgs.float()
         B, C, H, W = x.shape
         kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
         weight = torch.stack([kx, kx.t()])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3): gx, gy per colour
-        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, groups=C)  # (B, 2C, H, W)
+        b = None if bias is None else bias.detach().float().to(x.device).repeat(C)  # (2C,): gx, gy bias per colour
+        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, b, groups=C)  # (B, 2C, H, W)
         gx, gy = g[:, 0::2], g[:, 1::2]  # (B, C, H, W) each; cross-correlation: gx = left - right
         mag = torch.sqrt(gx * gx + gy * gy)
         if gaussian_window:  # MaskFeat's gaussian weighting, tiled over the image (off in FastMIM)
@@ -1306,10 +1308,10 @@ def pretrain_parser(method, doc):
     a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float, help='linear warm-up epochs')
     a('--blr', type=float, help='base lr: lr = blr * effective batch / 256')
     a('--lr', type=float, help='absolute lr (overrides --blr)')
-    a('--min-lr', '--min_lr', dest='min_lr', type=float, default=0.0, help='cosine floor (official default 0)')
+    a('--min-lr', '--min_lr', dest='min_lr', type=float, help='cosine floor (default 0 unless the method says)')
     a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, default=0.05, help='AdamW weight decay')
     a('--batch-size', '--batch_size', dest='batch_size', type=int, help='images per process per micro-step')
-    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, default=1, help='gradient accumulation steps')
+    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, help='gradient accumulation steps (default 1)')
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float, help='clip the global grad norm (none by default)')
     a('--data-path', '--data_path', dest='data_path', help='ImageFolder root (<root>/train used when present); '
       'none = built-in SyntheticShapes and the CPU smoke preset')
@@ -1324,7 +1326,7 @@ def pretrain_parser(method, doc):
       help='auto = bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler')
     a('--compile', action='store_true', help='torch.compile the model')
     a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
-    a('--save-freq', '--save_ckpt_freq', dest='save_freq', type=int,
+    a('--save-freq', '--save_ckpt_freq', '--save_freq', dest='save_freq', type=int,
       help='epochs between kept checkpoints (default 20; checkpoint-last.pth is written every epoch)')
     a('--max-steps', dest='max_steps', type=int, help='stop (with a checkpoint) after this many optimizer steps')
     a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
@@ -1334,8 +1336,9 @@ def pretrain_parser(method, doc):
     a('--benchmark', type=int, default=0, metavar='N', help='time N steps on synthetic batches and print JSON')
     a('--benchmark-data', dest='benchmark_data', type=int, default=0, metavar='N',
       help='time N batches of the input pipeline alone and print JSON')
+    # official launch/logging flags: accepted, ignored
     for flag in ('--log_dir', '--dist_url', '--world_size', '--device', '--pin_mem', '--no_pin_mem',
-                 '--dist_on_itp', '--opt_level'):  # official launch/logging flags: accepted, ignored
+                 '--dist_on_itp', '--opt_level', '--auto_resume', '--start_epoch'):
         a(flag, nargs='?', const=True, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -1345,7 +1348,8 @@ SCHEDULE = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', '
 
 def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base'):
     """Fill unset flags: the smoke preset without --data-path, then the per-model table; explicit flags win."""
-    launch = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'opt_level')
+    launch = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'opt_level',
+              'auto_resume', 'start_epoch')  # we always auto-resume, from the saved step
     ignored = [f for f in launch if getattr(args, f, None) is not None]
     if ignored and int(os.environ.get('RANK', 0)) == 0:
         print(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
@@ -1363,7 +1367,7 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     for k, v in table[args.model].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k, v in dict(num_workers=8, log_freq=20, save_freq=20).items():  # after the presets, which may set them
+    for k, v in dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0).items():  # after presets
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
