@@ -1578,6 +1578,15 @@ def step_plan(n_images, args, world):
     return per_step, steps_per_epoch
 
 
+def catch_preemption():
+    """SIGTERM / SIGUSR1 (cluster preemption) append to a list instead of killing the process -> (list, restore):
+    the loop finishes its step, saves checkpoint-last.pth and exits 0; restore() puts the old handlers back."""
+    import signal
+    hit = []
+    old = {sig: signal.signal(sig, lambda *_: hit.append(1)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    return hit, lambda: [signal.signal(sig, h) for sig, h in old.items()]
+
+
 def train(model, args):
     """Pre-train `model` (the method <-> loop contract of STYLE.md) on CPU, one GPU or under torchrun."""
     rank, world, device = setup_distributed()
@@ -1647,9 +1656,7 @@ def train(model, args):
         if hasattr(raw, 'picture'):
             save_picture(raw, args, device, os.path.join(out_dir, f'picture-{epoch}.png' if keep else 'picture-last.png'))
 
-    stop = []  # preemption: SIGTERM / SIGUSR1 finish the current step, save, exit 0
-    import signal
-    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    stop, restore_signals = catch_preemption()
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
     skipped = 0
@@ -1734,15 +1741,13 @@ def train(model, args):
                 bar.close()
                 if stopping:
                     say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
-                for sig, h in handlers.items():
-                    signal.signal(sig, h)
+                restore_signals()
                 return raw
             if step % steps_per_epoch == 0:
                 break
         save(epoch, keep=(epoch + 1) % args.save_freq == 0 or step == total)
     bar.close()
-    for sig, h in handlers.items():
-        signal.signal(sig, h)
+    restore_signals()
     say(f'done: {step} steps, checkpoints and pictures in {out_dir}')
     return raw
 

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser, Keyed, NonFiniteLoss,
                     StepSampler, SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, benchmark,
-                    eval_transform,
-                    image_folder, layer_decay_groups, load_encoder, load_file, load_model_state, lr_at, make_loader,
-                    mmpretrain_vit_to_timm, optimizer_step, pick_state_dict, plain, run_main, save_atomic,
-                    setup_distributed, step_plan, strip_prefix, swin_layer_id, swin_to_timm, vit_layer_id)
+                    catch_preemption, eval_transform, image_folder, layer_decay_groups, load_encoder, load_file,
+                    load_model_state, lr_at, make_loader, mmpretrain_vit_to_timm, optimizer_step, pick_state_dict,
+                    plain, run_main, save_atomic, setup_distributed, step_plan, strip_prefix, swin_layer_id,
+                    swin_to_timm, vit_layer_id)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes (the papers' setting):
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -520,6 +520,7 @@ def run_training(args, obj, rank, world, device, say, log):
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.mode, mininterval=2)
     sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
     top1 = top5 = None
+    signalled, restore_signals = catch_preemption()
     while step < total:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
@@ -551,10 +552,12 @@ def run_training(args, obj, rank, world, device, say, log):
             if not final:
                 continue
             micro = 0
-            flag = (~torch.isfinite(loss.detach())).float()
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                 torch.tensor(float(bool(signalled)), device=device)])
             if world > 1:
-                dist.all_reduce(flag)
-            if flag.item():
+                dist.all_reduce(flags)  # one sync per step: every rank decides alike
+            bad, stopping = flags.tolist()
+            if bad:
                 raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.mode}; last good '
                                     f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}')
             optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
@@ -579,6 +582,12 @@ def run_training(args, obj, rank, world, device, say, log):
                     log.flush()
                     bar.set_postfix(loss=f'{row["loss"]:.4f}')
                 sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
+            if stopping:  # preemption: save the step, skip the evaluation, exit 0; the same command continues
+                save(epoch, last_path)
+                bar.close()
+                restore_signals()
+                say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
+                return dict(best)
             stop = bool(args.max_steps and step >= args.max_steps)
             if stop or step % steps_per_epoch == 0:
                 break
@@ -602,6 +611,7 @@ def run_training(args, obj, rank, world, device, say, log):
         if stop:
             break
     bar.close()
+    restore_signals()
     if top1 is None:  # resumed exactly at the end of training: evaluate the saved model
         top1, top5 = evaluate(model, val_loader, device, amp, world)
     say(f'best top1 {best["top1"]:.2f} at epoch {best["epoch"]} ({best_path})')

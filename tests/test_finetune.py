@@ -1,6 +1,7 @@
 """finetune.py and the loading path in common.py: layer decay, resizing, official layouts, timm export, k-NN, runs."""
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -410,6 +411,29 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a['step'] == b['step'] == 8
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_sigterm_saves_the_step_and_the_same_command_continues(tmp_path, monkeypatch, capsys):
+    """SIGTERM during fine-tuning: the step in flight finishes, checkpoint-last.pth holds it, the call returns
+    normally (exit 0), and the same command carries on to the end."""
+    import signal
+    argv = [*TINY, '--synthetic-size', '64', '--batch-size', '16', '--epochs', '2', '--warmup-epochs', '0.5',
+            '--output-dir', str(tmp_path)]
+    real_step, calls = finetune.optimizer_step, []
+
+    def step_then_signal(*a, **k):
+        real_step(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler preempting the job during step 2
+    monkeypatch.setattr(finetune, 'optimizer_step', step_then_signal)
+    finetune.main(argv)
+    assert 'stopped by a signal at step 3' in capsys.readouterr().out
+    assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['step'] == 3
+    monkeypatch.setattr(finetune, 'optimizer_step', real_step)
+    finetune.main(argv)
+    assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['step'] == 8
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
 def test_imagefolder_data(tmp_path):
