@@ -391,3 +391,37 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
         lm.main(['--output-dir', str(tmp_path), '--num-workers', '0', *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    argv = ['--num-workers', '0', '--synthetic-size', '32', '--batch-size', '16', '--res', '64', '--epochs', '3',
+            '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32', '--decoder-heads', '2']
+    lm.main([*argv, '--output-dir', str(tmp_path / 'a')])
+    lm.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])  # stops mid-epoch
+    lm.main([*argv, '--output-dir', str(tmp_path / 'b')])
+    a, b = (torch.load(tmp_path / d / 'checkpoint-last.pth', weights_only=True) for d in 'ab')
+    assert a['step'] == b['step'] == 6
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    rows = [[json.loads(line)['loss'] for line in open(tmp_path / d / 'log.jsonl')] for d in 'ab']
+    assert rows[0] == rows[1]
+
+
+def test_finetune_loaders_take_our_checkpoints():
+    """ViT: norm.3 serves as the final norm (linear probe, k-NN); Swin: `encoder.` stripped, as the official
+    fine-tuning loader, which also keeps the pre-training merge order (localmim.md §7)."""
+    torch.manual_seed(0)
+    m = tiny_vit()
+    vit = common.VisionTransformer(64, 16, 32, 8, 2)
+    missing, unexpected = common.load_encoder(vit, {'model': m.state_dict()}, say=lambda *a: None)
+    assert missing == [] and all(k.startswith(('decoder.', 'hog_enc.', 'norm.')) for k in unexpected)
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(vit.forward_features(imgs), m.forward_encoder(imgs, None)[3], atol=1e-6)
+    s = tiny_swin()
+    swin = common.SwinTransformer(128, 4, 8, (2, 2, 2, 2), (1, 2, 2, 4), 4, num_classes=10, head_norm='pool_norm')
+    missing, unexpected = common.load_encoder(swin, {'model': s.state_dict()}, fresh=('head', 'norm'),
+                                              level_norm=False, say=lambda *a: None)
+    assert [k for k in missing if not k.endswith(common.REBUILT_BUFFERS)] == ['head.bias', 'head.weight',
+                                                                             'norm.bias', 'norm.weight']
+    assert {k.split('.')[0] for k in unexpected} == {'decoder', 'hog_enc', 'norm'}
+    assert torch.equal(swin.layers[2].downsample.reduction.weight, s.encoder.layers[2].downsample.reduction.weight)
