@@ -26,6 +26,19 @@ def tiny_swin(**kw):
     return lm.LocalMIMSwin(**cfg)
 
 
+def fit(m, imgs, mask, lr, steps):
+    """AdamW on a fixed batch and mask -> (first loss, last loss)."""
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = m(imgs, mask)['loss']
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], losses[-1]
+
+
 # ----------------------------------------------------------------------------- geometry
 
 @pytest.mark.parametrize('depth, patch, res, ids, cells', [
@@ -149,15 +162,8 @@ def test_vit_forward_is_the_sum_of_four_levels_and_learns():
     assert torch.equal(out['mask'], mask) and len(out['loss_per_level']) == 4
     assert torch.allclose(out['loss'], sum(out['loss_per_level']))
     assert [t.shape[1] for t in out['target']] == [256, 64, 16, 4]
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    first = None
-    for _ in range(25):
-        loss = m(imgs, mask)['loss']
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.8 * first
+    first, last = fit(m, imgs, mask, 1e-3, 25)
+    assert last < 0.8 * first
     uneven = mask.clone()
     uneven[0] = True
     with pytest.raises(ValueError, match='same masked count'):
@@ -300,16 +306,8 @@ def test_swin_learns_with_hog_and_pixel_targets():
         out = m(imgs, keys=torch.tensor([3, 4]))
         assert [p.shape[1] for p in out['pred']] == [256, 64, 16, 16]
         assert out['pred'][0].shape[-1] == (27 if target == 'hog' else 192)
-        mask = out['mask']
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        first = None
-        for _ in range(15):
-            loss = m(imgs, mask)['loss']
-            first = first if first is not None else loss.item()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        assert loss.item() < 0.85 * first, target
+        first, last = fit(m, imgs, out['mask'], 1e-2, 15)
+        assert last < 0.85 * first, target
 
 
 # ----------------------------------------------------------------------------- official checkpoints
