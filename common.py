@@ -1373,6 +1373,23 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     return args
 
 
+def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
+    """Parse a pre-training command line, fill the presets (apply_defaults), then each still-unset flag from
+    `fallback` (e.g. method='fastmim', res=128); check --data-path; output_dir defaults to output/<method>_<model>."""
+    args = p.parse_args(argv)
+    try:
+        apply_defaults(args, table, smoke, model_names)
+    except ValueError as e:
+        p.error(str(e))
+    for k, v in fallback.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.data_path and not os.path.isdir(args.data_path):
+        p.error(f'--data-path {args.data_path} does not exist')
+    args.output_dir = args.output_dir or f'output/{args.method}_{args.model}'
+    return args
+
+
 # ----------------------------------------------------------------------------- distributed
 
 def setup_distributed():

@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer, apply_defaults,
-                    block_mask, check_ratio, denormalize, grid_picture, hog, hog_glyphs, init_weights, masked_mean,
-                    norm_pix, patchify, per_token, pick_state_dict, pretrain_parser, run_main, sample_noise,
-                    strip_prefix, train, unpatchify, upsample_mask)
+from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer, block_mask, check_ratio,
+                    denormalize, grid_picture, hog, hog_glyphs, init_weights, masked_mean, norm_pix, parse_pretrain,
+                    patchify, per_token, pick_state_dict, pretrain_parser, run_main, sample_noise, strip_prefix,
+                    train, unpatchify, upsample_mask)
 
 # Per-model defaults (official README commands; fastmim.md §2). Small presets are ours, for CPUs.
 DEFAULTS = {
@@ -277,16 +277,8 @@ def get_args(argv=None):
     a('--res-schedule', dest='res_schedule', help='FastMIM-P: RES:EPOCHS,… e.g. 128:200,160:100,192:100')
     a('--swin-linear-init', dest='swin_linear_init', choices=('xavier', 'trunc_normal'), default='xavier',
       help='official PretrainSwin re-inits every Linear xavier (default); trunc_normal = Swin paper init')
-    args = p.parse_args(argv)
-    args.method = 'fastmim'
-    try:
-        apply_defaults(args, DEFAULTS, SMOKE, OFFICIAL_NAMES)
-    except ValueError as e:
-        p.error(str(e))
-    args.res = args.res or 128  # FastMIM: pre-train at 128 (Sec. 3)
-    args.mask_ratio = 0.75 if args.mask_ratio is None else args.mask_ratio
-    args.blr = args.blr or 1.5e-4
-    args.output_dir = args.output_dir or f'output/fastmim_{args.model}'
+    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, method='fastmim', res=128, mask_ratio=0.75,
+                          blr=1.5e-4)  # FastMIM: pre-train at 128 (Sec. 3)
     if args.res_schedule:
         args.schedule = parse_schedule(args.res_schedule)
         if sum(e for _, e in args.schedule) != args.epochs:

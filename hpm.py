@@ -29,8 +29,8 @@ import os
 import torch
 import torch.nn as nn
 
-from common import (VIT_PRESETS, Block, MaskedAutoencoderViT, apply_defaults, denormalize, fp32, grid_picture,
-                    init_weights, masked_mean, pick_state_dict, pixel_columns, pretrain_parser, random_masking,
+from common import (VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, fp32, grid_picture, init_weights,
+                    masked_mean, parse_pretrain, pick_state_dict, pixel_columns, pretrain_parser, random_masking,
                     run_main, sample_noise, strip_prefix, train, upsample_mask)
 
 # Per-model defaults (hpm.md §2: official scripts, supplement Table S1). Small presets are ours, for CPUs.
@@ -287,14 +287,7 @@ def get_args(argv=None):
     a('--token_size', '--token-size', dest='token_size', type=int,
       help='official mask-generator grid side; derived from --res, checked when given')
     a('--experiment', help='official run name, only used for file names there: accepted, ignored')
-    args = p.parse_args(argv)
-    try:
-        apply_defaults(args, DEFAULTS, SMOKE, OFFICIAL_NAMES)
-    except ValueError as e:
-        p.error(str(e))
-    args.res = args.res or 224
-    args.mask_ratio = 0.75 if args.mask_ratio is None else args.mask_ratio
-    args.blr = args.blr or 1.5e-4
+    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=224, mask_ratio=0.75, blr=1.5e-4)
     if args.norm_pix_loss is None:  # hpm.md §2: HPM never passes --norm_pix_loss; MAE's recipe does
         args.norm_pix_loss = args.method == 'mae'
     if args.clip_grad is None and args.method == 'hpm':
@@ -303,11 +296,8 @@ def get_args(argv=None):
     if args.token_size is not None and args.token_size * patch != args.res:
         p.error(f'--token_size {args.token_size} does not match res {args.res} / patch {patch}; drop it or use '
                 f'{args.res // patch}')
-    if args.data_path and not os.path.isdir(args.data_path):
-        p.error(f'--data-path {args.data_path} does not exist')
     if args.experiment is not None and int(os.environ.get('RANK', 0)) == 0:
         print(f'note: official --experiment {args.experiment} ignored (our files live in --output-dir)')
-    args.output_dir = args.output_dir or f'output/{args.method}_{args.model}'
     return args
 
 

@@ -33,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer, apply_defaults,
-                    check_divisible, check_ratio, default_no_decay, drop_path, fp32, grid_picture, hog, hog_glyphs,
-                    ids_from_mask, init_weights, norm_pix, patchify, pick_state_dict, pixel_columns, pretrain_parser,
+from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer, check_divisible,
+                    check_ratio, default_no_decay, drop_path, fp32, grid_picture, hog, hog_glyphs, ids_from_mask,
+                    init_weights, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns, pretrain_parser,
                     random_masking, run_main, sample_noise, sincos_pos_embed, strip_prefix, train, upsample_mask)
 
 # Per-model defaults (official README commands and factories, localmim.md §2). Tiny presets are ours, for CPUs.
@@ -477,20 +477,10 @@ def get_args(argv=None):
     a('--official-swin-quirks', dest='official_quirks', action=argparse.BooleanOptionalAction, default=True,
       help='Swin: keep the official pre-training merge order and coordinate mix-up (default, the released weights '
            'need them); --no-official-swin-quirks = clean Swin (localmim.md §11)')
-    args = p.parse_args(argv)
-    args.method = 'localmim'
-    try:
-        apply_defaults(args, DEFAULTS, SMOKE, OFFICIAL_NAMES)
-    except ValueError as e:
-        p.error(str(e))
-    args.res = args.res or 224
-    args.mask_ratio = 0.75 if args.mask_ratio is None else args.mask_ratio
-    args.target = args.target or 'hog'
+    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, method='localmim', res=224, mask_ratio=0.75,
+                          target='hog')
     if args.model.startswith('vit') and args.target != 'hog':
         p.error('the LocalMIM ViT regresses HOG only (official code); use a Swin --model for --target pixel')
-    if args.data_path and not os.path.isdir(args.data_path):
-        p.error(f'--data-path {args.data_path} does not exist')
-    args.output_dir = args.output_dir or f'output/localmim_{args.model}'
     return args
 
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT, apply_defaults, denormalize,
-                    fp32, grid_picture, init_weights, mmpretrain_vit_to_timm, pick_state_dict, pixel_columns,
-                    pretrain_parser, run_main, sincos_pos_embed, strip_prefix, train)
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT, denormalize, fp32,
+                    grid_picture, init_weights, mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict,
+                    pixel_columns, pretrain_parser, run_main, sincos_pos_embed, strip_prefix, train)
 
 # Per-model defaults (mff.md §2: the released configs; MAE's decoder elsewhere). Small presets are ours, for CPUs.
 DEFAULTS = {
@@ -287,26 +287,19 @@ def get_args(argv=None):
     a('--decoder-dim', '--decoder_embed_dim', dest='decoder_dim', type=int, help='decoder width; default 512')
     a('--decoder-depth', '--decoder_depth', dest='decoder_depth', type=int, help='decoder blocks; default 8')
     a('--decoder-heads', '--decoder_num_heads', dest='decoder_heads', type=int, help='decoder heads; default 16')
-    args = p.parse_args(argv)
-    args.method = 'mff'
+    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, method='mff', res=224, mask_ratio=0.75,
+                          blr=1.5e-4)
+    depth = VIT_PRESETS[args.model]['depth']
     try:
-        apply_defaults(args, DEFAULTS, SMOKE, OFFICIAL_NAMES)
-        depth = VIT_PRESETS[args.model]['depth']
         args.fuse_layers = check_fuse_layers(args.fuse_layers or 'L6', depth, args.allow_truncated)
     except ValueError as e:
         p.error(str(e))
-    args.res = args.res or 224
-    args.mask_ratio = 0.75 if args.mask_ratio is None else args.mask_ratio
-    args.blr = args.blr or 1.5e-4
     if args.fuse_layers[-1] != depth - 1 and int(os.environ.get('WORLD_SIZE', 1)) > 1:
         p.error('--allow-truncated-fusion leaves blocks without gradient, which DDP rejects; run it in one process')
     if args.lowfreq_radius is not None and args.target != 'lowfreq':
         p.error(f'--lowfreq-radius {args.lowfreq_radius:g} needs --target lowfreq')
     if args.lowfreq_radius is None and args.target == 'lowfreq':
         args.lowfreq_radius = LOWFREQ_RADIUS_224 * args.res / 224
-    if args.data_path and not os.path.isdir(args.data_path):
-        p.error(f'--data-path {args.data_path} does not exist')
-    args.output_dir = args.output_dir or f'output/mff_{args.model}'
     return args
 
 
