@@ -301,11 +301,15 @@ def visible_block(blk, x, index, inverse, bias_index, pad):
     attn, (nW, M) = blk.attn, index.shape
     h = blk.norm1(x)
     h = torch.cat([h, h.new_zeros(B, 1, C)], dim=1)[:, index.flatten()]  # (B, nW*M, C), padding rows zero
-    qkv = attn.qkv(h).view(B, nW, M, 3, attn.num_heads, -1).permute(3, 0, 1, 4, 2, 5)  # 3 x (B, nW, nH, M, d)
+    nH = attn.num_heads
+    qkv = attn.qkv(h).view(B, nW, M, 3, nH, -1).permute(3, 0, 1, 4, 2, 5)  # 3 x (B, nW, nH, M, d)
+    qkv = qkv.reshape(3, B, nW * nH, M, -1)  # 3 x (B, nW*nH, M, d)
     bias = attn.relative_position_bias_table[bias_index].permute(0, 3, 1, 2)  # (nW, nH, M, M)
     bias = bias.masked_fill(pad[:, None, None], float('-inf')).to(qkv.dtype)  # padding keys get no weight
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)  # (B, nW, nH, M, d)
-    out = attn.proj(out.transpose(2, 3).reshape(B, nW * M, C))[:, inverse]  # (B, N, C)
+    # windows x heads as one 4-D head axis, so the mask broadcasts over the batch and fused kernels apply
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias.reshape(nW * nH, M, M))
+    out = out.view(B, nW, nH, M, -1).transpose(2, 3).reshape(B, nW * M, C)  # (B, nW*M, C)
+    out = attn.proj(out)[:, inverse]  # (B, N, C)
     x = x + drop_path(out, blk.drop_path, blk.training)
     return x + drop_path(blk.mlp(blk.norm2(x)), blk.drop_path, blk.training)
 
