@@ -681,13 +681,16 @@ class MaskedAutoencoderViT(VisionTransformer):
             x = blk(x)
         return head(norm(x))[:, 1:]
 
-    def forward_decoder(self, latent, ids_restore, keep=None):
-        """Predict patches (B, L, p*p*3); `keep` (B, L) bool decodes only those positions, other rows are zero."""
+    def forward_decoder(self, latent, ids_restore, keep=None, n=None):
+        """Predict patches (B, L, p*p*3); `keep` (B, L) bool decodes only those positions, other rows are zero.
+
+        `n` = kept positions per row when the caller knows it (no host sync: works on 'meta' and under compile).
+        """
         x = self.decoder_input(latent, ids_restore)
         parts = (self.decoder_blocks, self.decoder_norm, self.decoder_pred)
         if keep is None:
             return self.run_decoder(x, *parts)
-        n = int(keep[0].sum())
+        n = int(keep[0].sum()) if n is None else n
         ids = torch.argsort((~keep).int(), dim=1, stable=True)[:, :n]  # (B, n) kept positions, ascending
         xs = torch.gather(x[:, 1:], 1, ids[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, Dd)
         out = self.run_decoder(torch.cat([x[:, :1], xs], dim=1), *parts)  # (B, n, P)
@@ -1259,6 +1262,11 @@ def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
     recon = unpatchify(target * (1 - m) + pred * m, p, H, W)
     masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0, torch.zeros_like(masked) - 10, masked)
     return [denormalize(imgs), denormalize(masked), denormalize(recon)]
+
+
+def hot_colours(v):
+    """Values in [0, 1] (B, 1, H, W) -> 'hot' colours, black -> red -> yellow -> white (B, 3, H, W)."""
+    return torch.cat([3 * v, 3 * v - 1, 3 * v - 2], dim=1).clamp(0, 1)
 
 
 def hog_glyphs(h, nbins, cell=8, size=None):

@@ -41,9 +41,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (VIT_PRESETS, MaskedAutoencoderViT, check_ratio, fp32, grid_picture, ids_from_mask, masked_mean,
-                    parse_pretrain, pixel_columns, pretrain_parser, random_masking, run_main, sample_noise, train,
-                    upsample_mask)
+from common import (VIT_PRESETS, MaskedAutoencoderViT, check_ratio, fp32, grid_picture, hot_colours, ids_from_mask,
+                    masked_mean, parse_pretrain, pixel_columns, pretrain_parser, random_masking, run_main,
+                    sample_noise, train, upsample_mask)
 
 # Per-model defaults: MAE's recipe (spec §2, inherited). Small presets are ours, for CPUs.
 DEFAULTS = {
@@ -127,7 +127,8 @@ class EfficientMAE(MaskedAutoencoderViT):
 
         latent = self.forward_encoder(imgs, ids_keep)  # (B, 1+K, D)
         if n_drop:  # decoder masking: cls + visible + retained mask tokens only (spec B.4)
-            pred = self.forward_decoder(latent, ids_restore, keep=~mask | kept)  # (B, L, P), dropped rows zero
+            pred = self.forward_decoder(latent, ids_restore, keep=~mask | kept,
+                                        n=L - n_drop)  # (B, L, P), dropped rows zero
         else:
             pred = self.forward_decoder(latent, ids_restore)  # (B, L, P) = MAE
         target = self.target(imgs)
@@ -156,7 +157,7 @@ class EfficientMAE(MaskedAutoencoderViT):
         recon = recon * (1 - self.patch_map(dropped.float(), imgs))  # no prediction for dropped targets: black
         d = out['difficulty'].float() * mask
         heat = self.patch_map(d / d.amax().clamp(min=1e-12), imgs)  # (B, 1, H, W)
-        d_col = torch.cat([3 * heat, 3 * heat - 1, 3 * heat - 2], 1).clamp(0, 1)  # (B, 3, H, W)
+        d_col = hot_colours(heat)  # (B, 3, H, W)
         w = out['weights'].float() * kept
         gray = 0.15 + 0.85 * self.patch_map(w / w.amax().clamp(min=1e-12), imgs).expand(-1, 3, -1, -1)  # (B, 3, H, W)
         red = torch.tensor([0.8, 0.0, 0.0], device=imgs.device).view(1, 3, 1, 1)

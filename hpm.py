@@ -29,9 +29,9 @@ import os
 import torch
 import torch.nn as nn
 
-from common import (VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, fp32, grid_picture, init_weights,
-                    masked_mean, parse_pretrain, pick_state_dict, pixel_columns, pretrain_parser, random_masking,
-                    run_main, sample_noise, strip_prefix, train, upsample_mask)
+from common import (VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, fp32, grid_picture, hot_colours,
+                    init_weights, masked_mean, parse_pretrain, pick_state_dict, pixel_columns, pretrain_parser,
+                    random_masking, run_main, sample_noise, strip_prefix, train, upsample_mask)
 
 # Per-model defaults (hpm.md §2: official scripts, supplement Table S1). Small presets are ours, for CPUs.
 DEFAULTS = {
@@ -199,8 +199,7 @@ def difficulty_map(scores, imgs, p):
     lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
     v = ((s - lo) / (hi - lo).clamp(min=1e-12)).reshape(B, H // p, W // p)  # (B, G, G)
     v = upsample_mask(v, p)[:, None]  # (B, 1, H, W)
-    hot = torch.cat([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], dim=1)  # (B, 3, H, W)
-    return 0.3 * denormalize(imgs).mean(1, keepdim=True) + 0.7 * hot
+    return 0.3 * denormalize(imgs).mean(1, keepdim=True) + 0.7 * hot_colours(v)  # (B, 3, H, W)
 
 
 def from_official(obj, teacher=False):
