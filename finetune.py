@@ -521,6 +521,7 @@ def run_training(args, obj, rank, world, device, say, log):
     sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
     top1 = top5 = None
     signalled, restore_signals = catch_preemption()
+    skipped = 0
     while step < total:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch)
@@ -558,8 +559,15 @@ def run_training(args, obj, rank, world, device, say, log):
                 dist.all_reduce(flags)  # one sync per step: every rank decides alike
             bad, stopping = flags.tolist()
             if bad:
+                if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
+                    skipped += 1
+                    say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite})')
+                    optimizer.zero_grad(set_to_none=True)
+                    sums, n_sum = torch.zeros((), device=device), 0
+                    continue
                 raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.mode}; last good '
-                                    f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}')
+                                    f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"} (resume '
+                                    f'from it with a lower --blr, or pass --skip-nonfinite K)')
             optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
             if ema is not None:  # timm ModelEmaV2 over the whole state dict
                 with torch.no_grad():
@@ -728,6 +736,8 @@ def get_args(argv=None):
     a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
     a('--max-steps', dest='max_steps', type=int, help='stop (evaluate, save) after this many optimizer steps')
     a('--skip-bad-images', dest='skip_bad_images', action='store_true', help='skip unreadable images')
+    a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
+      help='skip up to K steps whose loss is NaN/inf instead of stopping')
     a('--benchmark', type=int, default=0, metavar='N',
       help='time N fine-tuning steps (1000 classes) on synthetic batches and print one JSON line')
     for flag in LAUNCH_FLAGS:  # official launch / logging flags: accepted and ignored with a note

@@ -258,17 +258,3 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
     err = capsys.readouterr()
     assert e.value.code == 2 and err.err.startswith('error: ') and msg in err.err and err.err.count('\n') == 1
     assert err.out == ''
-
-
-def test_resume_equals_uninterrupted(tmp_path):
-    """Stopped mid-epoch and resumed: the same losses and weights (masks, difficulty and drops are per sample)."""
-    argv = ['--num-workers', '0', '--synthetic-size', '32', '--batch-size', '8', '--res', '64', '--epochs', '2',
-            '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32', '--decoder-depth', '1',
-            '--decoder-heads', '2', '--p2dist-samples', '4']
-    em.main([*argv, '--output-dir', str(tmp_path / 'a'), '--max-steps', '6'])
-    em.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
-    em.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '6'])
-    a, b = (torch.load(tmp_path / d / 'checkpoint-last.pth', weights_only=True) for d in 'ab')
-    assert a['step'] == b['step'] == 6 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    rows = [[json.loads(line)['loss'] for line in open(tmp_path / d / 'log.jsonl')] for d in 'ab']
-    assert rows[0] == rows[1]

@@ -436,6 +436,32 @@ def test_sigterm_saves_the_step_and_the_same_command_continues(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+def test_nan_stops_with_the_step_or_is_skipped(tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 4 stops fine-tuning (exit 1) with the step, the mode and the last good checkpoint, which
+    stays loadable; --skip-nonfinite 1 skips that step and the run finishes."""
+    real, calls = VisionTransformer.forward, []
+
+    def forward(self, imgs):
+        out = real(self, imgs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:  # the 5th training forward: step 4 (0-based)
+                out = out * float('nan')
+        return out
+    monkeypatch.setattr(VisionTransformer, 'forward', forward)
+    argv = [*TINY, '--synthetic-size', '64', '--batch-size', '16', '--epochs', '2', '--warmup-epochs', '0.5']
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*argv, '--output-dir', str(tmp_path / 'a')])
+    err = capsys.readouterr().err
+    last = tmp_path / 'a' / 'checkpoint-last.pth'
+    assert e.value.code == 1 and 'non-finite loss at step 4' in err and 'finetune' in err and str(last) in err
+    assert torch.load(last, weights_only=True)['step'] == 4  # the end of epoch 0, intact
+    calls.clear()
+    finetune.main([*argv, '--output-dir', str(tmp_path / 'b'), '--skip-nonfinite', '1'])
+    ckpt = torch.load(tmp_path / 'b' / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['step'] == 8 and all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+
+
 def test_imagefolder_data(tmp_path):
     """--data-path reads <root>/train and <root>/val class folders (here 3 classes of PNGs)."""
     shapes = common.SyntheticShapes('train', 30, 32, 0)

@@ -391,19 +391,6 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
     assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    argv = ['--num-workers', '0', '--synthetic-size', '32', '--batch-size', '16', '--res', '64', '--epochs', '3',
-            '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32', '--decoder-heads', '2']
-    lm.main([*argv, '--output-dir', str(tmp_path / 'a')])
-    lm.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])  # stops mid-epoch
-    lm.main([*argv, '--output-dir', str(tmp_path / 'b')])
-    a, b = (torch.load(tmp_path / d / 'checkpoint-last.pth', weights_only=True) for d in 'ab')
-    assert a['step'] == b['step'] == 6
-    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    rows = [[json.loads(line)['loss'] for line in open(tmp_path / d / 'log.jsonl')] for d in 'ab']
-    assert rows[0] == rows[1]
-
-
 def test_finetune_loaders_take_our_checkpoints():
     """ViT: norm.3 serves as the final norm (linear probe, k-NN); Swin: `encoder.` stripped, as the official
     fine-tuning loader, which also keeps the pre-training merge order (localmim.md §7)."""

@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 
 import common
+import efficient_mae
 import fastmim
+import localmim
+import mff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--model', 'vit_tiny', '--num-workers', '0', '--res', '32', '--batch-size', '16', '--warmup-epochs', '1', '--log-freq', '1',
@@ -44,6 +47,24 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path):
     fastmim.main(argv)  # the same command picks up where it stopped
     steps = [r['step'] for r in rows(tmp_path)]
     assert steps == list(range(1, 33))
+
+
+@pytest.mark.parametrize('script, extra', [
+    (mff, ['--res', '32', '--fuse-layers', 'L4', '--target', 'lowfreq', '--decoder-depth', '1']),
+    (localmim, ['--res', '64']),
+    (efficient_mae, ['--res', '64', '--p2dist-samples', '4', '--decoder-depth', '1']),
+])
+def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, script, extra):
+    """MFF, LocalMIM, Efficient MAE (FastMIM, HPM and finetune have their own): 3 steps, stop, the same command
+    with more steps: the same losses and the same weights as one straight run."""
+    argv = ['--num-workers', '0', '--synthetic-size', '32', '--batch-size', '8', '--epochs', '2',
+            '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32', '--decoder-heads', '2', *extra]
+    script.main([*argv, '--output-dir', str(tmp_path / 'a'), '--max-steps', '6'])
+    script.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
+    script.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '6'])
+    a, b = (torch.load(tmp_path / d / 'checkpoint-last.pth', weights_only=True) for d in 'ab')
+    assert a['step'] == b['step'] == 6 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert [r['loss'] for r in rows(tmp_path / 'a')] == [r['loss'] for r in rows(tmp_path / 'b')]
 
 
 def test_crash_during_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
