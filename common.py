@@ -622,6 +622,24 @@ def masked_mean(per_token_loss, mask):
     return (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
 
 
+# MAE's recipe per --model (official pre-training commands: decoder 8 blocks x 512, 16 heads; 512 per GPU x 8 =
+# 4096; 800 epochs, 40 warm-up); vit_tiny/vit_small are ours, for CPUs. hpm.py and efficient_mae.py train with it.
+MAE_DEFAULTS = {
+    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5),
+    'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
+                      warmup_epochs=40),
+    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                     warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b
+    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                      warmup_epochs=40),  # the large factory (HPM's pretrain_large.sh trains ViT-B: not copied)
+    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                     warmup_epochs=40),
+}
+MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
+             'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
+             'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
+
+
 class MaskedAutoencoderViT(VisionTransformer):
     """MAE (He et al. 2022): ViT encoder on the kept tokens, light decoder with mask tokens, per-patch pixel loss.
 

@@ -41,28 +41,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (VIT_PRESETS, MaskedAutoencoderViT, check_ratio, fp32, grid_picture, hot_colours, ids_from_mask,
-                    masked_mean, parse_pretrain, pixel_columns, pretrain_parser, random_masking, run_main,
-                    sample_noise, train, upsample_mask)
+from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, MaskedAutoencoderViT, check_ratio, fp32, grid_picture,
+                    hot_colours, ids_from_mask, masked_mean, parse_pretrain, pixel_columns, pretrain_parser,
+                    random_masking, run_main, sample_noise, train, upsample_mask)
 
-# Per-model defaults: MAE's recipe (spec §2, inherited). Small presets are ours, for CPUs.
-DEFAULTS = {
-    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5),
-    'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
-                      warmup_epochs=40),
-    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b
-    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                      warmup_epochs=40),  # the paper's scale (ViT-L/H); MAE's recipe
-    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),
-}
+DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # MAE's recipe, inherited (spec §2)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=16, warmup_epochs=2, blr=1.5e-3, decoder_dim=128,
              decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
              num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run visibly learns
-OFFICIAL_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
-                  'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
-                  'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
 METRICS = ('p2dist', 'count3', 'invdist5', 'nearest')
 INVDIST5_MAX = sum(1 / math.hypot(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dy or dx)  # ~13.820
 RANK_STEP = 1e-4  # difficulties closer than this (patch units) tie when ranking: float noise must not break ties

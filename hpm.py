@@ -29,28 +29,15 @@ import os
 import torch
 import torch.nn as nn
 
-from common import (VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, fp32, grid_picture, hot_colours,
-                    init_weights, masked_mean, parse_pretrain, pick_state_dict, pixel_columns, pretrain_parser,
-                    random_masking, run_main, sample_noise, strip_prefix, train, upsample_mask)
+from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, fp32,
+                    grid_picture, hot_colours, init_weights, masked_mean, parse_pretrain, pick_state_dict,
+                    pixel_columns, pretrain_parser, random_masking, run_main, sample_noise, strip_prefix, train,
+                    upsample_mask)
 
-# Per-model defaults (hpm.md §2: official scripts, supplement Table S1). Small presets are ours, for CPUs.
-DEFAULTS = {
-    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5),
-    'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
-                      warmup_epochs=40),
-    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b, pretrain_base.sh
-    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                      warmup_epochs=40),  # the large factory (official pretrain_large.sh trains ViT-B: not copied)
-    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),
-}
+DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # hpm.md §2: HPM trains with MAE's scripts (Table S1)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3, decoder_dim=128,
              decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
              num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so short a run visibly learns
-OFFICIAL_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
-                  'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
-                  'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
 EPS = 1e-6  # official forward_learning_loss: log(sigmoid(z) + 1e-6)
 
 
