@@ -390,6 +390,9 @@ class SwinTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.set_resolution(img_size, window_size)
+        for m in self.modules():  # a table the window clamp resized is drawn afresh at its final size (official)
+            if isinstance(m, WindowAttention):
+                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
     def set_resolution(self, img_size, window_size):
         """(Re)configure every stage for an input size and window; tables resize in place when the window changes."""
@@ -1788,7 +1791,7 @@ def train(model, args):
                 return raw
             if step % steps_per_epoch == 0:
                 break
-        save(epoch, keep=(epoch + 1) % args.save_freq == 0 or step == total)
+        save(epoch, keep=epoch % args.save_freq == 0 or step == total)  # MAE/LocalMIM: epochs 0, f, 2f, … and the last
     bar.close()
     restore_signals()
     say(f'done: {step} steps, checkpoints and pictures in {out_dir}')
