@@ -336,6 +336,12 @@ class LocalMIMSwin(nn.Module):
         if target not in ('hog', 'pixel'):
             raise ValueError(f'unknown --target {target}; use hog or pixel')
         check_ratio(mask_ratio, '--mask-ratio')
+        check_divisible(img_size, patch_size * 8, 'the Swin output stride', 'one mask unit per final token')
+        self.g = img_size // (patch_size * 8)  # side of the final grid = of the mask-unit grid
+        if int(mask_ratio * self.g ** 2) + 1 >= self.g ** 2:
+            raise ValueError(f'at res {img_size} the mask has {self.g ** 2} units of {patch_size * 8} px and mask '
+                             f'ratio {mask_ratio} masks int(r*n)+1 = all of them; use a larger --res (>= '
+                             f'{3 * patch_size * 8}, e.g. --res 128 --window-size 4) or a lower --mask-ratio')
         # quirk #2: pre-training merges [TL, TR, BL, BR] (standard Swin, and the official fine-tuning: TL, BL, TR, BR)
         merge = 'tl,tr,bl,br' if official_quirks else 'tl,bl,tr,br'
         self.encoder = SwinTransformer(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
@@ -350,11 +356,6 @@ class LocalMIMSwin(nn.Module):
         self.encoder.xavier_init_linears()  # official: xavier Linear, patch embed as a Linear, LN (1, 0)
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        self.g = img_size // (patch_size * 8)  # side of the final grid = of the mask-unit grid
-        if int(mask_ratio * self.g ** 2) + 1 >= self.g ** 2:
-            raise ValueError(f'at res {img_size} the mask has {self.g ** 2} units of {patch_size * 8} px and mask '
-                             f'ratio {mask_ratio} masks int(r*n)+1 = all of them; use a larger --res (>= '
-                             f'{3 * patch_size * 8}) or a lower --mask-ratio')
         self.patch_size, self.mask_ratio, self.official_quirks = patch_size, mask_ratio, official_quirks
         self.target_kind, self.nbins, self.norm_pix_loss = target, hog_nbins, norm_pix_loss
         self.cells = [patch_size * 8 // u for u in SWIN_UNITS]  # 8, 16, 32, 32 px at patch 4
