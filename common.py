@@ -1703,99 +1703,102 @@ def train(model, args):
             save_picture(raw, args, device, os.path.join(out_dir, f'picture-{epoch}.png' if keep else 'picture-last.png'))
 
     stop, restore_signals = catch_preemption()
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
-    skipped = 0
-    log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if rank == 0 else None
-    loader, net, sums, n_sum, t_log = None, None, {}, 0, time.time()
-    while step < total:
-        epoch = step // steps_per_epoch
-        out = None  # drop the last graph: a table resized in place needs a fresh autograd accumulator
-        new_res = raw.on_epoch(epoch) if hasattr(raw, 'on_epoch') else None
-        if loader is None or (new_res and new_res != args.res):
-            if new_res and new_res != args.res:  # FastMIM-P: new resolution -> new crops, moments, DDP, compile
-                say(f'epoch {epoch}: resolution {args.res} -> {new_res}')
-                args.res = new_res
-                resize_optimizer_state(raw, optimizer)
-                dataset = pretrain_dataset(args)
-            sampler = StepSampler(dataset, world, rank, args.seed)
-            loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
-            net = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
-                raw, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
-            if args.compile:
-                net = torch.compile(net)
-        sampler.set_epoch(epoch)
-        sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
-        micro = 0
-        for imgs, _, keys in loader:
-            imgs = imgs.to(device, non_blocking=True)
-            if micro == 0:
-                torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # drop path: a function of the step
-                lr = lr_at(step / steps_per_epoch, args)
-                for g in optimizer.param_groups:
-                    g['lr'] = lr * g.get('lr_scale', 1.0)
-            final = micro == args.accum_iter - 1
-            sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = net(imgs, keys=keys)
-                scaler.scale(out['loss'] / args.accum_iter).backward()
-            for k, v in scalars(out).items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_sum += 1
-            micro += 1
-            if not final:
-                continue
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
+        skipped = 0
+        log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if rank == 0 else None
+        loader, net, sums, n_sum, t_log = None, None, {}, 0, time.time()
+        while step < total:
+            epoch = step // steps_per_epoch
+            out = None  # drop the last graph: a table resized in place needs a fresh autograd accumulator
+            new_res = raw.on_epoch(epoch) if hasattr(raw, 'on_epoch') else None
+            if loader is None or (new_res and new_res != args.res):
+                if new_res and new_res != args.res:  # FastMIM-P: new resolution -> new crops, moments, DDP, compile
+                    say(f'epoch {epoch}: resolution {args.res} -> {new_res}')
+                    args.res = new_res
+                    resize_optimizer_state(raw, optimizer)
+                    dataset = pretrain_dataset(args)
+                sampler = StepSampler(dataset, world, rank, args.seed)
+                loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
+                net = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
+                    raw, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
+                if args.compile:
+                    net = torch.compile(net)
+            sampler.set_epoch(epoch)
+            sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
             micro = 0
-            flags = torch.stack([(~torch.isfinite(out['loss'].detach())).float(),
-                                 torch.tensor(float(bool(stop)), device=device)])
-            if world > 1:
-                dist.all_reduce(flags)  # one sync per step: every rank decides alike
-            bad, stopping = flags.tolist()
-            if bad:
-                terms = {k: float(v) for k, v in scalars(out).items()}
-                if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
-                    skipped += 1
-                    say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite}): {terms}')
-                    optimizer.zero_grad(set_to_none=True)
-                    sums, n_sum = {}, 0
+            for imgs, _, keys in loader:
+                imgs = imgs.to(device, non_blocking=True)
+                if micro == 0:
+                    torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # drop path: a function of the step
+                    lr = lr_at(step / steps_per_epoch, args)
+                    for g in optimizer.param_groups:
+                        g['lr'] = lr * g.get('lr_scale', 1.0)
+                final = micro == args.accum_iter - 1
+                sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        out = net(imgs, keys=keys)
+                    scaler.scale(out['loss'] / args.accum_iter).backward()
+                for k, v in scalars(out).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_sum += 1
+                micro += 1
+                if not final:
                     continue
-                raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: {terms}; '
-                                    f'last good checkpoint: {last_path if os.path.isfile(last_path) else "none yet"}'
-                                    f' (resume from it with a lower --blr, or pass --skip-nonfinite K)')
-            optimizer_step(optimizer, scaler, raw.parameters(), args.clip_grad)
-            if hasattr(raw, 'after_step'):
-                raw.after_step()
-            step += 1
-            bar.update(1)
-            if step % args.log_freq == 0 or step == total:
-                names = sorted(sums)
-                vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
+                micro = 0
+                flags = torch.stack([(~torch.isfinite(out['loss'].detach())).float(),
+                                     torch.tensor(float(bool(stop)), device=device)])
                 if world > 1:
-                    dist.all_reduce(vals)
-                    vals /= world
-                row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
-                       'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
-                row.update({k: float(v) for k, v in zip(names, vals.tolist())})
-                if log:
-                    log.write(json.dumps(row) + '\n')
-                    log.flush()
-                    bar.set_postfix(loss=f'{row["loss"]:.4f}')
-                sums, n_sum, t_log = {}, 0, time.time()
-            if stopping or (args.max_steps and step >= args.max_steps):
-                save(epoch, keep=False)
-                bar.close()
-                if stopping:
-                    say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
-                restore_signals()
-                return raw
-            if step % steps_per_epoch == 0:
-                break
-        save(epoch, keep=epoch % args.save_freq == 0 or step == total)  # MAE/LocalMIM: epochs 0, f, 2f, … and the last
-    bar.close()
-    restore_signals()
-    say(f'done: {step} steps, checkpoints and pictures in {out_dir}')
-    return raw
+                    dist.all_reduce(flags)  # one sync per step: every rank decides alike
+                bad, stopping = flags.tolist()
+                if bad:
+                    terms = {k: float(v) for k, v in scalars(out).items()}
+                    if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
+                        skipped += 1
+                        say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite}): '
+                            f'{terms}')
+                        optimizer.zero_grad(set_to_none=True)
+                        sums, n_sum = {}, 0
+                        continue
+                    good = last_path if os.path.isfile(last_path) else 'none yet'
+                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: {terms}; '
+                                        f'last good checkpoint: {good} (resume from it with a lower --blr, or pass '
+                                        f'--skip-nonfinite K)')
+                optimizer_step(optimizer, scaler, raw.parameters(), args.clip_grad)
+                if hasattr(raw, 'after_step'):
+                    raw.after_step()
+                step += 1
+                bar.update(1)
+                if step % args.log_freq == 0 or step == total:
+                    names = sorted(sums)
+                    vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
+                    if world > 1:
+                        dist.all_reduce(vals)
+                        vals /= world
+                    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
+                           'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
+                    row.update({k: float(v) for k, v in zip(names, vals.tolist())})
+                    if log:
+                        log.write(json.dumps(row) + '\n')
+                        log.flush()
+                        bar.set_postfix(loss=f'{row["loss"]:.4f}')
+                    sums, n_sum, t_log = {}, 0, time.time()
+                if stopping or (args.max_steps and step >= args.max_steps):
+                    save(epoch, keep=False)
+                    bar.close()
+                    if stopping:
+                        say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
+                    return raw
+                if step % steps_per_epoch == 0:
+                    break
+            save(epoch, keep=epoch % args.save_freq == 0 or step == total)  # MAE/LocalMIM: epochs 0, f, 2f, …
+        bar.close()
+        say(f'done: {step} steps, checkpoints and pictures in {out_dir}')
+        return raw
+    finally:
+        restore_signals()  # also when the run ends with an error (in-process callers)
 
 
 def plain(obj):

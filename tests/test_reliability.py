@@ -108,6 +108,7 @@ def test_nan_stops_with_step_method_and_last_checkpoint(tmp_path, monkeypatch, c
     assert e.value.code == 1
     assert 'non-finite loss at step 5' in err and 'fastmim' in err and str(tmp_path / 'checkpoint-last.pth') in err
     assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['step'] == 4  # the good state stays
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the preemption handler is gone with the run
 
 
 def test_skip_nonfinite_skips_k_steps(tmp_path, monkeypatch):
