@@ -521,109 +521,112 @@ def run_training(args, obj, rank, world, device, say, log):
     sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
     top1 = top5 = None
     signalled, restore_signals = catch_preemption()
-    skipped = 0
-    while step < total:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch)
-        sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
-        micro, stop = 0, False
-        model.train()
-        for imgs, labels, _ in loader:
-            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if micro == 0:
-                torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # drop path, mixup: seed + rank, step
-                lr = lr_at(step / steps_per_epoch, args)
-                for g in optimizer.param_groups:
-                    g['lr'] = lr * g.get('lr_scale', 1.0)
-            if mixing:
-                imgs, target = mix_batch(imgs, labels, K, args)
-            final = micro == args.accum_iter - 1
-            sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    logits = net(imgs)
-                if mixing:  # soft-target cross-entropy (timm SoftTargetCrossEntropy)
-                    loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                else:
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-                scaler.scale(loss / args.accum_iter).backward()
-            sums += loss.detach()
-            n_sum += 1
-            micro += 1
-            if not final:
-                continue
-            micro = 0
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                 torch.tensor(float(bool(signalled)), device=device)])
-            if world > 1:
-                dist.all_reduce(flags)  # one sync per step: every rank decides alike
-            bad, stopping = flags.tolist()
-            if bad:
-                if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
-                    skipped += 1
-                    say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite})')
-                    optimizer.zero_grad(set_to_none=True)
-                    sums, n_sum = torch.zeros((), device=device), 0
+    try:
+        skipped = 0
+        while step < total:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch)
+            sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
+            micro, stop = 0, False
+            model.train()
+            for imgs, labels, _ in loader:
+                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if micro == 0:
+                    # drop path, mixup: seed + rank, as a function of the step
+                    torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
+                    lr = lr_at(step / steps_per_epoch, args)
+                    for g in optimizer.param_groups:
+                        g['lr'] = lr * g.get('lr_scale', 1.0)
+                if mixing:
+                    imgs, target = mix_batch(imgs, labels, K, args)
+                final = micro == args.accum_iter - 1
+                sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        logits = net(imgs)
+                    if mixing:  # soft-target cross-entropy (timm SoftTargetCrossEntropy)
+                        loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                    else:
+                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+                    scaler.scale(loss / args.accum_iter).backward()
+                sums += loss.detach()
+                n_sum += 1
+                micro += 1
+                if not final:
                     continue
-                raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.mode}; last good '
-                                    f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"} (resume '
-                                    f'from it with a lower --blr, or pass --skip-nonfinite K)')
-            optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
-            if ema is not None:  # timm ModelEmaV2 over the whole state dict
-                with torch.no_grad():
-                    for k, v in model.state_dict().items():
-                        if v.dtype.is_floating_point:
-                            ema[k].lerp_(v, 1 - args.model_ema_decay)
-                        else:
-                            ema[k].copy_(v)
-            step += 1
-            bar.update(1)
-            if step % args.log_freq == 0 or step == total:
-                val = sums / n_sum
+                micro = 0
+                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                     torch.tensor(float(bool(signalled)), device=device)])
                 if world > 1:
-                    dist.all_reduce(val)
-                    val /= world
-                row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': float(val), 'lr': lr,
-                       'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
-                if log:
-                    log.write(json.dumps(row) + '\n')
-                    log.flush()
-                    bar.set_postfix(loss=f'{row["loss"]:.4f}')
-                sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
-            if stopping:  # preemption: save the step, skip the evaluation, exit 0; the same command continues
-                save(epoch, last_path)
-                bar.close()
-                restore_signals()
-                say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
-                return dict(best)
-            stop = bool(args.max_steps and step >= args.max_steps)
-            if stop or step % steps_per_epoch == 0:
+                    dist.all_reduce(flags)  # one sync per step: every rank decides alike
+                bad, stopping = flags.tolist()
+                if bad:
+                    if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
+                        skipped += 1
+                        say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite})')
+                        optimizer.zero_grad(set_to_none=True)
+                        sums, n_sum = torch.zeros((), device=device), 0
+                        continue
+                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.mode}; last good '
+                                        f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"} (resume '
+                                        f'from it with a lower --blr, or pass --skip-nonfinite K)')
+                optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
+                if ema is not None:  # timm ModelEmaV2 over the whole state dict
+                    with torch.no_grad():
+                        for k, v in model.state_dict().items():
+                            if v.dtype.is_floating_point:
+                                ema[k].lerp_(v, 1 - args.model_ema_decay)
+                            else:
+                                ema[k].copy_(v)
+                step += 1
+                bar.update(1)
+                if step % args.log_freq == 0 or step == total:
+                    val = sums / n_sum
+                    if world > 1:
+                        dist.all_reduce(val)
+                        val /= world
+                    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': float(val), 'lr': lr,
+                           'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
+                    if log:
+                        log.write(json.dumps(row) + '\n')
+                        log.flush()
+                        bar.set_postfix(loss=f'{row["loss"]:.4f}')
+                    sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
+                if stopping:  # preemption: save the step, skip the evaluation, exit 0; the same command continues
+                    save(epoch, last_path)
+                    bar.close()
+                    say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
+                    return dict(best)
+                stop = bool(args.max_steps and step >= args.max_steps)
+                if stop or step % steps_per_epoch == 0:
+                    break
+            if step % steps_per_epoch and not stop:
+                continue  # the loader ran out early (cannot happen with drop_last; kept for safety)
+            top1, top5 = evaluate(model, val_loader, device, amp, world)
+            row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'top1': round(top1, 4),
+                   'top5': round(top5, 4)}
+            if ema is not None:
+                ema_model.load_state_dict(ema)
+                ema_top = evaluate(ema_model, val_loader, device, amp, world)
+                row['top1_ema'], row['top5_ema'] = round(ema_top[0], 4), round(ema_top[1], 4)
+            if top1 > best['top1']:
+                best = {'top1': top1, 'top5': top5, 'epoch': epoch}
+                save(epoch, best_path)
+            row['best_top1'] = round(best['top1'], 4)
+            say(f'epoch {epoch}: top1 {top1:.2f} top5 {top5:.2f} (best {best["top1"]:.2f})')
+            if log:
+                log.write(json.dumps(row) + '\n')
+                log.flush()
+            save(epoch, last_path)
+            if stop:
                 break
-        if step % steps_per_epoch and not stop:
-            continue  # the loader ran out early (cannot happen with drop_last; kept for safety)
-        top1, top5 = evaluate(model, val_loader, device, amp, world)
-        row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'top1': round(top1, 4), 'top5': round(top5, 4)}
-        if ema is not None:
-            ema_model.load_state_dict(ema)
-            ema_top = evaluate(ema_model, val_loader, device, amp, world)
-            row['top1_ema'], row['top5_ema'] = round(ema_top[0], 4), round(ema_top[1], 4)
-        if top1 > best['top1']:
-            best = {'top1': top1, 'top5': top5, 'epoch': epoch}
-            save(epoch, best_path)
-        row['best_top1'] = round(best['top1'], 4)
-        say(f'epoch {epoch}: top1 {top1:.2f} top5 {top5:.2f} (best {best["top1"]:.2f})')
-        if log:
-            log.write(json.dumps(row) + '\n')
-            log.flush()
-        save(epoch, last_path)
-        if stop:
-            break
-    bar.close()
-    restore_signals()
-    if top1 is None:  # resumed exactly at the end of training: evaluate the saved model
-        top1, top5 = evaluate(model, val_loader, device, amp, world)
-    say(f'best top1 {best["top1"]:.2f} at epoch {best["epoch"]} ({best_path})')
-    return finish(args, log, say, top1, top5, best_top1=round(best['top1'], 4), step=step)
+        bar.close()
+        if top1 is None:  # resumed exactly at the end of training: evaluate the saved model
+            top1, top5 = evaluate(model, val_loader, device, amp, world)
+        say(f'best top1 {best["top1"]:.2f} at epoch {best["epoch"]} ({best_path})')
+        return finish(args, log, say, top1, top5, best_top1=round(best['top1'], 4), step=step)
+    finally:
+        restore_signals()  # also when the run ends with an error (in-process callers)
 
 
 def export_timm(args, obj, say):

@@ -439,6 +439,7 @@ def test_sigterm_saves_the_step_and_the_same_command_continues(tmp_path, monkeyp
 def test_nan_stops_with_the_step_or_is_skipped(tmp_path, monkeypatch, capsys):
     """A NaN loss at step 4 stops fine-tuning (exit 1) with the step, the mode and the last good checkpoint, which
     stays loadable; --skip-nonfinite 1 skips that step and the run finishes."""
+    import signal
     real, calls = VisionTransformer.forward, []
 
     def forward(self, imgs):
@@ -456,6 +457,7 @@ def test_nan_stops_with_the_step_or_is_skipped(tmp_path, monkeypatch, capsys):
     last = tmp_path / 'a' / 'checkpoint-last.pth'
     assert e.value.code == 1 and 'non-finite loss at step 4' in err and 'finetune' in err and str(last) in err
     assert torch.load(last, weights_only=True)['step'] == 4  # the end of epoch 0, intact
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the preemption handler is gone with the run
     calls.clear()
     finetune.main([*argv, '--output-dir', str(tmp_path / 'b'), '--skip-nonfinite', '1'])
     ckpt = torch.load(tmp_path / 'b' / 'checkpoint-last.pth', weights_only=True)
