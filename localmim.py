@@ -54,6 +54,9 @@ DEFAULTS = {
     'swin_base': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18, hog_bias=True, window_size=7,
                       batch_size=256, epochs=400, warmup_epochs=40, blr=1e-4, min_lr=0.0,
                       save_freq=20),  # mim_swin_base_patch4_win7
+    'swin_base_win14': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18, hog_bias=True,
+                            window_size=14, batch_size=256, epochs=400, warmup_epochs=40, blr=1e-4, min_lr=0.0,
+                            save_freq=20),  # mim_swin_base_patch4_win14 (no README command): Swin-B, window 14
     'swin_large': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18, hog_bias=True,
                        window_size=14, batch_size=128, accum_iter=4, epochs=800, warmup_epochs=40, blr=1e-4,
                        min_lr=0.0, save_freq=20),  # mim_swin_large_patch4_win14
@@ -62,7 +65,7 @@ SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=10, warmup_epochs=1
              decoder_heads=4, log_freq=8, save_freq=5, num_workers=2)  # ours: about 2 minutes on 2 CPU cores
 OFFICIAL_NAMES = {'MIM_vit_small_patch16': 'vit_small', 'MIM_vit_base_patch16': 'vit_base',
                   'MIM_vit_large_patch16': 'vit_large', 'mim_swin_base_patch4_win7': 'swin_base',
-                  'mim_swin_large_patch4_win14': 'swin_large'}
+                  'mim_swin_base_patch4_win14': 'swin_base_win14', 'mim_swin_large_patch4_win14': 'swin_large'}
 VIT_SCALES = (4, 2, 1, 0.5)  # grid multiplier of each ViT level (official self.scale)
 SWIN_UNITS = (4, 2, 1, 1)  # tokens per mask unit (per side) on each Swin level grid: 28/14/7/7 at 224
 
@@ -498,7 +501,7 @@ def build_model(args):
         return LocalMIMViT(args.res, **VIT_PRESETS[args.model], **dec)
     return LocalMIMSwin(args.res, 4, window_size=args.window_size, target=args.target,
                         norm_pix_loss=args.norm_pix_loss, official_quirks=args.official_quirks,
-                        **SWIN_PRESETS[args.model], **dec)
+                        **SWIN_PRESETS[args.model.removesuffix('_win14')], **dec)
 
 
 def pretrain(argv=None):

@@ -345,6 +345,10 @@ def test_official_readme_arguments_give_the_official_recipe():
                         '--hog_bias', '--data_path', '.', '--save_freq', '20'])
     assert (args.model, args.target, args.hog_bias, args.window_size, args.blr, args.epochs, args.min_lr) == (
         'swin_base', 'hog', True, 7, 1e-4, 400, 0.0)
+    win14 = lm.get_args(['--model', 'mim_swin_base_patch4_win14', '--data_path', '.'])
+    assert (win14.model, win14.window_size) == ('swin_base_win14', 14)
+    with torch.device('meta'):
+        assert lm.build_model(win14).encoder.layers[0].blocks[0].attn.window == 14
     large = lm.get_args(['--model', 'MIM_vit_large_patch16', '--data_path', '.'])
     assert (large.accum_iter, large.batch_size, large.hog_nbins, large.hog_bias, large.blr) == (4, 128, 18, True, 1.5e-4)
     assert lm.get_args(['--model', 'vit_large', '--data_path', '.', '--accum_iter', '2']).accum_iter == 2
