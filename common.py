@@ -643,6 +643,15 @@ MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b
              'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
 
 
+def fill_masked(x, mask_token, ids_restore):
+    """[cls, kept tokens] (B, 1+K, D) + a mask token (1, 1, D) for every dropped position -> [cls, all L tokens in
+    raster order] (B, 1+L, D), un-shuffled with ids_restore (B, L) (MAE's decoder input, before the pos-embed)."""
+    B, L = ids_restore.shape
+    x_ = torch.cat([x[:, 1:], mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)  # (B, L, D)
+    x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, D) raster order
+    return torch.cat([x[:, :1], x_], dim=1)  # (B, 1+L, D)
+
+
 class MaskedAutoencoderViT(VisionTransformer):
     """MAE (He et al. 2022): ViT encoder on the kept tokens, light decoder with mask tokens, per-patch pixel loss.
 
@@ -689,11 +698,7 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     def decoder_input(self, latent, ids_restore):
         """Latent (B, 1+K, D) -> decoder tokens (B, 1+L, Dd): embed, append mask tokens, un-shuffle, add pos-embed."""
-        x = self.decoder_embed(latent)  # (B, 1+K, Dd)
-        B, L = ids_restore.shape
-        x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, L - x.shape[1] + 1, -1)], dim=1)  # (B, L, Dd)
-        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, Dd) raster order
-        return torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1+L, Dd)
+        return fill_masked(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
 
     @staticmethod
     def run_decoder(x, blocks, norm, head):

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer, check_divisible,
-                    check_ratio, default_no_decay, drop_path, fp32, grid_picture, hog, hog_glyphs, ids_from_mask,
-                    init_weights, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns, pretrain_parser,
-                    random_masking, run_main, sample_noise, sincos_pos_embed, strip_prefix, train, upsample_mask)
+                    check_ratio, default_no_decay, drop_path, fill_masked, fp32, grid_picture, hog, hog_glyphs,
+                    ids_from_mask, init_weights, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns,
+                    pretrain_parser, random_masking, run_main, sample_noise, sincos_pos_embed, strip_prefix, train,
+                    upsample_mask)
 
 # Per-model defaults (official README commands and factories, localmim.md §2). Tiny presets are ours, for CPUs.
 DEFAULTS = {
@@ -160,10 +161,7 @@ class Decoder(nn.Module):
         x = self.embed(latent)  # (B, [1+]K, d)
         B, K, d = x.shape
         if self.cls:
-            L = restore.shape[1]
-            x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - K, d)], dim=1)  # (B, L, d)
-            x_ = torch.gather(x_, 1, restore[..., None].expand(-1, -1, d))  # (B, L, d) raster order
-            x = torch.cat([x[:, :1], x_], dim=1)  # (B, 1+L, d)
+            x = fill_masked(x, self.mask_token, restore)  # (B, 1+L, d)
         else:
             L = self.grid ** 2
             seen = torch.zeros(L, dtype=torch.bool, device=x.device)
