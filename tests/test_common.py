@@ -28,6 +28,13 @@ def hog_oracle(imgs, nbins=9, cell=8, normalize=False):
     return out.flatten(1, 2).float()
 
 
+def fixed_mask(B=2, L=16, n=12, seed=0):
+    """A reproducible (B, L) bool mask with n masked per row (shared by the MAE-family tests)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(L, generator=g)[:n] for _ in range(B)])
+    return torch.zeros(B, L, dtype=torch.bool).scatter(1, ids, True)
+
+
 def one_channel(img):
     return common.hog(img[None, None].float(), nbins=9, cell=8, normalize=False)[0]  # (9, Hc, Wc)
 

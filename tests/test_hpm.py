@@ -8,6 +8,7 @@ import torch
 
 import common
 import hpm
+from test_common import fixed_mask
 
 
 def tiny(cls=hpm.HPM, **kw):
@@ -15,12 +16,6 @@ def tiny(cls=hpm.HPM, **kw):
                decoder_depth=2, decoder_num_heads=2)
     cfg.update(kw)
     return cls(**cfg)
-
-
-def fixed_mask(B=2, L=16, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(L, generator=g)[:n] for _ in range(B)])
-    return torch.zeros(B, L, dtype=torch.bool).scatter(1, ids, True)
 
 
 def reference(m, imgs, mask, norm_pix):

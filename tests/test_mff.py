@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import common
 import mff
+from test_common import fixed_mask
 
 MEAN = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
@@ -20,12 +21,6 @@ def tiny(cls=mff.MFF, **kw):
                decoder_depth=1, decoder_num_heads=2)
     cfg.update(kw)
     return cls(**cfg)
-
-
-def fixed_mask(B=2, L=16, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(L, generator=g)[:n] for _ in range(B)])
-    return torch.zeros(B, L, dtype=torch.bool).scatter(1, ids, True)
 
 
 def normalised(u):
