@@ -1,19 +1,16 @@
-"""Shared parts of mimkit: ViT, Swin, HOG, masking, the MAE baseline, data, the train loop and the launcher.
+"""Shared parts of mimkit: the models every method builds on, then the runner that trains them.
 
-Every method file imports from here and from nothing else of ours. Read top to bottom:
-layers -> ViT -> Swin -> HOG -> masking -> MAE baseline -> checkpoints and key maps -> data -> pictures
--> command line -> distributed -> the train loop.
+The model half reads top to bottom and needs only torch and einops:
+    transformer layers -> ViT -> Swin -> HOG -> masking -> the MAE baseline.
+The runner half (from the banner "the runner" on) is what the scripts share to train them:
+    checkpoints and key maps -> data -> pictures -> command line -> distributed and the entry
+    -> the method <-> loop contract and the train loop -> benchmarks.
+A copier who needs only a model can stop reading at the banner: nothing above it uses anything below.
 """
-import argparse
 import contextlib
-import json
 import math
-import os
-import sys
-import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -315,17 +312,17 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C): (B, G*G, C) -> (B, G*G/4, 2C)."""
+    """2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C): (B, G*G, C) -> (B, G*G/4, 2C).
 
-    def __init__(self, dim, order='tl,bl,tr,br'):
+    `offsets` is the concatenation order as (row, column) offsets; Swin's is TL, BL, TR, BR.
+    """
+
+    offsets = ((0, 0), (1, 0), (0, 1), (1, 1))
+
+    def __init__(self, dim):
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        # official Swin: TL, BL, TR, BR; LocalMIM's pre-training concatenates TL, TR, BL, BR (localmim.md §4)
-        offsets = {'tl': (0, 0), 'bl': (1, 0), 'tr': (0, 1), 'br': (1, 1)}
-        if sorted(order.split(',')) != sorted(offsets):
-            raise ValueError(f'merge order {order!r} must list tl, bl, tr, br once each')
-        self.offsets = [offsets[k] for k in order.split(',')]
 
     def forward(self, x, G):
         """x (B, G*G, C) -> (B, G*G/4, 2C)."""
@@ -338,10 +335,11 @@ class PatchMerging(nn.Module):
 class SwinStage(nn.Module):
     """One stage: blocks, then (except the last stage) a PatchMerging `downsample` — the official layout."""
 
-    def __init__(self, dim, depth, num_heads, window, mlp_ratio, dpr, downsample, merge_order):
+    def __init__(self, dim, depth, num_heads, window, mlp_ratio, dpr, downsample):
         super().__init__()
-        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, window, mlp_ratio, dpr[i]) for i in range(depth)])
-        self.downsample = PatchMerging(dim, merge_order) if downsample else None
+        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, window, mlp_ratio, dpr[i])
+                                     for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
 
 
 class SwinPatchEmbed(nn.Module):
@@ -367,22 +365,17 @@ class SwinTransformer(nn.Module):
     """
 
     def __init__(self, img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                 window_size=7, mlp_ratio=4.0, drop_path=0.0, num_classes=0, merge_order='tl,bl,tr,br',
-                 head_norm='norm'):
+                 window_size=7, mlp_ratio=4.0, drop_path=0.0, num_classes=0):
         super().__init__()
-        if head_norm not in ('norm', 'fc_norm', 'pool_norm'):
-            raise ValueError(f'unknown head_norm {head_norm!r}; use norm, fc_norm or pool_norm')
-        self.patch_size, self.depths, self.head_norm = patch_size, tuple(depths), head_norm
+        self.patch_size, self.depths = patch_size, tuple(depths)
         self.patch_embed = SwinPatchEmbed(patch_size, embed_dim)
         dpr = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear stochastic depth
         self.layers = nn.ModuleList([
             SwinStage(embed_dim * 2 ** s, depths[s], num_heads[s], window_size, mlp_ratio,
-                      dpr[sum(depths[:s]):sum(depths[:s + 1])], s < len(depths) - 1, merge_order)
+                      dpr[sum(depths[:s]):sum(depths[:s + 1])], s < len(depths) - 1)
             for s in range(len(depths))])
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)
-        if head_norm == 'fc_norm':  # FastMIM fine-tuning (mim_swin_finetune.py): a fresh fc_norm, then pooling
-            self.norm, self.fc_norm = nn.Identity(), nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else None
         for m in self.modules():  # Swin init: trunc-normal Linear, zero bias, LayerNorm (1, 0)
             if isinstance(m, nn.Linear):
@@ -431,24 +424,9 @@ class SwinTransformer(nn.Module):
         return (x, outs) if stages else x
 
     def forward(self, imgs):
-        """Classification: average pool of the normed final tokens -> head (or the pooled features).
-
-        head_norm 'norm': norm, then pool (Swin, timm); 'fc_norm': fc_norm, then pool (FastMIM); 'pool_norm': pool,
-        then norm (LocalMIM models_swin.py).
-        """
-        if self.head_norm == 'pool_norm':
-            x = self.norm(self.forward_features(imgs, final_norm=False).mean(1))  # (B, C)
-        elif self.head_norm == 'fc_norm':
-            x = self.fc_norm(self.forward_features(imgs)).mean(1)  # (B, C); `norm` is the identity here
-        else:
-            x = self.forward_features(imgs).mean(1)  # (B, C)
+        """Classification: the normed final tokens, average-pooled -> head (or the pooled features)."""
+        x = self.forward_features(imgs).mean(1)  # (B, C)
         return self.head(x) if self.head is not None else x
-
-    def xavier_init_linears(self):
-        """Re-init every Linear xavier-uniform with zero bias (FastMIM's PretrainSwin, fastmim.md §6 quirk #8)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                init_weights(m)
 
 
 def resize_rel_pos_table(table, new_side, mode='bicubic', num_heads=None):
@@ -510,39 +488,49 @@ def linear_weights(nodes, targets):
 
 # ----------------------------------------------------------------------------- HOG
 
-def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True, gaussian_window=0, bias=None):
-    """Per-colour HOG as convolutions: imgs (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32, no grad.
+def sobel(imgs):
+    """Per-colour image gradients: imgs (B, C, H, W) -> gx, gy (B, C, H, W) each, fp32, no grad.
 
-    MaskFeat/FastMIM layer: reflect pad 1, Sobel per colour channel, magnitude sqrt(gx^2 + gy^2), angle
-    atan2(gx, gy) (this argument order in FastMIM, LocalMIM and mmpretrain), unsigned bins by floor-mod, hard
-    assignment, sum (or mean) over cell x cell pixels, optional L2 norm of each histogram; channel = colour*nbins + bin.
-    `bias` (2,) is added to (gx, gy) before the magnitude and angle (LocalMIM's frozen random conv bias, --hog-bias).
+    Reflect pad 1, then the 3x3 Sobel kernels as one grouped convolution (a cross-correlation:
+    gx = left - right, gy = top - bottom), the layer of MaskFeat, FastMIM, LocalMIM and mmpretrain.
     """
-    with torch.no_grad(), fp32(imgs.device):
+    with torch.no_grad(), autocast_off(imgs.device):
         x = imgs.float()
-        B, C, H, W = x.shape
+        C = x.shape[1]
         kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
         weight = torch.stack([kx, kx.t()])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3): gx, gy per colour
-        b = None if bias is None else bias.detach().float().to(x.device).repeat(C)  # (2C,): gx, gy bias per colour
-        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, b, groups=C)  # (B, 2C, H, W)
-        gx, gy = g[:, 0::2], g[:, 1::2]  # (B, C, H, W) each; cross-correlation: gx = left - right
+        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, groups=C)  # (B, 2C, H, W)
+        return g[:, 0::2], g[:, 1::2]
+
+
+def hog_from_gradients(gx, gy, nbins=9, cell=8, pool='sum', normalize=True):
+    """Histograms of oriented gradients: gx, gy (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32.
+
+    Magnitude sqrt(gx^2 + gy^2), unsigned angle atan2(gx, gy) (this argument order in FastMIM, LocalMIM
+    and mmpretrain) into nbins bins by floor-mod, hard assignment, summed (or averaged) over each cell,
+    optionally L2-normalised per colour and cell; channel = colour * nbins + bin.
+    """
+    with torch.no_grad(), autocast_off(gx.device):
+        B, C, H, W = gx.shape
         mag = torch.sqrt(gx * gx + gy * gy)
-        if gaussian_window:  # MaskFeat's gaussian weighting, tiled over the image (off in FastMIM)
-            n = torch.arange(gaussian_window, dtype=torch.float32, device=x.device)
-            k1 = torch.exp(-0.5 * ((n - n.mean()) / (gaussian_window // 2)) ** 2)
-            k2 = k1[:, None] * k1[None]
-            mag = mag * (k2 / k2.sum()).repeat(H // gaussian_window, W // gaussian_window)
-        bins = torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins  # (B, C, H, W) in 0..nbins-1
-        hist = torch.zeros(B, C, nbins, H, W, device=x.device).scatter_(2, bins[:, :, None], mag[:, :, None])
+        bins = torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins  # (B, C, H, W)
+        hist = torch.zeros(B, C, nbins, H, W, device=gx.device)
+        hist = hist.scatter_(2, bins[:, :, None], mag[:, :, None])  # (B, C, nbins, H, W)
         hist = F.avg_pool2d(hist.view(B, C * nbins, H, W), cell)  # (B, C*nbins, H/cell, W/cell)
         if pool == 'sum':
             hist = hist * (cell * cell)
-        if normalize:  # per colour and cell, over the bins (FastMIM --norm_pix_loss)
-            hist = F.normalize(hist.view(B, C, nbins, H // cell, W // cell), dim=2).flatten(1, 2)
+        if normalize:  # per colour and cell, over the bins
+            hist = hist.view(B, C, nbins, H // cell, W // cell)
+            hist = F.normalize(hist, dim=2).flatten(1, 2)  # (B, C*nbins, H/cell, W/cell)
         return hist
 
 
-def fp32(device):
+def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True):
+    """Per-colour HOG as convolutions: imgs (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32, no grad."""
+    return hog_from_gradients(*sobel(imgs), nbins, cell, pool, normalize)
+
+
+def autocast_off(device):
     """A context that turns autocast off on `device` (targets such as HOG are computed in fp32)."""
     if device.type in ('cpu', 'cuda'):
         return torch.autocast(device.type, enabled=False)
@@ -623,24 +611,6 @@ def masked_mean(per_token_loss, mask):
     """Mean of (B, L) per-token losses over the masked tokens of the whole batch."""
     mask = mask.to(per_token_loss.dtype)
     return (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
-
-
-# MAE's recipe per --model (official pre-training commands: decoder 8 blocks x 512, 16 heads; 512 per GPU x 8 =
-# 4096; 800 epochs, 40 warm-up); vit_tiny/vit_small are ours, for CPUs. hpm.py and efficient_mae.py train with it.
-MAE_DEFAULTS = {
-    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5),
-    'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
-                      warmup_epochs=40),
-    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b
-    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                      warmup_epochs=40),  # the large factory (HPM's pretrain_large.sh trains ViT-B: not copied)
-    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),
-}
-MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
-             'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
-             'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
 
 
 def fill_masked(x, mask_token, ids_restore):
@@ -751,6 +721,18 @@ def check_ratio(value, what, lo=0.0, hi=1.0):
     """Raise a ValueError unless lo <= value < hi."""
     if not lo <= value < hi:
         raise ValueError(f'{what} {value} is out of range; use a value in [{lo}, {hi})')
+
+
+# ============================================================================= the runner
+# Everything below trains the models above: checkpoint files, data, pictures, the command line, DDP and
+# the loop. Its imports live here, so that the model half above stands on its own.
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- checkpoints and key maps
@@ -1008,7 +990,7 @@ def key_summary(keys, limit=12):
 
 
 def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geometric', fresh=('fc_norm', 'head'),
-                 level_norm=True, say=print):
+                 level_norm=True, log=print):
     """Load the encoder of any supported checkpoint (ours or an official release, interop.md §6) into `model`.
 
     `model` is a common.VisionTransformer or common.SwinTransformer classifier. Steps: pick the state dict (the
@@ -1042,12 +1024,12 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
         levels = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r'norm\.(\d+)\.weight', k)))
         if levels:
             sd['norm.weight'], sd['norm.bias'] = sd.pop(f'norm.{levels[-1]}.weight'), sd.pop(f'norm.{levels[-1]}.bias')
-            say(f'norm: the last per-level norm norm.{levels[-1]} of the checkpoint serves as the final norm')
+            log(f'norm: the last per-level norm norm.{levels[-1]} of the checkpoint serves as the final norm')
     sd = {k: v for k, v in sd.items() if not k.endswith(REBUILT_BUFFERS)}
     if 'pos_embed' in sd and 'pos_embed' in own and sd['pos_embed'].shape != own['pos_embed'].shape:
         old, new = math.isqrt(sd['pos_embed'].shape[1] - 1), math.isqrt(own['pos_embed'].shape[1] - 1)
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], new, antialias=new < old)  # antialias when shrinking
-        say(f'pos_embed resized {old}x{old} -> {new}x{new} (bicubic{", antialias" if new < old else ""})')
+        log(f'pos_embed resized {old}x{old} -> {new}x{new} (bicubic{", antialias" if new < old else ""})')
     resized = []
     for k in [k for k in sd if k.endswith('relative_position_bias_table') and k in own]:
         if sd[k].shape != own[k].shape:
@@ -1059,11 +1041,11 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
             resized.append(src)
     if resized:
         side = math.isqrt(own[next(k for k in own if k.endswith('relative_position_bias_table'))].shape[0])
-        say(f'{len(resized)} relative-position tables resized ({table_mode}), e.g. {resized[0]}x{resized[0]} -> '
+        log(f'{len(resized)} relative-position tables resized ({table_mode}), e.g. {resized[0]}x{resized[0]} -> '
             f'{side}x{side}')
     for k in ('head.weight', 'head.bias'):  # MAE main_finetune: a head of another shape is dropped
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
-            say(f'{k} {tuple(sd[k].shape)} dropped (the model has {tuple(own[k].shape) if k in own else "none"})')
+            log(f'{k} {tuple(sd[k].shape)} dropped (the model has {tuple(own[k].shape) if k in own else "none"})')
             del sd[k]
     shapes = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items()
               if k in own and v.shape != own[k].shape]
@@ -1078,7 +1060,7 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
                          f'is it an encoder of this --model?')
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     rebuilt = [k for k in missing if k.endswith(REBUILT_BUFFERS)]
-    say(f'loaded {len(sd) - len(unexpected)} tensors; missing (fresh): '
+    log(f'loaded {len(sd) - len(unexpected)} tensors; missing (fresh): '
         f'{key_summary([k for k in missing if k not in rebuilt])}' + (f' (+{len(rebuilt)} rebuilt buffers)' if rebuilt
                                                                       else '')
         + f'; unexpected (ignored): {key_summary(unexpected)}')
@@ -1187,7 +1169,7 @@ def eval_transform(res, crop_pct=0.875):
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class Keyed(torch.utils.data.Dataset):
+class KeyedDataset(torch.utils.data.Dataset):
     """Wraps a dataset; item (epoch, i) -> (image, label, key), the transform drawn from a generator seeded by the key."""
 
     def __init__(self, base, transform, seed, skip_bad=False):
@@ -1241,7 +1223,7 @@ def pretrain_dataset(args):
     crop = getattr(args, 'crop', 'rrc')
     assert crop in ('rrc', 'pixmim'), crop
     tf = pixmim_transform(args.res) if crop == 'pixmim' else pretrain_transform(args.res, args.rrc_scale)
-    return Keyed(base, tf, args.seed, args.skip_bad_images)
+    return KeyedDataset(base, tf, args.seed, args.skip_bad_images)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device):
@@ -1320,6 +1302,31 @@ def write_png(picture, path):
     Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(path)
 
 
+def picture_batch(args, n=8):
+    """A fixed batch for the pictures: the first n images of the built-in val split (or of --data-path), centre crop."""
+    tf = eval_transform(args.res, crop_pct=1.0)
+    base = image_folder(args.data_path) if args.data_path else SyntheticShapes('val', n, args.res, args.seed)
+    imgs = []
+    for i in range(len(base)):
+        with contextlib.suppress(ValueError):  # an unreadable file is not worth a picture
+            imgs.append(tf(base[i][0]))
+        if len(imgs) == n:
+            break
+    return torch.stack(imgs), torch.arange(len(imgs))
+
+
+def save_picture(model, args, device, path):
+    """Run the model on the picture batch and write its picture() as PNG."""
+    imgs, keys = picture_batch(args)
+    was = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(args.precision, device) or torch.float32,
+                                         enabled=autocast_dtype(args.precision, device) is not None):
+        imgs = imgs.to(device)
+        write_png(model.picture(imgs, model(imgs, keys=keys)), path)
+    model.train(was)
+
+
 # ----------------------------------------------------------------------------- command line
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1331,85 +1338,135 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def pretrain_parser(method, doc):
-    """The flags every pre-training script shares; each also accepts the official repos' spelling."""
-    p = ArgumentParser(prog=f'{method}.py', description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Official launch and logging flags: accepted and ignored with a note (we always auto-resume).
+LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp',
+                'opt_level', 'auto_resume', 'start_epoch')
+
+
+def pretrain_parser(method, doc, decoder=(), norm_pix=False,
+                    norm_pix_help='standardise each target patch (MAE --norm_pix_loss)'):
+    """The flags every pre-training script shares, each also under the official repos' spelling.
+
+    decoder: which of --decoder-dim/--decoder-depth/--decoder-heads the method has, e.g. ('dim',
+    'depth'); norm_pix: False = no --norm-pix-loss flag, else its default (True, or None when the
+    method decides after parsing).
+    """
+    p = ArgumentParser(prog=f'{method}.py', description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(method=method)
     a = p.add_argument
     a('--model', help='model preset (official names accepted, e.g. mim_vit_base, mae_vit_base_patch16)')
     a('--res', '--input_size', '--input-size', dest='res', type=int, help='input resolution')
     a('--mask-ratio', '--mask_ratio', dest='mask_ratio', type=float, help='fraction of masked patches')
     a('--epochs', type=int, help='pre-training epochs')
-    a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float, help='linear warm-up epochs')
+    a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float,
+      help='linear warm-up epochs')
     a('--blr', type=float, help='base lr: lr = blr * effective batch / 256')
     a('--lr', type=float, help='absolute lr (overrides --blr)')
-    a('--min-lr', '--min_lr', dest='min_lr', type=float, help='cosine floor (default 0 unless the method says)')
-    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, default=0.05, help='AdamW weight decay')
-    a('--batch-size', '--batch_size', dest='batch_size', type=int, help='images per process per micro-step')
-    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, help='gradient accumulation steps (default 1)')
-    a('--clip-grad', '--clip_grad', dest='clip_grad', type=float, help='clip the global grad norm (none by default)')
-    a('--data-path', '--data_path', dest='data_path', help='ImageFolder root (<root>/train used when present); '
-      'none = built-in SyntheticShapes and the CPU smoke preset')
-    a('--synthetic-size', dest='synthetic_size', type=int, default=2048, help='images in the built-in data')
+    a('--min-lr', '--min_lr', dest='min_lr', type=float,
+      help='cosine floor (default 0 unless the method says)')
+    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, default=0.05,
+      help='AdamW weight decay')
+    a('--batch-size', '--batch_size', dest='batch_size', type=int,
+      help='images per process per micro-step')
+    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int,
+      help='gradient accumulation steps (default 1)')
+    a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
+      help='clip the global grad norm (none by default)')
+    names = {'dim': ('--decoder-dim', '--decoder_embed_dim'), 'depth': ('--decoder-depth', '--decoder_depth'),
+             'heads': ('--decoder-heads', '--decoder_num_heads')}
+    for part in decoder:
+        a(*names[part], dest=f'decoder_{part}', type=int,
+          help=f'decoder {part}; default per --model (the DEFAULTS table of {method}.py)')
+    if norm_pix is not False:
+        a('--norm-pix-loss', '--norm_pix_loss', dest='norm_pix_loss', default=norm_pix,
+          action=argparse.BooleanOptionalAction, help=norm_pix_help)
+    a('--data-path', '--data_path', dest='data_path', help='ImageFolder root (<root>/train used when '
+      'present); none = built-in SyntheticShapes and the CPU smoke preset')
+    a('--synthetic-size', dest='synthetic_size', type=int, default=2048,
+      help='images in the built-in data')
     a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.2, 1.0),
       help='RandomResizedCrop scale range')
     a('--output-dir', '--output_dir', dest='output_dir', help=f'default output/{method}_<model>')
     a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth when present)')
     a('--seed', type=int, default=0, help='seed of the per-sample randomness')
-    a('--num-workers', '--num_workers', dest='num_workers', type=int, help='data loader workers (default 8)')
+    a('--num-workers', '--num_workers', dest='num_workers', type=int,
+      help='data loader workers (default 8)')
     a('--precision', choices=('auto', 'bf16', 'fp16', 'fp32'), default='auto',
       help='auto = bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler')
     a('--compile', action='store_true', help='torch.compile the model')
     a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
     a('--save-freq', '--save_ckpt_freq', '--save_freq', dest='save_freq', type=int,
       help='epochs between kept checkpoints (default 20; checkpoint-last.pth is written every epoch)')
-    a('--max-steps', dest='max_steps', type=int, help='stop (with a checkpoint) after this many optimizer steps')
+    a('--max-steps', dest='max_steps', type=int,
+      help='stop (with a checkpoint) after this many optimizer steps')
     a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
       help='skip up to K steps whose loss is NaN/inf instead of stopping')
     a('--skip-bad-images', dest='skip_bad_images', action='store_true',
       help='skip unreadable images (each is named on stderr) instead of stopping')
-    a('--benchmark', type=int, default=0, metavar='N', help='time N steps on synthetic batches and print JSON')
+    a('--benchmark', type=int, default=0, metavar='N',
+      help='time N steps on synthetic batches and print JSON')
     a('--benchmark-data', dest='benchmark_data', type=int, default=0, metavar='N',
       help='time N batches of the input pipeline alone and print JSON')
-    # official launch/logging flags: accepted, ignored
-    for flag in ('--log_dir', '--dist_url', '--world_size', '--device', '--pin_mem', '--no_pin_mem',
-                 '--dist_on_itp', '--opt_level', '--auto_resume', '--start_epoch'):
-        a(flag, nargs='?', const=True, default=None, help=argparse.SUPPRESS)
+    for flag in LAUNCH_FLAGS:
+        a(f'--{flag}', nargs='?', const=True, default=None, help=argparse.SUPPRESS)
     return p
 
 
-SCHEDULE = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', 'save_freq', 'num_workers')
+# MAE's recipe per --model (official pre-training commands: decoder 8 blocks x 512, 16 heads; 512 per GPU x 8 =
+# 4096; 800 epochs, 40 warm-up); vit_tiny/vit_small are ours, for CPUs. hpm.py and efficient_mae.py train with it.
+MAE_DEFAULTS = {
+    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5),
+    'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
+                      warmup_epochs=40),
+    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                     warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b
+    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                      warmup_epochs=40),  # the large factory (HPM's pretrain_large.sh trains ViT-B: not copied)
+    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
+                     warmup_epochs=40),
+}
+MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
+             'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
+             'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
+
+
+# Flags that set the length and pace of a run: the smoke preset's values win over the per-model table's
+# even under an explicit --model, so `python fastmim.py --model swin_tiny` stays a short CPU run.
+RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', 'save_freq',
+                    'num_workers')
 
 
 def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base'):
-    """Fill unset flags: the smoke preset without --data-path, then the per-model table; explicit flags win."""
-    launch = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'opt_level',
-              'auto_resume', 'start_epoch')  # we always auto-resume, from the saved step
-    ignored = [f for f in launch if getattr(args, f, None) is not None]
-    if ignored and int(os.environ.get('RANK', 0)) == 0:
-        print(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
-    for f in launch:
+    """Fill unset flags: the smoke preset without --data-path, then the per-model table; explicit
+    flags win."""
+    ignored = [f for f in LAUNCH_FLAGS if getattr(args, f, None) is not None]
+    if ignored:
+        print0(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
+    for f in LAUNCH_FLAGS:
         delattr(args, f)
     chosen = args.model is not None  # an explicit --model keeps its own architecture under the smoke preset
-    args.model = (model_names or {}).get(args.model, args.model or (smoke['model'] if args.data_path is None
-                                                                    else default_model))
+    default = smoke['model'] if args.data_path is None else default_model
+    args.model = (model_names or {}).get(args.model, args.model or default)
     if args.model not in table:
         raise ValueError(f'unknown --model {args.model}; choose one of {", ".join(table)}')
     if args.data_path is None:
         for k, v in smoke.items():
-            if getattr(args, k, None) is None and not (chosen and k in table[args.model] and k not in SCHEDULE):
+            architecture = chosen and k in table[args.model] and k not in RUN_LENGTH_FLAGS
+            if getattr(args, k, None) is None and not architecture:
                 setattr(args, k, v)
     for k, v in table[args.model].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k, v in dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0).items():  # after presets
+    for k, v in dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
 
 
 def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
-    """Parse a pre-training command line, fill the presets (apply_defaults), then each still-unset flag from
-    `fallback` (e.g. method='fastmim', res=128); check --data-path; output_dir defaults to output/<method>_<model>."""
+    """Parse a pre-training command line, fill the presets (apply_defaults), then each still-unset flag
+    from `fallback` (e.g. res=128); check --data-path; output_dir defaults to output/<method>_<model>."""
     args = p.parse_args(argv)
     try:
         apply_defaults(args, table, smoke, model_names)
@@ -1424,24 +1481,35 @@ def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
     return args
 
 
-# ----------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- distributed and the entry
 
 def setup_distributed():
-    """DDP iff RANK, LOCAL_RANK and WORLD_SIZE are set (torchrun): nccl on CUDA, gloo on CPU. -> (rank, world, device)."""
+    """DDP iff RANK, LOCAL_RANK and WORLD_SIZE are set (torchrun): nccl on CUDA, gloo on CPU.
+
+    -> (rank, world size, device).
+    """
     cuda = torch.cuda.is_available()
-    if all(k in os.environ for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')):
-        local = int(os.environ['LOCAL_RANK'])
-        if cuda:
-            torch.cuda.set_device(local)
-        if not dist.is_initialized():
-            import datetime
-            dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=30))
-        return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
-    return 0, 1, torch.device('cuda' if cuda else 'cpu')
+    if not all(k in os.environ for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')):
+        return 0, 1, torch.device('cuda' if cuda else 'cpu')
+    local = int(os.environ['LOCAL_RANK'])
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        import datetime
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=30))
+    device = torch.device('cuda', local) if cuda else torch.device('cpu')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def print0(*args, **kwargs):
+    """print() on the first process only (every process runs the same script under torchrun)."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*args, **kwargs)
 
 
 def run_main(fn, argv):
-    """Run a script's main: a user error (ValueError) is one line `error: …` and exit 2; a NaN loss exits 1."""
+    """Run a script's main: a user error (ValueError) is one line `error: …` and exit 2; a non-finite
+    loss exits 1; the process group is shut down however the run ends."""
     try:
         return fn(argv)
     except (ValueError, NonFiniteLoss) as e:
@@ -1452,7 +1520,45 @@ def run_main(fn, argv):
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- the train loop
+def launch(argv, get_args, build_model):
+    """The main() of every pre-training script: parse, build the model (the same initial weights on every
+    rank and every run), train."""
+    def pretrain(argv):
+        args = get_args(argv)
+        torch.manual_seed(args.seed)
+        return train(build_model(args), args)
+    return run_main(pretrain, argv)
+
+
+# ----------------------------------------------------------------------------- the method <-> loop contract
+#
+# train(model, args) runs any nn.Module that keeps this contract: the five methods, and finetune.py's classifier.
+#
+#   model(imgs, keys=keys) -> dict      Required. imgs (B, 3, H, W) normalised, keys (B,) int64: one key per
+#                                       sample, which seeds its mask noise. 'loss' (0-d) is what is optimised;
+#                                       every other 0-d tensor (or list of them, logged as name_0, name_1, ...)
+#                                       is averaged over the log interval into log.jsonl; other entries are for
+#                                       picture(). A model whose `takes_labels` is True also gets labels=(B,).
+#
+# Optional hooks, called when the model has them (what happens without one in brackets):
+#   no_weight_decay(name, param) -> bool    the tensors AdamW does not decay     [1-D tensors and biases]
+#   make_optimizer(args, fused) -> optim    its own optimiser; the loop sets each group's lr every step,
+#                                           times the group's 'lr_scale'      [AdamW (0.9, 0.95), 2 groups]
+#   on_epoch(epoch) -> int | None           at the start of every epoch, also the one a resume lands in;
+#                                           an int is a new input resolution: the loop rebuilds the data,
+#                                           resizes the AdamW moments of resized tables, re-wraps DDP and
+#                                           compile (FastMIM-P)                                 [nothing]
+#   after_step()                            after every optimizer step, not every micro-step   [nothing]
+#   evaluate(epoch) -> dict                 after each completed epoch and at --max-steps; the numbers
+#                                           go to log.jsonl; 'best': True also writes
+#                                           checkpoint-best.pth                                 [nothing]
+#   picture(imgs, out) -> uint8 (3, H, W)   drawn with every checkpoint on 8 fixed images   [no picture]
+#   extra_state() -> dict                   more top-level checkpoint entries, e.g. 'model_ema' [none]
+#   load_extra_state(checkpoint)            reads them back on resume                        [nothing]
+#   describe() -> str                       one line printed under the config               [nothing]
+#
+# train() returns the model, with `model.run_end` = dict(step, total, reason) where reason is 'done',
+# 'max_steps', 'signal' or 'already_finished'.
 
 class NonFiniteLoss(RuntimeError):
     """Raised when a step's loss is NaN or inf."""
@@ -1472,8 +1578,18 @@ def param_groups(model, weight_decay, no_decay=default_no_decay):
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': skip, 'weight_decay': 0.0}]
 
 
+def make_optimizer(model, args, fused):
+    """The model's make_optimizer hook, else AdamW (0.9, 0.95) with the model's weight-decay rule (MAE)."""
+    if hasattr(model, 'make_optimizer'):
+        return model.make_optimizer(args, fused)
+    no_decay = getattr(model, 'no_weight_decay', default_no_decay)
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, no_decay), lr=args.lr,
+                             betas=(0.9, 0.95), fused=fused)
+
+
 def lr_at(epoch, args):
-    """Per-iteration schedule as a pure function of the fractional epoch: linear warm-up from 0, half-cosine to min_lr."""
+    """Per-iteration lr as a pure function of the fractional epoch: linear warm-up from 0, half-cosine
+    to min_lr (MAE util/lr_sched.py:adjust_learning_rate)."""
     if epoch < args.warmup_epochs:
         return args.lr * epoch / args.warmup_epochs
     t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-12)
@@ -1488,18 +1604,20 @@ def autocast_dtype(precision, device):
 
 
 def resize_optimizer_state(model, optimizer):
-    """After an in-place resize of relative-position tables, resize their AdamW moments the same way (FastMIM-P)."""
+    """After an in-place resize of relative-position tables, resize their AdamW moments the same way
+    (FastMIM-P)."""
     for name, p in model.named_parameters():
         state = optimizer.state.get(p, {})
         for k, v in list(state.items()):
             if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
                 assert 'relative_position_bias_table' in name, f'cannot resize the optimizer state of {name}'
                 v = resize_rel_pos_table(v, math.isqrt(p.shape[0]))
-                state[k] = v.clamp(min=0) if k == 'exp_avg_sq' else v  # bicubic can overshoot below 0
+                # bicubic can overshoot below 0, which a second moment must not
+                state[k] = v.clamp(min=0) if k == 'exp_avg_sq' else v
 
 
-def scalars(out):
-    """The 0-d tensors of a forward's output dict (lists as name_0, name_1, …), detached, in a fixed order."""
+def logged_scalars(out):
+    """The 0-d tensors of a forward's output dict (lists as name_0, name_1, …), detached, fixed order."""
     items = {}
     for k, v in out.items():
         if torch.is_tensor(v) and v.dim() == 0:
@@ -1509,30 +1627,269 @@ def scalars(out):
     return items
 
 
-def picture_batch(args, n=8):
-    """A fixed batch for the pictures: the first n images of the built-in val split (or of --data-path), centre crop."""
-    tf = eval_transform(args.res, crop_pct=1.0)
-    base = image_folder(args.data_path) if args.data_path else SyntheticShapes('val', n, args.res, args.seed)
-    imgs = []
-    for i in range(len(base)):
-        with contextlib.suppress(ValueError):  # an unreadable file is not worth a picture
-            imgs.append(tf(base[i][0]))
-        if len(imgs) == n:
-            break
-    return torch.stack(imgs), torch.arange(len(imgs))
+def optimizer_step(optimizer, scaler, params, clip_grad=None):
+    """Unscale and clip the global grad norm (when asked), step through the GradScaler, zero the grads."""
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def save_picture(raw, args, device, path):
-    """Run the model on the picture batch and write its picture() as PNG."""
-    imgs, keys = picture_batch(args)
-    was = raw.training
-    raw.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(args.precision, device) or torch.float32,
-                                         enabled=autocast_dtype(args.precision, device) is not None):
-        imgs = imgs.to(device)
-        write_png(raw.picture(imgs, raw(imgs, keys=keys)), path)
-    raw.train(was)
+def step_plan(n_images, args, world):
+    """-> (effective batch, optimizer steps per epoch) with drop_last per rank; sets
+    args.lr = blr * effective batch / 256 unless --lr is given."""
+    per_step = args.batch_size * args.accum_iter * world
+    steps_per_epoch = n_images // world // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f'{n_images} images are fewer than one step needs (batch {args.batch_size} x '
+                         f'accum {args.accum_iter} x world {world} = {per_step}); lower --batch-size or '
+                         f'add images')
+    if args.lr is None:
+        args.lr = args.blr * per_step / 256
+    return per_step, steps_per_epoch
 
+
+def catch_preemption():
+    """SIGTERM / SIGUSR1 (cluster preemption) append to a list instead of killing the process ->
+    (list, restore): the loop finishes its step, saves checkpoint-last.pth and exits 0;
+    restore() puts the old handlers back."""
+    import signal
+    hit = []
+    old = {sig: signal.signal(sig, lambda *_: hit.append(1)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    return hit, lambda: [signal.signal(sig, h) for sig, h in old.items()]
+
+
+def wrap(model, args, world, device):
+    """The module the steps call: DDP across processes (when world > 1), then torch.compile (--compile)."""
+    wrapped = model
+    if world > 1:
+        ids = [device.index] if device.type == 'cuda' else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                            find_unused_parameters=False)
+    return torch.compile(wrapped) if args.compile else wrapped
+
+
+def checkpoint_state(model, optimizer, scaler, epoch, step, args):
+    """The MAE checkpoint layout + 'step', plain data only (loads with weights_only=True)."""
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+             'step': step, 'scaler': scaler.state_dict() if scaler.is_enabled() else {},
+             'args': plain_data(vars(args))}
+    if hasattr(model, 'extra_state'):
+        state.update(model.extra_state())
+    return state
+
+
+def train(model, args, make_dataset=None):
+    """Train `model` (the contract above) on CPU, one GPU or under torchrun: data, optimiser, lr schedule,
+    accumulation, DDP, AMP, logging, checkpoints, pictures, exact resume, preemption and the NaN guard.
+
+    make_dataset(args) -> a dataset of (image, label, key) items (KeyedDataset); default pretrain_dataset.
+    """
+    make_dataset = make_dataset or pretrain_dataset
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
+    if args.benchmark_data:
+        return benchmark_data(args, device)
+    if args.benchmark:
+        return benchmark(model, args, device)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    dataset = make_dataset(args)
+    per_step, steps_per_epoch = step_plan(len(dataset), args, world)
+    total = args.epochs * steps_per_epoch
+    model = model.to(device)
+    out_dir = args.output_dir
+    last_path = os.path.join(out_dir, 'checkpoint-last.pth')
+
+    # ---- resume: the model at the saved epoch's resolution, then its weights, optimiser and extras
+    ckpt, step = None, 0
+    resume = args.resume or (last_path if os.path.isfile(last_path) else None)
+    if resume:
+        ckpt = load_file(resume)
+        if hasattr(model, 'on_epoch'):  # bring resolution-dependent shapes to the saved epoch (FastMIM-P)
+            model.on_epoch(ckpt['epoch'])
+            args.res = getattr(model, 'res', args.res)
+        load_model_state(model, ckpt['model'], f'checkpoint {resume}')
+        step = ckpt['step']
+    amp = autocast_dtype(args.precision, device)
+    optimizer = make_optimizer(model, args, fused=device.type == 'cuda')
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        if hasattr(model, 'load_extra_state'):
+            model.load_extra_state(ckpt)
+        print0(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
+               f'lr {lr_at(step / steps_per_epoch, args):.3g}')
+
+    # ---- what this run is
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        print0(f'config: {json.dumps(vars(args), default=str)}')
+        if not args.data_path:
+            print0(f'no --data-path: built-in SyntheticShapes data ({len(dataset)} images, 10 classes) '
+                   f'and smoke preset')
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f'device {device}, world {world}, effective batch {per_step} ({args.batch_size} x '
+               f'{args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x {per_step}/256), '
+               f'{steps_per_epoch} steps/epoch, {n_params / 1e6:.2f}M trainable parameters')
+        if hasattr(model, 'describe'):
+            print0(model.describe())
+    model.run_end = dict(step=step, total=total, reason='already_finished')
+    if step >= total:
+        print0(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir or more '
+               f'--epochs')
+        return model
+
+    def save(epoch, keep, path=last_path):
+        """Rank 0 writes the checkpoint (and the picture); every rank waits for it."""
+        if rank == 0:
+            state = checkpoint_state(model, optimizer, scaler, epoch, step, args)
+            save_atomic(state, path)
+            if keep:
+                save_atomic(state, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
+            if hasattr(model, 'picture') and path == last_path:
+                name = f'picture-{epoch}.png' if keep else 'picture-last.png'
+                save_picture(model, args, device, os.path.join(out_dir, name))
+        if world > 1:
+            dist.barrier()  # no rank runs ahead (or shuts the group down) while rank 0 writes
+
+    def end(reason):
+        model.run_end = dict(step=step, total=total, reason=reason)
+        return model
+
+    signalled, restore_signals = catch_preemption()
+    log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if rank == 0 else None
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
+        skipped = 0
+        loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
+        while step < total:
+            epoch = step // steps_per_epoch
+            out = None  # drop the last graph: a table resized in place needs a fresh autograd accumulator
+            new_res = model.on_epoch(epoch) if hasattr(model, 'on_epoch') else None
+            if loader is None or (new_res and new_res != args.res):
+                if new_res and new_res != args.res:  # FastMIM-P: new crops, moments, DDP, compile
+                    print0(f'epoch {epoch}: resolution {args.res} -> {new_res}')
+                    args.res = new_res
+                    resize_optimizer_state(model, optimizer)
+                    dataset = make_dataset(args)
+                sampler = StepSampler(dataset, world, rank, args.seed)
+                loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
+                wrapped = wrap(model, args, world, device)
+            sampler.set_epoch(epoch)
+            sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
+            model.train()
+            micro, at_max = 0, False
+            for imgs, labels, keys in loader:
+                imgs = imgs.to(device, non_blocking=True)
+                if micro == 0:
+                    # drop path (and fine-tuning's mixup): a function of the step
+                    torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
+                    lr = lr_at(step / steps_per_epoch, args)
+                    for g in optimizer.param_groups:
+                        g['lr'] = lr * g.get('lr_scale', 1.0)
+                inputs = dict(keys=keys)
+                if getattr(model, 'takes_labels', False):
+                    inputs['labels'] = labels.to(device, non_blocking=True)
+                final = micro == args.accum_iter - 1
+                sync = contextlib.nullcontext() if final or world == 1 else wrapped.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        out = wrapped(imgs, **inputs)
+                    scaler.scale(out['loss'] / args.accum_iter).backward()
+                for k, v in logged_scalars(out).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_sum += 1
+                micro += 1
+                if not final:
+                    continue
+                micro = 0
+                flags = torch.stack([(~torch.isfinite(out['loss'].detach())).float(),
+                                     torch.tensor(float(bool(signalled)), device=device)])
+                if world > 1:
+                    dist.all_reduce(flags)  # one sync per step: every rank decides alike
+                bad, stopping = flags.tolist()
+                if bad:
+                    terms = {k: float(v) for k, v in logged_scalars(out).items()}
+                    if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
+                        skipped += 1
+                        print0(f'warning: non-finite loss at step {step} skipped '
+                               f'({skipped}/{args.skip_nonfinite}): {terms}')
+                        optimizer.zero_grad(set_to_none=True)
+                        sums, n_sum = {}, 0
+                        continue
+                    good = last_path if os.path.isfile(last_path) else 'none yet'
+                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: '
+                                        f'{terms}; last good checkpoint: {good} (resume from it with a '
+                                        f'lower --blr, or pass --skip-nonfinite K)')
+                optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
+                if hasattr(model, 'after_step'):
+                    model.after_step()
+                step += 1
+                bar.update(1)
+                if step % args.log_freq == 0 or step == total:
+                    names = sorted(sums)
+                    vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
+                    if world > 1:
+                        dist.all_reduce(vals)
+                        vals /= world
+                    seconds = time.time() - t_log
+                    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
+                           'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2)}
+                    row.update({k: float(v) for k, v in zip(names, vals.tolist())})
+                    if log:
+                        log.write(json.dumps(row) + '\n')
+                        log.flush()
+                        bar.set_postfix(loss=f'{row["loss"]:.4f}')
+                    sums, n_sum, t_log = {}, 0, time.time()
+                if stopping:  # preemption: save the step, skip the evaluation, exit 0
+                    save(epoch, keep=False)
+                    bar.close()
+                    print0(f'stopped by a signal at step {step}: {last_path} saved; run the same command '
+                           f'to continue')
+                    return end('signal')
+                at_max = bool(args.max_steps and step >= args.max_steps)
+                if at_max or step % steps_per_epoch == 0:
+                    break
+            if hasattr(model, 'evaluate'):
+                metrics = model.evaluate(epoch)
+                if metrics.pop('best', False):
+                    save(epoch, keep=False, path=os.path.join(out_dir, 'checkpoint-best.pth'))
+                if log:
+                    log.write(json.dumps({'step': step, 'epoch': round(step / steps_per_epoch, 4),
+                                          **metrics}) + '\n')
+                    log.flush()
+            # MAE/LocalMIM keep epochs 0, f, 2f, … and the last
+            keep = bool(args.save_freq) and not at_max and (epoch % args.save_freq == 0 or step == total)
+            save(epoch, keep)
+            if at_max:
+                bar.close()
+                return end('max_steps')
+        bar.close()
+        print0(f'done: {step} steps, checkpoints and pictures in {out_dir}')
+        return end('done')
+    finally:
+        restore_signals()  # also when the run ends with an error (in-process callers)
+        if log:
+            log.close()
+
+
+def plain_data(obj):
+    """Only plain data (str/int/float/bool/None/list/dict), so checkpoints load with weights_only=True."""
+    if isinstance(obj, dict):
+        return {str(k): plain_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_data(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
+
+
+# ----------------------------------------------------------------------------- benchmarks
 
 def count_flops(model, imgs, **kw):
     """Forward + backward FLOPs of one training step on `imgs` (attention counted: SDPA's math backend)."""
@@ -1562,10 +1919,13 @@ def benchmark(model, args, device, warmup=2):
                             fused=device.type == 'cuda')
     net = torch.compile(model) if args.compile else model
     times = []
+    inputs = dict(keys=keys)
+    if getattr(model, 'takes_labels', False):
+        inputs['labels'] = keys.to(device) % 1000
     for i in range(warmup + args.benchmark):
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = net(imgs, keys=keys)['loss']
+            loss = net(imgs, **inputs)['loss']
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1577,7 +1937,7 @@ def benchmark(model, args, device, warmup=2):
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
     n = min(2, args.batch_size)
-    flops = count_flops(model, imgs[:n], keys=keys[:n]) / n
+    flops = count_flops(model, imgs[:n], **{k: v[:n] for k, v in inputs.items()}) / n
     row = {'method': args.method, 'model': args.model, 'res': args.res, 'batch': args.batch_size,
            'device': device.type, 'dtype': str(amp or torch.float32).replace('torch.', ''),
            'img_per_s': round(args.batch_size / step, 2), 'step_ms_median': round(step * 1e3, 2),
@@ -1605,211 +1965,3 @@ def benchmark_data(args, device):
            'data': args.data_path or 'SyntheticShapes'}
     print(json.dumps(row))
     return row
-
-
-def optimizer_step(optimizer, scaler, params, clip_grad=None):
-    """Unscale and clip the global grad norm (when asked), step through the GradScaler, zero the grads."""
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def step_plan(n_images, args, world):
-    """-> (effective batch, optimizer steps per epoch) with drop_last per rank; sets args.lr = blr * batch / 256."""
-    per_step = args.batch_size * args.accum_iter * world
-    steps_per_epoch = n_images // world // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f'{n_images} images are fewer than one step needs (batch {args.batch_size} x accum '
-                         f'{args.accum_iter} x world {world} = {per_step}); lower --batch-size or add images')
-    if args.lr is None:
-        args.lr = args.blr * per_step / 256
-    return per_step, steps_per_epoch
-
-
-def catch_preemption():
-    """SIGTERM / SIGUSR1 (cluster preemption) append to a list instead of killing the process -> (list, restore):
-    the loop finishes its step, saves checkpoint-last.pth and exits 0; restore() puts the old handlers back."""
-    import signal
-    hit = []
-    old = {sig: signal.signal(sig, lambda *_: hit.append(1)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    return hit, lambda: [signal.signal(sig, h) for sig, h in old.items()]
-
-
-def train(model, args):
-    """Pre-train `model` (the method <-> loop contract of STYLE.md) on CPU, one GPU or under torchrun."""
-    rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
-    if args.benchmark_data:
-        return benchmark_data(args, device)
-    if args.benchmark:
-        return benchmark(model, args, device)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    say = print if rank == 0 else (lambda *a, **k: None)
-    dataset = pretrain_dataset(args)
-    per_step, steps_per_epoch = step_plan(len(dataset), args, world)
-    total = args.epochs * steps_per_epoch
-    raw = model.to(device)
-    out_dir = args.output_dir
-    last_path = os.path.join(out_dir, 'checkpoint-last.pth')
-    ckpt, step = None, 0
-    resume = args.resume or (last_path if os.path.isfile(last_path) else None)
-    if resume:
-        ckpt = load_file(resume)
-        if hasattr(raw, 'on_epoch'):  # bring resolution-dependent shapes to the saved epoch (FastMIM-P)
-            raw.on_epoch(ckpt['epoch'])
-            args.res = getattr(raw, 'res', args.res)
-        load_model_state(raw, ckpt['model'], f'checkpoint {resume}')
-        step = ckpt['step']
-    amp = autocast_dtype(args.precision, device)
-    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, getattr(raw, 'no_weight_decay', default_no_decay)),
-                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        if 'model_ema' in ckpt and hasattr(raw, 'load_extra_state'):
-            raw.load_extra_state(ckpt['model_ema'])
-        say(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
-            f'lr {lr_at(step / steps_per_epoch, args):.3g}')
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        say(f'config: {json.dumps(vars(args), default=str)}')
-        if not args.data_path:
-            say(f'no --data-path: built-in SyntheticShapes data ({len(dataset)} images, 10 classes) and smoke preset')
-        n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-        say(f'device {device}, world {world}, effective batch {per_step} ({args.batch_size} x {args.accum_iter} x '
-            f'{world}), lr {args.lr:.3g} (blr {args.blr} x {per_step}/256), {steps_per_epoch} steps/epoch, '
-            f'{n_params / 1e6:.2f}M trainable parameters')
-    if step >= total:
-        say(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir or more --epochs')
-        return raw
-
-    def save(epoch, keep):
-        if rank == 0:
-            write(epoch, keep)
-        if world > 1:
-            dist.barrier()  # no rank runs ahead (or shuts the group down) while rank 0 writes
-
-    def write(epoch, keep):
-        state = {'model': raw.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch, 'step': step,
-                 'scaler': scaler.state_dict() if scaler.is_enabled() else {}, 'args': plain(vars(args))}
-        if hasattr(raw, 'extra_state'):
-            state['model_ema'] = raw.extra_state()
-        save_atomic(state, last_path)
-        if keep:
-            save_atomic(state, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
-        if hasattr(raw, 'picture'):
-            save_picture(raw, args, device, os.path.join(out_dir, f'picture-{epoch}.png' if keep else 'picture-last.png'))
-
-    stop, restore_signals = catch_preemption()
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
-        skipped = 0
-        log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if rank == 0 else None
-        loader, net, sums, n_sum, t_log = None, None, {}, 0, time.time()
-        while step < total:
-            epoch = step // steps_per_epoch
-            out = None  # drop the last graph: a table resized in place needs a fresh autograd accumulator
-            new_res = raw.on_epoch(epoch) if hasattr(raw, 'on_epoch') else None
-            if loader is None or (new_res and new_res != args.res):
-                if new_res and new_res != args.res:  # FastMIM-P: new resolution -> new crops, moments, DDP, compile
-                    say(f'epoch {epoch}: resolution {args.res} -> {new_res}')
-                    args.res = new_res
-                    resize_optimizer_state(raw, optimizer)
-                    dataset = pretrain_dataset(args)
-                sampler = StepSampler(dataset, world, rank, args.seed)
-                loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
-                net = raw if world == 1 else torch.nn.parallel.DistributedDataParallel(
-                    raw, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
-                if args.compile:
-                    net = torch.compile(net)
-            sampler.set_epoch(epoch)
-            sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
-            micro = 0
-            for imgs, _, keys in loader:
-                imgs = imgs.to(device, non_blocking=True)
-                if micro == 0:
-                    torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)  # drop path: a function of the step
-                    lr = lr_at(step / steps_per_epoch, args)
-                    for g in optimizer.param_groups:
-                        g['lr'] = lr * g.get('lr_scale', 1.0)
-                final = micro == args.accum_iter - 1
-                sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        out = net(imgs, keys=keys)
-                    scaler.scale(out['loss'] / args.accum_iter).backward()
-                for k, v in scalars(out).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_sum += 1
-                micro += 1
-                if not final:
-                    continue
-                micro = 0
-                flags = torch.stack([(~torch.isfinite(out['loss'].detach())).float(),
-                                     torch.tensor(float(bool(stop)), device=device)])
-                if world > 1:
-                    dist.all_reduce(flags)  # one sync per step: every rank decides alike
-                bad, stopping = flags.tolist()
-                if bad:
-                    terms = {k: float(v) for k, v in scalars(out).items()}
-                    if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
-                        skipped += 1
-                        say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite}): '
-                            f'{terms}')
-                        optimizer.zero_grad(set_to_none=True)
-                        sums, n_sum = {}, 0
-                        continue
-                    good = last_path if os.path.isfile(last_path) else 'none yet'
-                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: {terms}; '
-                                        f'last good checkpoint: {good} (resume from it with a lower --blr, or pass '
-                                        f'--skip-nonfinite K)')
-                optimizer_step(optimizer, scaler, raw.parameters(), args.clip_grad)
-                if hasattr(raw, 'after_step'):
-                    raw.after_step()
-                step += 1
-                bar.update(1)
-                if step % args.log_freq == 0 or step == total:
-                    names = sorted(sums)
-                    vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
-                    if world > 1:
-                        dist.all_reduce(vals)
-                        vals /= world
-                    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
-                           'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
-                    row.update({k: float(v) for k, v in zip(names, vals.tolist())})
-                    if log:
-                        log.write(json.dumps(row) + '\n')
-                        log.flush()
-                        bar.set_postfix(loss=f'{row["loss"]:.4f}')
-                    sums, n_sum, t_log = {}, 0, time.time()
-                if stopping or (args.max_steps and step >= args.max_steps):
-                    save(epoch, keep=False)
-                    bar.close()
-                    if stopping:
-                        say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
-                    return raw
-                if step % steps_per_epoch == 0:
-                    break
-            save(epoch, keep=epoch % args.save_freq == 0 or step == total)  # MAE/LocalMIM: epochs 0, f, 2f, …
-        bar.close()
-        say(f'done: {step} steps, checkpoints and pictures in {out_dir}')
-        return raw
-    finally:
-        restore_signals()  # also when the run ends with an error (in-process callers)
-
-
-def plain(obj):
-    """Only plain data (str/int/float/bool/None/list/dict) so checkpoints load with weights_only=True."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)

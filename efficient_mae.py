@@ -41,7 +41,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, MaskedAutoencoderViT, check_ratio, fp32, grid_picture,
+from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, MaskedAutoencoderViT, check_ratio, autocast_off, grid_picture,
                     hot_colours, ids_from_mask, masked_mean, parse_pretrain, pixel_columns, pretrain_parser,
                     random_masking, run_main, sample_noise, train, upsample_mask)
 
@@ -118,7 +118,7 @@ class EfficientMAE(MaskedAutoencoderViT):
         else:
             pred = self.forward_decoder(latent, ids_restore)  # (B, L, P) = MAE
         target = self.target(imgs)
-        per_patch = self.patch_loss(pred, target)  # (B, L) fp32
+        per_patch = self.patch_loss(pred, target)  # (B, L) autocast_off
 
         out = dict(pred=pred * kept[..., None].to(pred.dtype), target=target, mask=mask, difficulty=d,
                    kept_targets=kept)
@@ -200,7 +200,7 @@ def p2dist(mask, grid, samples):
     """
     B, G, s = mask.shape[0], grid, samples
     dev = mask.device
-    with fp32(dev):
+    with autocast_off(dev):
         t = (torch.arange(G * s, device=dev, dtype=torch.float32) + 0.5) / s  # (G*s,) sample coordinates
         start = torch.arange(G, device=dev, dtype=torch.float32)  # (G,) square j covers [j, j+1]
         gap2 = ((start[None] - t[:, None]).clamp(min=0) + (t[:, None] - start[None] - 1).clamp(min=0)) ** 2  # (G*s, G)
@@ -215,7 +215,7 @@ def p2dist(mask, grid, samples):
 def neighbour_sum(mask, grid, kernel):
     """Visible patches weighted by `kernel` (k, k) around each patch, outside the image not visible: (B, L)."""
     B = mask.shape[0]
-    with fp32(mask.device):
+    with autocast_off(mask.device):
         vis = (~mask).float().view(B, 1, grid, grid)  # (B, 1, G, G)
         k = kernel.to(mask.device, torch.float32)[None, None]  # (1, 1, k, k)
         return F.conv2d(vis, k, padding=kernel.shape[-1] // 2).reshape(B, grid * grid)  # (B, L)
@@ -239,7 +239,7 @@ def invdist5(mask, grid):
 def nearest(mask, grid):
     """Distance from each patch centre to the nearest visible patch centre, patch units (suppl. C, metric 3): (B, L)."""
     dev = mask.device
-    with fp32(dev):
+    with autocast_off(dev):
         c = torch.arange(grid, device=dev, dtype=torch.float32)
         yx = torch.stack(torch.meshgrid(c, c, indexing='ij')).reshape(2, -1)  # (2, L) raster order
         dist = (yx[:, :, None] - yx[:, None, :]).square().sum(0).sqrt()  # (L, L) centre distances

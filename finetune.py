@@ -25,13 +25,11 @@ mode ends with the lines `top1 <percent>` and `top5 <percent>` and writes them t
     python finetune.py --ckpt swin_base_fastmim_hog_400e_pretrain.pth --model swin_base --export-timm swin_b.pth
 """
 import argparse
-import contextlib
 import copy
 import json
 import math
 import os
 import re
-import time
 from functools import partial
 
 import torch
@@ -39,12 +37,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser, Keyed, NonFiniteLoss,
-                    StepSampler, SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, benchmark,
-                    catch_preemption, eval_transform, image_folder, layer_decay_groups, load_encoder, load_file,
-                    load_model_state, lr_at, make_loader, mmpretrain_vit_to_timm, optimizer_step, pick_state_dict,
-                    plain, run_main, save_atomic, setup_distributed, step_plan, strip_prefix, swin_layer_id,
-                    swin_to_timm, vit_layer_id)
+from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser, KeyedDataset,
+                    SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, benchmark,
+                    eval_transform, image_folder, layer_decay_groups, load_encoder, load_file,
+                    mmpretrain_vit_to_timm, pick_state_dict, plain_data, print0, run_main, save_atomic,
+                    setup_distributed, strip_prefix, swin_layer_id, swin_to_timm, train, vit_layer_id)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes (the papers' setting):
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -108,14 +105,41 @@ def model_config(args):
     return cfg
 
 
+class SwinClassifier(SwinTransformer):
+    """Swin with the classifier head a method fine-tunes with (`--swin-head`).
+
+    'norm': final norm, then average pool (Swin, timm); 'fc_norm': a fresh fc_norm instead of the final
+    norm, then pool (ggjy/FastMIM.pytorch models/mim_swin_finetune.py); 'pool_norm': pool, then the norm
+    (Haoqing-Wang/LocalMIM Swin/models_swin.py:SwinTransformer.forward_features).
+    """
+
+    def __init__(self, *args, head_norm='norm', **kwargs):
+        super().__init__(*args, **kwargs)
+        if head_norm not in ('norm', 'fc_norm', 'pool_norm'):
+            raise ValueError(f'unknown --swin-head {head_norm!r}; use norm, fc_norm or pool_norm')
+        self.head_norm = head_norm
+        if head_norm == 'fc_norm':
+            self.norm, self.fc_norm = nn.Identity(), nn.LayerNorm(self.num_features)
+
+    def forward(self, imgs):
+        """imgs (B, 3, H, W) -> logits (B, classes) (or the pooled features when there is no head)."""
+        if self.head_norm == 'pool_norm':
+            x = self.norm(self.forward_features(imgs, final_norm=False).mean(1))  # (B, C)
+        elif self.head_norm == 'fc_norm':
+            x = self.fc_norm(self.forward_features(imgs)).mean(1)  # (B, C); `norm` is the identity
+        else:
+            x = self.forward_features(imgs).mean(1)  # (B, C)
+        return self.head(x) if self.head is not None else x
+
+
 def build_encoder(args, num_classes=0, pool='token', drop_path=0.0, swin_head='norm'):
     """The ViT (timm names, learnable pos-embed) or Swin (Microsoft layout) of --model at --res."""
     cfg = model_config(args)
     if args.model.startswith('vit'):
-        return VisionTransformer(args.res, drop_path=drop_path, global_pool=pool, num_classes=num_classes,
-                                 learnable_pos=True, **cfg)
-    return SwinTransformer(args.res, 4, window_size=args.window_size, drop_path=drop_path, num_classes=num_classes,
-                           head_norm=swin_head, **cfg)
+        return VisionTransformer(args.res, drop_path=drop_path, global_pool=pool,
+                                 num_classes=num_classes, learnable_pos=True, **cfg)
+    return SwinClassifier(args.res, 4, window_size=args.window_size, drop_path=drop_path,
+                          num_classes=num_classes, head_norm=swin_head, **cfg)
 
 
 def encoder_features(enc, imgs, pool='cls', layer=None):
@@ -379,35 +403,40 @@ def knn_classify(train_f, train_y, test_f, test_y, k, T=0.07, num_classes=None, 
 
 # ----------------------------------------------------------------------------- modes
 
-def load_pretrained(model, args, obj, say, fresh, level_norm):
+def load_pretrained(model, args, obj, fresh, level_norm):
     """Encoder weights from --ckpt (when given) via common.load_encoder."""
     if obj is None:
-        say('no --ckpt: the encoder starts from random init (the baseline)')
+        print0('no --ckpt: the encoder starts from random init (the baseline)')
         return
-    say(f'loading {args.ckpt} (recipe {args.recipe})')
+    print0(f'loading {args.ckpt} (recipe {args.recipe})')
     load_encoder(model, obj, teacher=args.teacher, merge_permute=args.permute_merge, table_mode=args.table_resize,
-                 fresh=fresh, level_norm=level_norm, say=say)
+                 fresh=fresh, level_norm=level_norm, log=print0)
 
 
-def finish(args, log, say, top1, top5, **extra):
+def append_log(args, row):
+    """Append one JSON row to <output-dir>/log.jsonl (first process only)."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        with open(os.path.join(args.output_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+
+def finish(args, top1, top5, **extra):
     """Print `top1 <n>` / `top5 <n>` and append them to log.jsonl."""
     row = dict(mode=args.mode, top1=round(top1, 4), top5=round(top5, 4), **extra)
-    if log:
-        log.write(json.dumps(row) + '\n')
-        log.flush()
-    say(f'top1 {top1:.2f}')
-    say(f'top5 {top5:.2f}')
+    append_log(args, row)
+    print0(f'top1 {top1:.2f}')
+    print0(f'top5 {top5:.2f}')
     return row
 
 
-def run_knn(args, obj, rank, world, device, say, log):
+def run_knn(args, obj, rank, world, device):
     """k-NN mode: features of train and val once (cached), then DINO's vote for every k."""
     train, val, K = splits(args)
     enc = build_encoder(args)
-    load_pretrained(enc, args, obj, say, fresh=(), level_norm=True)
+    load_pretrained(enc, args, obj, fresh=(), level_norm=True)
     enc = enc.to(device).eval()
     cache = os.path.join(args.output_dir, 'knn_features.pth')
-    stamp = plain(dict(ckpt=args.ckpt, mtime=os.path.getmtime(args.ckpt) if args.ckpt else None, model=args.model,
+    stamp = plain_data(dict(ckpt=args.ckpt, mtime=os.path.getmtime(args.ckpt) if args.ckpt else None, model=args.model,
                        res=args.res, pool=args.pool, layer=args.probe_layer, data=args.data_path, teacher=args.teacher,
                        n=[len(train), len(val)], seed=args.seed, cfg=model_config(args)))
     cached = torch.load(cache, map_location='cpu', weights_only=True) if os.path.isfile(cache) else None
@@ -415,7 +444,7 @@ def run_knn(args, obj, rank, world, device, say, log):
     if world > 1:  # every rank must take the same branch (the extraction below has collectives)
         dist.all_reduce(hit, op=dist.ReduceOp.MIN)
     if hit.item():
-        say(f'features from {cache}')
+        print0(f'features from {cache}')
         feats = {k: v.to(device) for k, v in cached.items() if k != 'stamp'}
     else:
         amp = autocast_dtype(args.precision, device)
@@ -430,213 +459,155 @@ def run_knn(args, obj, rank, world, device, say, log):
     for k in [int(v) for v in str(args.nb_knn).split(',')]:
         top1, top5 = knn_classify(feats['train'], feats['train_labels'], feats['val'], feats['val_labels'], k,
                                   args.temperature, K)
-        say(f'k-NN k={k} T={args.temperature}: top1 {top1:.2f} top5 {top5:.2f}')
-        if log:
-            log.write(json.dumps(dict(mode='knn', k=k, top1=round(top1, 4), top5=round(top5, 4))) + '\n')
+        print0(f'k-NN k={k} T={args.temperature}: top1 {top1:.2f} top5 {top5:.2f}')
+        append_log(args, dict(mode='knn', k=k, top1=round(top1, 4), top5=round(top5, 4)))
         if best is None or top1 > best[1]:
             best = (k, top1, top5)
-    say(f'best k = {best[0]} (the HPM supplement reports the best k)')
-    return finish(args, log, say, best[1], best[2], k=best[0])
+    print0(f'best k = {best[0]} (the HPM supplement reports the best k)')
+    return finish(args, best[1], best[2], k=best[0])
 
 
-def run_training(args, obj, rank, world, device, say, log):
-    """finetune and linear modes: one loop (DDP, accumulation, AMP, resume, per-epoch evaluation, best checkpoint)."""
+class Finetuner(nn.Module):
+    """What common.train runs for --mode finetune and linear: a classifier (ViT, Swin or Probe) with its
+    loss, mixup/cutmix, optional EMA, per-epoch evaluation and the best top-1, through the hooks of the
+    loop contract in common.py. Checkpoints hold the classifier's own keys (MAE's fine-tuning layout)."""
+
+    takes_labels = True
+
+    def __init__(self, net, args, num_classes, val_loader, device, world):
+        super().__init__()
+        self.net, self.args, self.num_classes = net, args, num_classes
+        self.val_loader, self.device, self.world = val_loader, device, world
+        self.amp = autocast_dtype(args.precision, device)
+        self.mixing = args.mode == 'finetune' and (args.mixup > 0 or args.cutmix > 0)
+        self.smoothing = args.smoothing if args.mode == 'finetune' else 0.0
+        self.ema = None
+        if args.model_ema:  # timm ModelEmaV2 over the whole state dict
+            self.ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        self.best = {'top1': -1.0, 'top5': 0.0, 'epoch': -1}
+        self.last = None  # (top1, top5) of the latest evaluation
+
+    def state_dict(self, *args, **kwargs):
+        """The classifier's state dict (no `net.` prefix)."""
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load the classifier's state dict."""
+        return self.net.load_state_dict(state_dict, strict)
+
+    def forward(self, imgs, keys=None, labels=None):
+        """imgs (B, 3, H, W), labels (B,) -> dict(loss): cross-entropy with label smoothing, or the
+        soft-target cross-entropy of mixed images (timm SoftTargetCrossEntropy)."""
+        if self.mixing:
+            imgs, target = mix_batch(imgs, labels, self.num_classes, self.args)
+        logits = self.net(imgs)
+        if self.mixing:
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.smoothing)
+        return {'loss': loss}
+
+    def make_optimizer(self, args, fused):
+        """AdamW (0.9, 0.999) with layer decay (fine-tuning), LARS or SGD on the head (linear probe)."""
+        if args.mode == 'finetune':
+            return torch.optim.AdamW(finetune_groups(self.net, args), lr=args.lr, betas=(0.9, 0.999),
+                                     fused=fused)
+        if args.optimizer == 'lars':
+            return LARS(self.net.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        # HPM main_linprob.py: SGD with momentum 0.9
+        return torch.optim.SGD(self.net.head.parameters(), lr=args.lr, momentum=0.9,
+                               weight_decay=args.weight_decay)
+
+    @torch.no_grad()
+    def after_step(self):
+        """EMA update: ema <- lerp(ema, weights, 1 - decay); integer buffers are copied."""
+        if self.ema is None:
+            return
+        for k, v in self.net.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.ema[k].lerp_(v, 1 - self.args.model_ema_decay)
+            else:
+                self.ema[k].copy_(v)
+
+    def evaluate(self, epoch):
+        """Top-1/top-5 on the val set (and of the EMA); 'best' when top-1 beats every earlier epoch."""
+        top1, top5 = evaluate(self.net, self.val_loader, self.device, self.amp, self.world)
+        row = {'top1': round(top1, 4), 'top5': round(top5, 4)}
+        if self.ema is not None:
+            ema_net = copy.deepcopy(self.net)
+            ema_net.load_state_dict(self.ema)
+            ema_top = evaluate(ema_net, self.val_loader, self.device, self.amp, self.world)
+            row['top1_ema'], row['top5_ema'] = round(ema_top[0], 4), round(ema_top[1], 4)
+        is_best = top1 > self.best['top1']
+        if is_best:
+            self.best = {'top1': top1, 'top5': top5, 'epoch': epoch}
+        row['best_top1'] = round(self.best['top1'], 4)
+        print0(f'epoch {epoch}: top1 {top1:.2f} top5 {top5:.2f} (best {self.best["top1"]:.2f})')
+        self.last = (top1, top5)
+        return {**row, 'best': is_best}
+
+    def extra_state(self):
+        """The best top-1 so far, and the EMA weights with --model-ema."""
+        state = {'best': dict(self.best)}
+        if self.ema is not None:
+            state['model_ema'] = self.ema
+        return state
+
+    def load_extra_state(self, checkpoint):
+        """Read back the best top-1 and the EMA weights."""
+        self.best = checkpoint.get('best', self.best)
+        if self.ema is not None and 'model_ema' in checkpoint:
+            self.ema = {k: v.to(self.device) for k, v in checkpoint['model_ema'].items()}
+
+    def describe(self):
+        """The classes and images of the run."""
+        n_val = len(self.val_loader.dataset) * self.world
+        return f'{self.args.mode}: {self.num_classes} classes, about {n_val} val images'
+
+
+def run_training(args, obj, rank, world, device):
+    """finetune and linear modes: build the classifier, load the encoder, train through common.train."""
     train_base, val_base, K = splits(args)
-    per_step, steps_per_epoch = step_plan(len(train_base), args, world)
-    total = args.epochs * steps_per_epoch
-    out_dir = args.output_dir
-    last_path, best_path = os.path.join(out_dir, 'checkpoint-last.pth'), os.path.join(out_dir, 'checkpoint-best.pth')
-    resume = args.resume or (last_path if os.path.isfile(last_path) else None)
-    ckpt = load_file(resume) if resume else None
-
+    last_path = os.path.join(args.output_dir, 'checkpoint-last.pth')
+    resuming = args.resume or os.path.isfile(last_path)  # the checkpoint brings its own weights
     if args.mode == 'finetune':
-        model = build_encoder(args, K, 'avg' if args.pool == 'avg' else 'token', args.drop_path, args.swin_head)
-        if ckpt is None:
-            fresh = ('fc_norm', 'head', 'norm') if args.swin_head == 'pool_norm' else ('fc_norm', 'head')
-            load_pretrained(model, args, obj, say, fresh=fresh, level_norm=args.swin_head != 'pool_norm')
-            nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE main_finetune: head re-initialised
-            nn.init.zeros_(model.head.bias)
+        pool = 'avg' if args.pool == 'avg' else 'token'
+        net = build_encoder(args, K, pool, args.drop_path, args.swin_head)
+        if not resuming:
+            pool_norm = args.swin_head == 'pool_norm'
+            fresh = ('fc_norm', 'head', 'norm') if pool_norm else ('fc_norm', 'head')
+            load_pretrained(net, args, obj, fresh=fresh, level_norm=not pool_norm)
+            nn.init.trunc_normal_(net.head.weight, std=2e-5)  # MAE main_finetune: head re-initialised
+            nn.init.zeros_(net.head.bias)
     else:
         enc = build_encoder(args)
-        if ckpt is None:
-            load_pretrained(enc, args, obj, say, fresh=(), level_norm=True)
+        if not resuming:
+            load_pretrained(enc, args, obj, fresh=(), level_norm=True)
         dim = enc.num_features if isinstance(enc, SwinTransformer) else enc.embed_dim
-        model = Probe(enc, dim, K, args.pool, args.probe_layer)
-    model = model.to(device)
-    if args.mode == 'finetune':
-        optimizer = torch.optim.AdamW(finetune_groups(model, args), lr=args.lr, betas=(0.9, 0.999),
-                                      fused=device.type == 'cuda')
-    elif args.optimizer == 'lars':
-        optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:  # HPM main_linprob.py: SGD momentum 0.9
-        optimizer = torch.optim.SGD(model.head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    amp = autocast_dtype(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.model_ema else None
-    step, best = 0, {'top1': -1.0, 'top5': 0.0, 'epoch': -1}
-    if ckpt is not None:
-        load_model_state(model, ckpt['model'], f'checkpoint {resume}')
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        if ema is not None and 'model_ema' in ckpt:
-            ema = {k: v.to(device) for k, v in ckpt['model_ema'].items()}
-        step, best = ckpt['step'], ckpt.get('best', best)
-        say(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
-            f'lr {lr_at(step / steps_per_epoch, args):.3g}')
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f'device {device}, world {world}, effective batch {per_step} ({args.batch_size} x {args.accum_iter} x '
-        f'{world}), lr {args.lr:.3g} (blr {args.blr} x {per_step}/256), {steps_per_epoch} steps/epoch, {K} classes, '
-        f'{len(train_base)} train / {len(val_base)} val images, {n_train / 1e6:.2f}M trainable parameters')
-    if step >= total:
-        say(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir or more --epochs')
-        return dict(best)
-
-    transform = finetune_transform(args.res, args.randaug, args.reprob, args.rrc_scale) if args.mode == 'finetune' \
-        else linear_transform(args.res, args.rrc_scale)
-    dataset = Keyed(train_base, transform, args.seed, args.skip_bad_images)
-    sampler = StepSampler(dataset, world, rank, args.seed)
-    loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
+        net = Probe(enc, dim, K, args.pool, args.probe_layer)
     val_loader = eval_loader(val_base, args, rank, world, device)
-    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
-    if args.compile:
-        net = torch.compile(net)
-    mixing = args.mode == 'finetune' and (args.mixup > 0 or args.cutmix > 0)
-    smoothing = args.smoothing if args.mode == 'finetune' else 0.0
-    ema_model = copy.deepcopy(model) if ema is not None else None
-
-    def save(epoch, path):
-        if rank != 0:
-            return
-        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch, 'step': step,
-                 'scaler': scaler.state_dict() if scaler.is_enabled() else {}, 'args': plain(vars(args)),
-                 'best': dict(best)}
-        if ema is not None:
-            state['model_ema'] = ema
-        save_atomic(state, path)
-
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.mode, mininterval=2)
-    sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
-    top1 = top5 = None
-    signalled, restore_signals = catch_preemption()
-    try:
-        skipped = 0
-        while step < total:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch)
-            sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
-            micro, stop = 0, False
-            model.train()
-            for imgs, labels, _ in loader:
-                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if micro == 0:
-                    # drop path, mixup: seed + rank, as a function of the step
-                    torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
-                    lr = lr_at(step / steps_per_epoch, args)
-                    for g in optimizer.param_groups:
-                        g['lr'] = lr * g.get('lr_scale', 1.0)
-                if mixing:
-                    imgs, target = mix_batch(imgs, labels, K, args)
-                final = micro == args.accum_iter - 1
-                sync = contextlib.nullcontext() if final or world == 1 else net.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        logits = net(imgs)
-                    if mixing:  # soft-target cross-entropy (timm SoftTargetCrossEntropy)
-                        loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                    else:
-                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-                    scaler.scale(loss / args.accum_iter).backward()
-                sums += loss.detach()
-                n_sum += 1
-                micro += 1
-                if not final:
-                    continue
-                micro = 0
-                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                     torch.tensor(float(bool(signalled)), device=device)])
-                if world > 1:
-                    dist.all_reduce(flags)  # one sync per step: every rank decides alike
-                bad, stopping = flags.tolist()
-                if bad:
-                    if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
-                        skipped += 1
-                        say(f'warning: non-finite loss at step {step} skipped ({skipped}/{args.skip_nonfinite})')
-                        optimizer.zero_grad(set_to_none=True)
-                        sums, n_sum = torch.zeros((), device=device), 0
-                        continue
-                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.mode}; last good '
-                                        f'checkpoint: {last_path if os.path.isfile(last_path) else "none yet"} (resume '
-                                        f'from it with a lower --blr, or pass --skip-nonfinite K)')
-                optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
-                if ema is not None:  # timm ModelEmaV2 over the whole state dict
-                    with torch.no_grad():
-                        for k, v in model.state_dict().items():
-                            if v.dtype.is_floating_point:
-                                ema[k].lerp_(v, 1 - args.model_ema_decay)
-                            else:
-                                ema[k].copy_(v)
-                step += 1
-                bar.update(1)
-                if step % args.log_freq == 0 or step == total:
-                    val = sums / n_sum
-                    if world > 1:
-                        dist.all_reduce(val)
-                        val /= world
-                    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'loss': float(val), 'lr': lr,
-                           'img_per_s': round(n_sum / args.accum_iter * per_step / (time.time() - t_log), 2)}
-                    if log:
-                        log.write(json.dumps(row) + '\n')
-                        log.flush()
-                        bar.set_postfix(loss=f'{row["loss"]:.4f}')
-                    sums, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
-                if stopping:  # preemption: save the step, skip the evaluation, exit 0; the same command continues
-                    save(epoch, last_path)
-                    bar.close()
-                    say(f'stopped by a signal at step {step}: {last_path} saved; run the same command to continue')
-                    return dict(best)
-                stop = bool(args.max_steps and step >= args.max_steps)
-                if stop or step % steps_per_epoch == 0:
-                    break
-            if step % steps_per_epoch and not stop:
-                continue  # the loader ran out early (cannot happen with drop_last; kept for safety)
-            top1, top5 = evaluate(model, val_loader, device, amp, world)
-            row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'top1': round(top1, 4),
-                   'top5': round(top5, 4)}
-            if ema is not None:
-                ema_model.load_state_dict(ema)
-                ema_top = evaluate(ema_model, val_loader, device, amp, world)
-                row['top1_ema'], row['top5_ema'] = round(ema_top[0], 4), round(ema_top[1], 4)
-            if top1 > best['top1']:
-                best = {'top1': top1, 'top5': top5, 'epoch': epoch}
-                save(epoch, best_path)
-            row['best_top1'] = round(best['top1'], 4)
-            say(f'epoch {epoch}: top1 {top1:.2f} top5 {top5:.2f} (best {best["top1"]:.2f})')
-            if log:
-                log.write(json.dumps(row) + '\n')
-                log.flush()
-            save(epoch, last_path)
-            if stop:
-                break
-        bar.close()
-        if top1 is None:  # resumed exactly at the end of training: evaluate the saved model
-            top1, top5 = evaluate(model, val_loader, device, amp, world)
-        say(f'best top1 {best["top1"]:.2f} at epoch {best["epoch"]} ({best_path})')
-        return finish(args, log, say, top1, top5, best_top1=round(best['top1'], 4), step=step)
-    finally:
-        restore_signals()  # also when the run ends with an error (in-process callers)
+    model = Finetuner(net.to(device), args, K, val_loader, device, world)
+    if args.mode == 'finetune':
+        transform = finetune_transform(args.res, args.randaug, args.reprob, args.rrc_scale)
+    else:
+        transform = linear_transform(args.res, args.rrc_scale)
+    model = train(model, args, lambda a: KeyedDataset(train_base, transform, a.seed, a.skip_bad_images))
+    if model.run_end['reason'] in ('signal', 'already_finished'):
+        return dict(model.best)
+    top1, top5 = model.last
+    best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
+    print0(f'best top1 {model.best["top1"]:.2f} at epoch {model.best["epoch"]} ({best_path})')
+    return finish(args, top1, top5, best_top1=round(model.best['top1'], 4), step=model.run_end['step'])
 
 
-def export_timm(args, obj, say):
+def export_timm(args, obj):
     """--export-timm OUT.pth: the encoder with timm key names (Swin in timm's layout) + OUT.json with the kwargs of
     timm.create_model(...) that load it strictly (interop.md §2)."""
     sd = strip_prefix(pick_state_dict(obj, args.teacher))
     avg = 'fc_norm.weight' in sd and args.model.startswith('vit')  # a fine-tuned ViT: global pool + fc_norm
     enc = build_encoder(args, pool='avg' if avg else 'token')
     load_encoder(enc, obj, teacher=args.teacher, merge_permute=args.permute_merge, table_mode=args.table_resize,
-                 fresh=(), level_norm=True, say=say)
+                 fresh=(), level_norm=True, log=print0)
     cfg, out = model_config(args), enc.state_dict()
     if args.model.startswith('vit'):
         preset = VIT_PRESETS[args.model]
@@ -654,7 +625,7 @@ def export_timm(args, obj, say):
     json_path = os.path.splitext(args.export_timm)[0] + '.json'
     with open(json_path, 'w') as f:
         json.dump(spec, f, indent=1)
-    say(f'wrote {len(out)} tensors in timm names to {args.export_timm} and the create_model kwargs to {json_path}:\n'
+    print0(f'wrote {len(out)} tensors in timm names to {args.export_timm} and the create_model kwargs to {json_path}:\n'
         f'  timm.create_model(**json.load(open({json_path!r}))).load_state_dict(torch.load({args.export_timm!r}))')
     return spec
 
@@ -751,6 +722,7 @@ def get_args(argv=None):
         delattr(args, f)
     args.method = 'finetune'
     args.ignored_flags = ignored
+    args.save_freq, args.benchmark_data = 0, 0  # the loop keeps only -last and -best; no data benchmark
     if args.aa is not None and args.randaug is None:
         args.randaug = args.aa.lower() not in ('none', '')
     return args
@@ -847,51 +819,31 @@ def run(argv=None):
     resolve(args, obj)
     validate(args)
     rank, world, device = setup_distributed()
-    say = print if rank == 0 else (lambda *a, **k: None)
     if args.ignored_flags:
-        say(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in args.ignored_flags)}')
+        print0(f'note: official launch/logging flags ignored: '
+               f'{", ".join("--" + f for f in args.ignored_flags)}')
     torch.manual_seed(args.seed)  # the same initial head / random-init encoder on every rank
     if args.export_timm:
-        return export_timm(args, obj, say)
+        return export_timm(args, obj)
     if args.benchmark:
         return benchmark_finetune(args, device)
+    if args.mode != 'knn':
+        return run_training(args, obj, rank, world, device)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        say(f'config: {json.dumps(vars(args), default=str)}')
+        print0(f'config: {json.dumps(vars(args), default=str)}')
         if not args.data_path:
-            say(f'no --data-path: built-in SyntheticShapes data ({args.synthetic_size} train / '
-                f'{args.synthetic_val_size} val images, 10 classes) and smoke preset')
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    log = open(os.path.join(args.output_dir, 'log.jsonl'), 'a') if rank == 0 else None
-    try:
-        if args.mode == 'knn':
-            return run_knn(args, obj, rank, world, device, say, log)
-        return run_training(args, obj, rank, world, device, say, log)
-    finally:
-        if log:
-            log.close()
-
-
-class Classifier(nn.Module):
-    """Encoder + cross-entropy in the pre-training forward contract, so common.benchmark can time it."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, imgs, keys=None):
-        """imgs (B, 3, H, W) -> dict(loss) against labels drawn from the keys."""
-        logits = self.encoder(imgs)
-        return {'loss': F.cross_entropy(logits.float(), keys.to(imgs.device) % logits.shape[-1])}
+            print0(f'no --data-path: built-in SyntheticShapes data ({args.synthetic_size} train / '
+                   f'{args.synthetic_val_size} val images, 10 classes) and smoke preset')
+    return run_knn(args, obj, rank, world, device)
 
 
 def benchmark_finetune(args, device):
-    """--benchmark N: the fine-tuning step of --model at --res (ImageNet's 1000 classes, global pool, drop path)."""
+    """--benchmark N: the fine-tuning step of --model at --res (ImageNet's 1000 classes, global pool,
+    drop path, mixup/cutmix as resolved)."""
     args.method = f'finetune-{args.mode}'
     enc = build_encoder(args, num_classes=1000, pool='avg', drop_path=args.drop_path or 0.0)
-    return benchmark(Classifier(enc), args, device)
+    return benchmark(Finetuner(enc, args, 1000, None, device, 1), args, device)
 
 
 def main(argv=None):

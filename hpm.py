@@ -29,7 +29,7 @@ import os
 import torch
 import torch.nn as nn
 
-from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, fp32,
+from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, autocast_off,
                     grid_picture, hot_colours, init_weights, masked_mean, parse_pretrain, pick_state_dict,
                     pixel_columns, pretrain_parser, random_masking, run_main, sample_noise, strip_prefix, train,
                     upsample_mask)
@@ -123,11 +123,13 @@ class HPM(MaskedAutoencoderViT):
 
     def extra_state(self):
         """The teacher's weights, saved as the checkpoint's 'model_ema'."""
-        return self.teacher.state_dict()
+        return {'model_ema': self.teacher.state_dict()}
 
-    def load_extra_state(self, d):
+    def load_extra_state(self, checkpoint):
         """Restore the teacher from a checkpoint's 'model_ema'."""
-        self.teacher.load_state_dict(d, strict=True)
+        if 'model_ema' not in checkpoint:
+            raise ValueError('this HPM checkpoint has no teacher (model_ema); resume from a file hpm.py wrote')
+        self.teacher.load_state_dict(checkpoint['model_ema'], strict=True)
 
     # --- masking and forward
     def mask_and_score(self, imgs, mask=None, keys=None):
@@ -155,7 +157,7 @@ class HPM(MaskedAutoencoderViT):
         pred = self.run_decoder(x, self.decoder_blocks, self.decoder_norm, self.decoder_pred)  # (B, L, P)
         pred_loss = self.predict_loss(x)  # (B, L)
         target = self.target(imgs)
-        per_patch = self.patch_loss(pred, target)  # (B, L) fp32
+        per_patch = self.patch_loss(pred, target)  # (B, L) autocast_off
         loss_rec = masked_mean(per_patch, mask)  # = official sq.mean() over [N, Mn, P]
         B, L = mask.shape
         M = L - ids_keep.shape[1]
@@ -211,7 +213,7 @@ def ranking_loss(p, t):
     All ordered pairs (i, j) of one image: z = p_j - p_i, label t_j > t_i, ties ignored,
     -log(sigmoid(z) + 1e-6) or -log(1 - sigmoid(z) + 1e-6), summed and divided by the batch's non-tied pair count.
     """
-    with fp32(p.device):  # official quirk #7: fp16 there; fp32 here
+    with autocast_off(p.device):  # official quirk #7: fp16 there; fp32 here
         p, t = p.float(), t.float()
         pos = (t[:, None, :] > t[:, :, None]).float()  # (B, M, M) [i, j] = t_j > t_i
         neg = (t[:, None, :] < t[:, :, None]).float()  # (B, M, M)
@@ -222,7 +224,7 @@ def ranking_loss(p, t):
 
 def absolute_loss(p, t):
     """Absolute ablation (relative=False): MSE to the per-image standardised losses (unbiased variance), fp32."""
-    with fp32(p.device):
+    with autocast_off(p.device):
         t = t.float()
         t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5
         return ((p.float() - t) ** 2).mean()

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer, check_divisible,
-                    check_ratio, default_no_decay, drop_path, fill_masked, fp32, grid_picture, hog, hog_glyphs,
+                    check_ratio, default_no_decay, drop_path, fill_masked, autocast_off, grid_picture, hog, hog_from_gradients, hog_glyphs,
                     ids_from_mask, init_weights, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns,
-                    pretrain_parser, random_masking, run_main, sample_noise, sincos_pos_embed, strip_prefix, train,
+                    pretrain_parser, random_masking, run_main, sample_noise, sincos_pos_embed, sobel, strip_prefix, train,
                     upsample_mask)
 
 # Per-model defaults (official README commands and factories, localmim.md §2). Tiny presets are ours, for CPUs.
@@ -92,9 +92,11 @@ def hog_levels(imgs, nbins, cells, hog_enc):
     to the coarser cells before each level's L2 norm (equal to per-level HOG within float rounding). With
     --hog-bias every level has its own bias, hence its own gradients: one HOG per level (localmim.md §5).
     """
-    with torch.no_grad(), fp32(imgs.device):
-        if hog_enc[0].conv.bias is not None:
-            maps = [hog(imgs, nbins, c, 'mean', bias=enc.conv.bias) for c, enc in zip(cells, hog_enc)]
+    with torch.no_grad(), autocast_off(imgs.device):
+        if hog_enc[0].conv.bias is not None:  # a conv bias adds a constant to each gradient map
+            gx, gy = sobel(imgs)  # (B, 3, H, W) each
+            maps = [hog_from_gradients(gx + enc.conv.bias[0], gy + enc.conv.bias[1], nbins, c, 'mean')
+                    for c, enc in zip(cells, hog_enc)]
         else:
             base = hog(imgs, nbins, cells[0], 'mean', normalize=False)  # (B, 3*nbins, H/c0, W/c0)
             maps = []
@@ -344,9 +346,10 @@ class LocalMIMSwin(nn.Module):
                              f'ratio {mask_ratio} masks int(r*n)+1 = all of them; use a larger --res (>= '
                              f'{3 * patch_size * 8}, e.g. --res 128 --window-size 4) or a lower --mask-ratio')
         # quirk #2: pre-training merges [TL, TR, BL, BR] (standard Swin, and the official fine-tuning: TL, BL, TR, BR)
-        merge = 'tl,tr,bl,br' if official_quirks else 'tl,bl,tr,br'
-        self.encoder = SwinTransformer(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
-                                       merge_order=merge)
+        self.encoder = SwinTransformer(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio)
+        if official_quirks:
+            for stage in self.encoder.layers[:-1]:
+                stage.downsample.offsets = ((0, 0), (0, 1), (1, 0), (1, 1))  # TL, TR, BL, BR
         self.encoder.norm = nn.ModuleList([nn.LayerNorm(embed_dim * k, eps=1e-6) for k in (2, 4, 8, 8)])
         for m in self.encoder.modules():
             if isinstance(m, nn.LayerNorm):
@@ -354,7 +357,7 @@ class LocalMIMSwin(nn.Module):
         for stage in self.encoder.layers:
             for blk in stage.blocks:
                 blk.attn_mask = None  # windows are built from the visible tokens; no attn_mask key (official)
-        self.encoder.xavier_init_linears()  # official: xavier Linear, patch embed as a Linear, LN (1, 0)
+        self.encoder.apply(init_weights)  # official: xavier Linear, patch embed as a Linear, LN (1, 0)
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         self.patch_size, self.mask_ratio, self.official_quirks = patch_size, mask_ratio, official_quirks

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT, denormalize, fp32,
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT, denormalize, autocast_off,
                     grid_picture, init_weights, mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict,
                     pixel_columns, pretrain_parser, run_main, sincos_pos_embed, strip_prefix, train)
 
@@ -118,8 +118,8 @@ def low_pass(x, radius):
 
 
 def lowfreq_image(imgs, radius):
-    """ImageNet-normalised images (B, 3, H, W) -> their low-frequency version, normalised again (fp32, no grad)."""
-    with torch.no_grad(), fp32(imgs.device):
+    """ImageNet-normalised images (B, 3, H, W) -> their low-frequency version, normalised again (autocast_off, no grad)."""
+    with torch.no_grad(), autocast_off(imgs.device):
         mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
         x = imgs.float() * std + mean  # back to [0, 1] RGB, not clamped (official)

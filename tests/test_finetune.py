@@ -14,7 +14,7 @@ import hpm
 from common import (MaskedAutoencoderViT, SwinTransformer, VisionTransformer, load_encoder, resize_pos_embed,
                     resize_rel_pos_table, swin_to_timm, timm_to_swin)
 
-quiet = dict(say=lambda *a, **k: None)
+quiet = dict(log=lambda *a, **k: None)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -33,8 +33,10 @@ def tiny_vit(**kw):
 
 
 def tiny_swin(img=32, window=2, **kw):
-    """A two-stage Swin, C = 8, at 32 px (grids 8 and 4)."""
+    """A two-stage Swin, C = 8, at 32 px (grids 8 and 4); head_norm= gives finetune's classifier."""
     torch.manual_seed(0)
+    if 'head_norm' in kw:
+        return finetune.SwinClassifier(img, 4, 8, (2, 2), (1, 2), window, **kw)
     return SwinTransformer(img, 4, 8, (2, 2), (1, 2), window, **kw)
 
 
@@ -177,7 +179,7 @@ def test_official_swin_layouts_load():
     fm = fastmim.FastMIMSwin(64, 8, (2, 2), (1, 2), window_size=2, mask_size=16, decoder_dim=32, decoder_depth=1)
     fsd = fm.state_dict()  # encoder.* (tables 3x3 at window 2, buffers) + mask_token + decoder_*
     assert finetune.detect_recipe({'model': fsd}, fsd) == 'fastmim'
-    ft = SwinTransformer(64, 4, 8, (2, 2), (1, 2), 4, num_classes=10, head_norm='fc_norm')
+    ft = finetune.SwinClassifier(64, 4, 8, (2, 2), (1, 2), 4, num_classes=10, head_norm='fc_norm')
     missing, unexpected = load_encoder(ft, {'model': fsd}, **quiet)  # window 2 -> 4: tables 3x3 -> 7x7
     assert {k for k in missing if not k.endswith(common.REBUILT_BUFFERS)} == {
         'fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias'}
@@ -195,7 +197,7 @@ def test_official_swin_layouts_load():
                       f'decoder.{k}.mask_token': torch.zeros(1, 1, 4),
                       f'hog_enc.{k}.conv.weight': torch.zeros(2, 1, 3, 3)})
     assert finetune.detect_recipe({'model': local}, local) == 'localmim'
-    ft = SwinTransformer(64, 4, 8, (2, 2), (1, 2), 4, num_classes=10, head_norm='pool_norm')
+    ft = finetune.SwinClassifier(64, 4, 8, (2, 2), (1, 2), 4, num_classes=10, head_norm='pool_norm')
     missing, _ = load_encoder(ft, {'model': local}, fresh=('norm', 'head'), level_norm=False, **quiet)
     assert {k for k in missing if not k.endswith(common.REBUILT_BUFFERS)} == {
         'norm.weight', 'norm.bias', 'head.weight', 'head.bias'}
@@ -211,7 +213,9 @@ def test_official_swin_layouts_load():
 
 def test_permute_merge_reorders_localmim_merges():
     torch.manual_seed(4)
-    pre = SwinTransformer(32, 4, 8, (2, 2), (1, 2), 4, merge_order='tl,tr,bl,br')  # LocalMIM pre-training order
+    pre = SwinTransformer(32, 4, 8, (2, 2), (1, 2), 4)
+    for stage in pre.layers[:-1]:  # LocalMIM's pre-training merge order TL, TR, BL, BR
+        stage.downsample.offsets = ((0, 0), (0, 1), (1, 0), (1, 1))
     clean = SwinTransformer(32, 4, 8, (2, 2), (1, 2), 4)
     load_encoder(clean, pre.state_dict(), merge_permute=True, fresh=(), **quiet)
     x = torch.randn(2, 3, 32, 32)
@@ -419,18 +423,18 @@ def test_sigterm_saves_the_step_and_the_same_command_continues(tmp_path, monkeyp
     import signal
     argv = [*TINY, '--synthetic-size', '64', '--batch-size', '16', '--epochs', '2', '--warmup-epochs', '0.5',
             '--output-dir', str(tmp_path)]
-    real_step, calls = finetune.optimizer_step, []
+    real_step, calls = common.optimizer_step, []
 
     def step_then_signal(*a, **k):
         real_step(*a, **k)
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler preempting the job during step 2
-    monkeypatch.setattr(finetune, 'optimizer_step', step_then_signal)
+    monkeypatch.setattr(common, 'optimizer_step', step_then_signal)
     finetune.main(argv)
     assert 'stopped by a signal at step 3' in capsys.readouterr().out
     assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['step'] == 3
-    monkeypatch.setattr(finetune, 'optimizer_step', real_step)
+    monkeypatch.setattr(common, 'optimizer_step', real_step)
     finetune.main(argv)
     assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['step'] == 8
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

@@ -170,9 +170,9 @@ def test_ema_teacher_update_state_and_scoring_pass():
         assert torch.allclose(v, d * before[k] + (1 - d) * m.state_dict()[k], rtol=1e-6, atol=1e-7), k
     m(torch.randn(2, 3, 32, 32), keys=torch.arange(2))['loss'].backward()
     assert all(p.grad is None for p in m.teacher.parameters())
-    state = {k: v.clone() for k, v in m.extra_state().items()}
+    state = {k: v.clone() for k, v in m.extra_state()['model_ema'].items()}
     other = tiny()
-    other.load_extra_state(state)
+    other.load_extra_state({'model_ema': state})
     assert all(torch.equal(state[k], v) for k, v in other.teacher.state_dict().items())
     # scoring pass: every patch visible, no mask token, one score per patch = mean of the wide head
     imgs = torch.randn(2, 3, 32, 32)

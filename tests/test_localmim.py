@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import finetune
 import localmim as lm
 from test_common import hog_oracle
 
@@ -401,15 +402,16 @@ def test_finetune_loaders_take_our_checkpoints():
     torch.manual_seed(0)
     m = tiny_vit()
     vit = common.VisionTransformer(64, 16, 32, 8, 2)
-    missing, unexpected = common.load_encoder(vit, {'model': m.state_dict()}, say=lambda *a: None)
+    missing, unexpected = common.load_encoder(vit, {'model': m.state_dict()}, log=lambda *a: None)
     assert missing == [] and all(k.startswith(('decoder.', 'hog_enc.', 'norm.')) for k in unexpected)
     imgs = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(vit.forward_features(imgs), m.forward_encoder(imgs, None)[3], atol=1e-6)
     s = tiny_swin()
-    swin = common.SwinTransformer(128, 4, 8, (2, 2, 2, 2), (1, 2, 2, 4), 4, num_classes=10, head_norm='pool_norm')
+    swin = finetune.SwinClassifier(128, 4, 8, (2, 2, 2, 2), (1, 2, 2, 4), 4, num_classes=10,
+                                   head_norm='pool_norm')
     missing, unexpected = common.load_encoder(swin, {'model': s.state_dict()}, fresh=('head', 'norm'),
-                                              level_norm=False, say=lambda *a: None)
+                                              level_norm=False, log=lambda *a: None)
     assert [k for k in missing if not k.endswith(common.REBUILT_BUFFERS)] == ['head.bias', 'head.weight',
                                                                              'norm.bias', 'norm.weight']
     assert {k.split('.')[0] for k in unexpected} == {'decoder', 'hog_enc', 'norm'}

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 from common import SwinTransformer, resize_rel_pos_table
 
 TINY = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
@@ -132,22 +133,18 @@ def test_swin_base_keys_on_meta():
 
 def test_merge_orders():
     x = torch.randn(2, 64, 8)  # stage 0 tokens of a 32-px input: grid 8, C 8
-    merged = {}
-    for order in ('tl,bl,tr,br', 'tl,tr,bl,br'):
-        ds = tiny(32, 4, merge_order=order).layers[0].downsample
-        with torch.no_grad():
-            ds.norm.weight.normal_()
-            ds.norm.bias.normal_()
-        merged[order] = (ds, ds(x, 8))
-    ds, y = merged['tl,bl,tr,br']
+    ds = tiny(32, 4).layers[0].downsample
+    with torch.no_grad():
+        ds.norm.weight.normal_()
+        ds.norm.bias.normal_()
+    y = ds(x, 8)
     g = x.view(2, 8, 8, 8)
     hand = torch.cat([g[:, 0::2, 0::2], g[:, 1::2, 0::2], g[:, 0::2, 1::2], g[:, 1::2, 1::2]], -1).view(2, 16, 32)
-    torch.testing.assert_close(y, ds.reduction(ds.norm(hand)))
-    other, _ = merged['tl,tr,bl,br']
+    torch.testing.assert_close(y, ds.reduction(ds.norm(hand)))  # Swin: TL, BL, TR, BR
+    other = tiny(32, 4).layers[0].downsample
     other.load_state_dict(ds.state_dict())
+    other.offsets = ((0, 0), (0, 1), (1, 0), (1, 1))  # LocalMIM's pre-training order TL, TR, BL, BR
     assert not torch.allclose(other(x, 8), y)
-    with pytest.raises(ValueError, match='merge order'):
-        tiny(32, 4, merge_order='tl,tr,bl')
 
 
 # ----------------------------------------------------------------------------- resolution changes
@@ -197,7 +194,7 @@ def test_drop_path_and_xavier():
         a = m(x)
         torch.manual_seed(2)
         assert not torch.allclose(a, m(x))
-    m.xavier_init_linears()
+    m.apply(common.init_weights)  # FastMIM's and LocalMIM's pre-training re-init
     qkv = m.layers[0].blocks[0].attn.qkv
     bound = math.sqrt(6 / (8 + 24))
     assert qkv.bias.abs().max() == 0 and qkv.weight.abs().max() <= bound and qkv.weight.abs().max() > bound / 2
