@@ -95,9 +95,9 @@ class FastMIM(nn.Module):
 
     def paint(self, imgs, mask):
         """Overwrite the masked blocks of the normalised image with the learnable colour (FastMIM Sec. 3.1)."""
-        bw = imgs.shape[-1] // mask.shape[-1]
-        m = upsample_mask(mask, bw)[:, None].to(imgs.dtype)  # (B, 1, H, W)
-        return imgs * (1 - m) + self.mask_token.to(imgs.dtype) * m
+        block_px = imgs.shape[-1] // mask.shape[-1]
+        pixel_mask = upsample_mask(mask, block_px)[:, None].to(imgs.dtype)  # (B, 1, H, W)
+        return imgs * (1 - pixel_mask) + self.mask_token.to(imgs.dtype) * pixel_mask
 
     def decode(self, x):
         """Encoder tokens (B, N, D) -> per-token predictions (B, N, P)."""
@@ -109,10 +109,10 @@ class FastMIM(nn.Module):
     def target(self, imgs):
         """Per-token target (B, L, P): HOG cells of each token (fastmim.md §9a) or standardised pixels (§9c)."""
         if self.target_kind == 'hog':  # HOG of the unmasked image, fp32, L2 per cell with --norm-pix-loss (§8)
-            h = hog(imgs, HOG_BINS, HOG_CELL, 'sum', normalize=self.norm_pix_loss)  # (B, 27, Hc, Hc)
-            return per_token(h, self.stride // HOG_CELL)  # (B, L, 27*u*u)
-        t = patchify(imgs.float(), self.stride)  # (B, L, s*s*3)
-        return norm_pix(t) if self.norm_pix_loss else t
+            hog_map = hog(imgs, HOG_BINS, HOG_CELL, 'sum', normalize=self.norm_pix_loss)  # (B, 27, Hc, Hc)
+            return per_token(hog_map, self.stride // HOG_CELL)  # (B, L, 27*u*u)
+        patches = patchify(imgs.float(), self.stride)  # (B, L, s*s*3)
+        return norm_pix(patches) if self.norm_pix_loss else patches
 
     def loss(self, pred, target, mask):
         """MSE over masked tokens; below the token stride the loss is taken per 8x8 cell (fastmim.md §9b)."""
@@ -120,12 +120,12 @@ class FastMIM(nn.Module):
         if self.mask_size >= self.stride:
             tok_mask = upsample_mask(mask, self.mask_size // self.stride).flatten(1)  # (B, L)
             return masked_mean(((pred.float() - target) ** 2).mean(-1), tok_mask)
-        u = self.stride // HOG_CELL  # official quirk #11: a block smaller than a token switches to cell level
+        cells = self.stride // HOG_CELL  # official quirk #11: a block smaller than a token switches to cell level
         to_cells = 'b (gh gw) (c dy dx) -> b (gh dy gw dx) c'
-        p = rearrange(pred.float(), to_cells, gh=G, dy=u, dx=u)  # (B, Hc*Hc, 27)
-        t = rearrange(target, to_cells, gh=G, dy=u, dx=u)  # (B, Hc*Hc, 27)
+        pred_cells = rearrange(pred.float(), to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
+        target_cells = rearrange(target, to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
         cell_mask = upsample_mask(mask, self.mask_size // HOG_CELL).flatten(1)  # (B, Hc*Hc)
-        return masked_mean(((p - t) ** 2).mean(-1), cell_mask)
+        return masked_mean(((pred_cells - target_cells) ** 2).mean(-1), cell_mask)
 
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> dict(loss, pred (B, L, P), target (B, L, P), mask (B, m0, m0) bool)."""
@@ -150,18 +150,18 @@ class FastMIM(nn.Module):
         masked = denormalize(self.paint(imgs, out['mask']))
         H, W = imgs.shape[-2:]
         if self.mask_size >= self.stride:  # predictions where the loss is taken, the target elsewhere
-            m = upsample_mask(out['mask'], self.mask_size // self.stride).flatten(1)[..., None].float()  # (B, L, 1)
+            use_pred = upsample_mask(out['mask'], self.mask_size // self.stride).flatten(1)[..., None].float()  # (B, L, 1)
         else:
-            m = torch.ones_like(out['target'][..., :1])
-        shown = out['target'] * (1 - m) + out['pred'].float() * m
+            use_pred = torch.ones_like(out['target'][..., :1])
+        shown = out['target'] * (1 - use_pred) + out['pred'].float() * use_pred
         if self.target_kind == 'hog':
-            u, G = self.stride // HOG_CELL, H // self.stride
+            cells, G = self.stride // HOG_CELL, H // self.stride
             to_map = 'b (gh gw) (c dy dx) -> b c (gh dy) (gw dx)'
-            cols = [hog_glyphs(rearrange(t, to_map, gh=G, dy=u, dx=u).clamp(min=0), HOG_BINS)
-                    for t in (out['target'], shown)]
+            columns = [hog_glyphs(rearrange(t, to_map, gh=G, dy=cells, dx=cells).clamp(min=0), HOG_BINS)
+                       for t in (out['target'], shown)]
         else:
-            cols = [denormalize(unpatchify(t, self.stride, H, W)) for t in (patchify(imgs, self.stride), shown)]
-        return grid_picture([denormalize(imgs), masked] + cols)
+            columns = [denormalize(unpatchify(t, self.stride, H, W)) for t in (patchify(imgs, self.stride), shown)]
+        return grid_picture([denormalize(imgs), masked] + columns)
 
 
 class FastMIMViT(FastMIM, VisionTransformer):
@@ -173,8 +173,8 @@ class FastMIMViT(FastMIM, VisionTransformer):
         VisionTransformer.__init__(self, img_size, patch_size, embed_dim, depth, num_heads)
         self.init_fastmim(patch_size, img_size, mask_size, mask_ratio, target, norm_pix_loss)
         add_decoder(self, embed_dim, decoder_dim, decoder_depth, self.out_dim(patch_size, target), eps=1e-6)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(init_weights)
         self.res_schedule = res_schedule
 
     def predict(self, x):
@@ -199,9 +199,9 @@ class FastMIMSwin(FastMIM):
         width = embed_dim * 2 ** (len(depths) - 1)
         add_decoder(self, width, decoder_dim, decoder_depth, self.out_dim(stride, target), eps=1e-5)
         if linear_init == 'xavier':  # official quirk #8: PretrainSwin re-inits every Linear xavier, bias 0
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    init_weights(m)
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    init_weights(module)
         self.window_128 = window_size * 128 / img_size  # FastMIM-P: the window scales with the resolution
         self.res_schedule = res_schedule
 
@@ -214,14 +214,14 @@ class FastMIMSwin(FastMIM):
         self.encoder.set_resolution(res, swin_window(self.window_128, res))
 
 
-def swin_window(window_128, res):
-    """FastMIM-P window rule (fastmim.md §11): window_128 * res / 128, which must be a whole number."""
-    w = window_128 * res / 128
-    if abs(w - round(w)) > 1e-9:
-        step = 128 / window_128
-        raise ValueError(f'res {res} gives Swin window {w:g}; FastMIM-P needs a resolution that is a multiple '
+def swin_window(window_at_128, res):
+    """FastMIM-P window rule (fastmim.md §11): window_at_128 * res / 128, which must be a whole number."""
+    window = window_at_128 * res / 128
+    if abs(window - round(window)) > 1e-9:
+        step = 128 / window_at_128
+        raise ValueError(f'res {res} gives Swin window {window:g}; FastMIM-P needs a resolution that is a multiple '
                          f'of {step:g} (e.g. {int(round(res / step) * step)})')
-    return int(round(w))
+    return int(round(window))
 
 
 def from_official(obj):
