@@ -1,87 +1,134 @@
 """FastMIM: Expediting Masked Image Modeling Pre-training for Vision (Guo et al., arXiv 2212.06593).
-https://arxiv.org/abs/2212.06593 · official code: github.com/ggjy/FastMIM.pytorch
+https://arxiv.org/abs/2212.06593 · official code: github.com/ggjy/FastMIM.pytorch, cited below as
+`path:function` at commit d4eea0d.
+Sec./Tab./App. numbers are those of the revised paper, "Empirical Study on Enhancing Efficiency in
+Masked Image Modeling Pre-training" (openreview.net/forum?id=jMZjIi9JcC). It numbers no equations,
+so the formulas it writes out are quoted where they are implemented.
 
-SimMIM-style masked image modeling made cheap twice over: pre-train at 128x128 instead of 224x224, and regress
-HOG features instead of pixels. Square blocks of the normalised image are painted, in pixel space, with one
-learnable RGB colour (`mask_token`, 1x3x1x1) before the unchanged backbone sees every token; a small decoder
-(no positional embedding) predicts, per output token, the 9-bin HOG histograms of the 3 colour channels of each
-8x8 cell it covers; the loss is the MSE over masked tokens only. The mask block (16 px ViT, 32 px Swin) is
-independent of the patch size. FastMIM-P grows the resolution during pre-training (`--res-schedule`).
+SimMIM-style masked image modeling made cheap twice over (Sec. 4.1): pre-train at 128x128 instead
+of 224x224, and regress HOG features instead of pixels. Square blocks of the normalised image are
+painted, in pixel space, with one learnable RGB colour (`mask_token`, 1x3x1x1) before the unchanged
+backbone sees every token (App. A.1); a small decoder without positional embedding (Sec. 4)
+predicts, per output token, the 9-bin HOG histograms of the 3 colour channels of each 8x8 cell it
+covers; the loss is the MSE over masked tokens only. The mask block (16 px ViT, 32 px Swin) is
+independent of the patch size (Tab. 10b). FastMIM-P grows the resolution during pre-training
+(Sec. 4.2, `--res-schedule`).
 
-Defaults (official README commands, which produced the released weights): 128 px, mask ratio 0.75, HOG with
-per-cell L2 norm (`--norm-pix-loss`), ViT-B decoder 1 block x 256 (6 encoder heads, as the official model),
-Swin-B window 4 and decoder 4 blocks x 256, 800 / 400 epochs, warm-up 20 / 10, batch 4096 / 2048,
-blr 1.5e-4, AdamW (0.9, 0.95), wd 0.05 on every tensor but 1-D ones and biases (the official rule:
-`mask_token`, `cls_token` and Swin tables are decayed — common.default_no_decay).
+Defaults (the official README commands, which produced the released weights): 128 px, mask ratio
+0.75, HOG with per-cell L2 norm (`--norm-pix-loss`); ViT-B: 6 encoder heads, decoder 1 block x 256,
+800 epochs, warm-up 20, batch 4096; Swin-B: window 4, decoder 4 blocks x 256, 400 epochs, warm-up
+10, batch 2048; blr 1.5e-4, lr = blr x batch / 256 (App. A.3.2); AdamW (0.9, 0.95), wd 0.05
+(Tab. 11).
 
     python fastmim.py                                          # CPU smoke run on the built-in data
     python fastmim.py --data-path /data/imagenet               # one GPU
     torchrun --nproc_per_node 8 fastmim.py --res 128 --data-path /data/imagenet --model vit_base
-    torchrun --nproc_per_node 8 fastmim.py --model swin_large --res-schedule 128:200,160:100,192:100 ...
+    torchrun --nproc_per_node 8 fastmim.py --model swin_large --res-schedule 128:200,160:100,192:100
+
+Where this follows the official code rather than the paper (or where the paper is silent); the
+comments below cite these as "note N":
+1. ViT-B has 6 encoder heads (mim_vit_pretrain.py:mim_vit_base); the "standard ViT" of App. A.3.2
+   has 12. `--num-heads 12` gives the standard model.
+2. The decoder has width // 32 heads whatever `decoder_num_heads` says (8 at 256-d; it is
+   overwritten in mim_vit_pretrain.py:MaskedAutoencoderViT.__init__ and
+   mim_swin_pretrain.py:PretrainSwin.__init__). Paper silent.
+3. Swin: mim_swin_pretrain.py:PretrainSwin._init_weights re-initialises every Linear, encoder and
+   decoder, xavier-uniform with zero bias, over the Swin init the paper follows (App. A.3.2).
+   `--swin-linear-init trunc_normal` keeps the Swin init.
+4. A mask block smaller than a token makes the loss per 8x8 HOG cell instead of per token
+   (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_hog_loss, same in PretrainSwin). Paper
+   silent (Tab. 10b trains such blocks).
+5. HOG histograms are L2-normalised per cell and colour only with `--norm_pix_loss`, which the
+   README commands pass (util/hog_layer.py:HOGLayerC.forward). Paper silent.
+   `--no-norm-pix-loss` regresses the raw sums.
+6. Weight decay on every tensor but 1-D ones and biases, so `mask_token`, `cls_token` and the Swin
+   relative-position tables are decayed: main_pretrain.py:main calls timm 0.3.2's
+   optim_factory.add_weight_decay without a skip list. Paper silent (wd 0.05, Tab. 11).
+7. ViT-B warm-up 20 epochs and batch 512 x 8 GPUs = 4096 (README); Tab. 11 says 10 and 2048.
+   `--warmup-epochs 10 --batch-size 256` on 8 processes gives the paper's.
+8. FastMIM-P does not run in the official code: `--mim_pt_size` (main_pretrain.py:main) changes
+   the crop and the batch, not the model. Ours: ViT recomputes its sin-cos table, Swin scales its
+   window with the resolution (window at 128 x R / 128) and resizes its relative-position tables;
+   the paper (App. A.3.2) starts Swin-L at window 14 and interpolates the tables.
 """
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer, block_mask, check_ratio,
-                    denormalize, grid_picture, hog, hog_glyphs, init_weights, masked_mean, norm_pix, parse_pretrain,
-                    patchify, per_token, pick_state_dict, pretrain_parser, run_main, sample_noise, strip_prefix,
-                    train, unpatchify, upsample_mask)
+from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
+                    block_mask, check_ratio, denormalize, grid_picture, hog, hog_glyphs,
+                    init_weights, masked_mean, norm_pix, parse_pretrain, patchify, per_token,
+                    pick_state_dict, pretrain_parser, run_main, sample_noise, strip_prefix, train,
+                    unpatchify, upsample_mask)
 
-# Per-model defaults (official README commands; fastmim.md §2). Small presets are ours, for CPUs.
+# Per-model defaults. vit_base, swin_base: the official README commands. vit_large, swin_large: the
+# paper (decoders Sec. 4.1, Swin-L window App. A.3.2, epochs Tab. 3), the rest as their base
+# models; there is no official command for them. vit_tiny, vit_small, swin_tiny: ours, for CPUs.
 DEFAULTS = {
-    'vit_tiny': dict(mask_size=16, decoder_dim=128, decoder_depth=1, num_heads=3, batch_size=256, epochs=100,
-                     warmup_epochs=5),
-    'vit_small': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512, epochs=800,
-                      warmup_epochs=20),
-    'vit_base': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512, epochs=800,
-                     warmup_epochs=20),  # official code, not the paper: 6 heads (mim_vit_pretrain.py)
-    'vit_large': dict(mask_size=16, decoder_dim=512, decoder_depth=8, num_heads=16, batch_size=512, epochs=800,
-                      warmup_epochs=20),  # paper: ViT-L decoder 8b512d (fastmim.md §2; no official command)
-    'swin_tiny': dict(mask_size=32, decoder_dim=128, decoder_depth=1, window_size=4, batch_size=256, epochs=100,
-                      warmup_epochs=5),
-    'swin_base': dict(mask_size=32, decoder_dim=256, decoder_depth=4, window_size=4, batch_size=256, epochs=400,
-                      warmup_epochs=10),
-    'swin_large': dict(mask_size=32, decoder_dim=512, decoder_depth=4, window_size=8, batch_size=256, epochs=400,
-                       warmup_epochs=10),  # FastMIM appendix: window 8 for Swin-L at 128
+    'vit_tiny': dict(mask_size=16, decoder_dim=128, decoder_depth=1, num_heads=3, batch_size=256,
+                     epochs=100, warmup_epochs=5),
+    'vit_small': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512,
+                      epochs=800, warmup_epochs=20),
+    # official code, not the paper: 6 heads (note 1); warm-up 20, 512 a process x 8 (note 7)
+    'vit_base': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512,
+                     epochs=800, warmup_epochs=20),
+    'vit_large': dict(mask_size=16, decoder_dim=512, decoder_depth=8, num_heads=16, batch_size=512,
+                      epochs=800, warmup_epochs=20),
+    'swin_tiny': dict(mask_size=32, decoder_dim=128, decoder_depth=1, window_size=4,
+                      batch_size=256, epochs=100, warmup_epochs=5),
+    'swin_base': dict(mask_size=32, decoder_dim=256, decoder_depth=4, window_size=4,
+                      batch_size=256, epochs=400, warmup_epochs=10),
+    'swin_large': dict(mask_size=32, decoder_dim=512, decoder_depth=4, window_size=8,
+                       batch_size=256, epochs=400, warmup_epochs=10),
 }
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=6, warmup_epochs=1, decoder_dim=128, log_freq=8,
-             save_freq=3, num_workers=2)  # ours: about 2 minutes on 2 CPU cores
-OFFICIAL_NAMES = {'mim_vit_base': 'vit_base', 'mim_vit_large': 'vit_large', 'mim_swin_base': 'swin_base',
-                  'mim_swin_large': 'swin_large'}
-HOG_CELL, HOG_BINS = 8, 9  # FastMIM Sec. 3.2: 9 orientations, 8x8 cells, "following MaskFeat"
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=6, warmup_epochs=1, decoder_dim=128,
+             log_freq=8, save_freq=3, num_workers=2)  # ours: about 2 minutes on 2 CPU cores
+# the official factory names (models_mae.py); mim_vit_large is ours, as there is no official one
+OFFICIAL_NAMES = {'mim_vit_base': 'vit_base', 'mim_vit_large': 'vit_large',
+                  'mim_swin_base': 'swin_base', 'mim_swin_large': 'swin_large'}
+HOG_CELL, HOG_BINS = 8, 9  # FastMIM Sec. 4.1 "Prediction Target": 9 bins, 8x8 cells, after MaskFeat
 
 
 # ----------------------------------------------------------------------------- model
 
 def add_decoder(model, in_dim, dim, depth, out_dim, eps):
-    """FastMIM's decoder on the encoder tokens: Linear -> blocks (heads = dim // 32) -> LayerNorm -> Linear.
+    """FastMIM's decoder (Sec. 4.1 "Decoder"): Linear -> blocks -> LayerNorm -> Linear, per token.
 
-    No positional embedding and no mask tokens (fastmim.md §7); the official code ignores `decoder_num_heads`
-    and always uses dim // 32 heads. With depth 0 the projection is skipped and only the norm is applied.
+    No positional embedding (Sec. 4) and no mask tokens: the mask is already painted into the
+    input. Depth 0 skips the projection and keeps only the norm
+    (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder).
     """
     if depth == 0 and in_dim != dim:
-        raise ValueError(f'--decoder-depth 0 needs --decoder-dim equal to the encoder width {in_dim}')
+        raise ValueError(f'--decoder-depth 0 needs --decoder-dim equal to the encoder width '
+                         f'{in_dim}')
     model.decoder_embed = nn.Linear(in_dim, dim) if depth else nn.Identity()
-    model.decoder_blocks = nn.ModuleList([Block(dim, dim // 32, 4.0, eps=eps) for _ in range(depth)])
+    # official code, not the paper: dim // 32 heads (note 2)
+    model.decoder_blocks = nn.ModuleList([Block(dim, dim // 32, 4.0, eps=eps)
+                                          for _ in range(depth)])
     model.decoder_norm = nn.LayerNorm(dim, eps=eps)
     model.decoder_pred = nn.Linear(dim, out_dim)
 
 
 class FastMIM(nn.Module):
-    """What the ViT and Swin variants share: the pixel-space mask, the decoder, the HOG / pixel target and the loss."""
+    """What the ViT and Swin variants share: pixel-space mask, decoder, HOG / pixel target, loss.
+
+    No `no_weight_decay` method: the loop's default rule decays `mask_token` and `cls_token`
+    (official code, not the paper: note 6).
+    """
 
     def init_fastmim(self, stride, res, mask_size, mask_ratio, target, norm_pix_loss):
         """Check sizes and store the method's settings (stride = encoder output stride in px)."""
         if mask_size % HOG_CELL or res % mask_size:
-            raise ValueError(f'--mask-size {mask_size} must be a multiple of the {HOG_CELL}-px HOG cell and divide '
-                             f'res {res}; use e.g. --mask-size {stride}')
+            raise ValueError(f'--mask-size {mask_size} must be a multiple of the {HOG_CELL}-px HOG '
+                             f'cell and divide res {res}; use e.g. --mask-size {stride}')
         if target == 'hog' and stride % HOG_CELL:
-            raise ValueError(f'the HOG target needs an output stride divisible by {HOG_CELL}, got {stride}')
+            raise ValueError(f'the HOG target needs an output stride divisible by {HOG_CELL}, '
+                             f'got {stride}')
         check_ratio(mask_ratio, '--mask-ratio')
         self.stride, self.res, self.mask_size, self.mask_ratio = stride, res, mask_size, mask_ratio
         self.target_kind, self.norm_pix_loss = target, norm_pix_loss
-        self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))  # one learnable colour, FastMIM Sec. 3.1
+        # [M] in R^{1x1x3}, one learnable colour (FastMIM Sec. 4); N(0, 0.02^2) as the official code
+        self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))
         nn.init.normal_(self.mask_token, std=0.02)
 
     def out_dim(self, stride, target):
@@ -89,14 +136,20 @@ class FastMIM(nn.Module):
         return (stride // HOG_CELL) ** 2 * 3 * HOG_BINS if target == 'hog' else stride * stride * 3
 
     def make_mask(self, imgs, keys=None):
-        """Block mask (B, m0, m0) bool, True = masked, from per-sample noise (fastmim.md §4)."""
+        """Per-sample block mask (Sec. 4.1 "Masked Input") (B, m0, m0) bool, True = masked.
+
+        m0 = H / mask size; the int(m0^2 (1 - r)) blocks with the smallest noise stay visible
+        (mim_vit_pretrain.py:MaskedAutoencoderViT.mim_per_sample_block_masking).
+        """
         m0 = imgs.shape[-1] // self.mask_size
-        return block_mask(sample_noise(imgs.shape[0], m0 * m0, imgs.device, keys), m0, self.mask_ratio)
+        noise = sample_noise(imgs.shape[0], m0 * m0, imgs.device, keys)  # (B, m0*m0)
+        return block_mask(noise, m0, self.mask_ratio)
 
     def paint(self, imgs, mask):
-        """Overwrite the masked blocks of the normalised image with the learnable colour (FastMIM Sec. 3.1)."""
+        """Overwrite the masked blocks of the normalised image with the learnable colour."""
         block_px = imgs.shape[-1] // mask.shape[-1]
         pixel_mask = upsample_mask(mask, block_px)[:, None].to(imgs.dtype)  # (B, 1, H, W)
+        # FastMIM App. A.1: X_hat = X * S + [M] * (1 - S), S = 1 - pixel_mask (S = 1: visible)
         return imgs * (1 - pixel_mask) + self.mask_token.to(imgs.dtype) * pixel_mask
 
     def decode(self, x):
@@ -107,20 +160,29 @@ class FastMIM(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))
 
     def target(self, imgs):
-        """Per-token target (B, L, P): HOG cells of each token (fastmim.md §9a) or standardised pixels (§9c)."""
-        if self.target_kind == 'hog':  # HOG of the unmasked image, fp32, L2 per cell with --norm-pix-loss (§8)
-            hog_map = hog(imgs, HOG_BINS, HOG_CELL, 'sum', normalize=self.norm_pix_loss)  # (B, 27, Hc, Hc)
+        """Per-token target (B, L, P) from the whole unmasked image (Sec. 4.1 "Prediction Target").
+
+        HOG: 8x8-px cells, Hc = H / 8 a side, cut per token as in
+        mim_vit_pretrain.py:MaskedAutoencoderViT.forward_hog_loss: token (i, j) holds cell
+        (i*u + dy, j*u + dx) at feature c*u*u + dy*u + dx, u = stride / 8.
+        Pixels (`--target pixel`, Tab. 1b): each patch standardised, as MAE's norm-pix.
+        """
+        if self.target_kind == 'hog':
+            # per-cell L2 norm only with --norm-pix-loss: official code, not the paper (note 5)
+            hog_map = hog(imgs, HOG_BINS, HOG_CELL, 'sum',
+                          normalize=self.norm_pix_loss)  # (B, 27, Hc, Hc)
             return per_token(hog_map, self.stride // HOG_CELL)  # (B, L, 27*u*u)
         patches = patchify(imgs.float(), self.stride)  # (B, L, s*s*3)
         return norm_pix(patches) if self.norm_pix_loss else patches
 
     def loss(self, pred, target, mask):
-        """MSE over masked tokens; below the token stride the loss is taken per 8x8 cell (fastmim.md §9b)."""
+        """MSE over the masked tokens (Sec. 4.1: l2 distance on the masked region)."""
         G = self.res // self.stride
         if self.mask_size >= self.stride:
             tok_mask = upsample_mask(mask, self.mask_size // self.stride).flatten(1)  # (B, L)
             return masked_mean(((pred.float() - target) ** 2).mean(-1), tok_mask)
-        cells = self.stride // HOG_CELL  # official quirk #11: a block smaller than a token switches to cell level
+        # official code, not the paper: a block smaller than a token -> loss per cell (note 4)
+        cells = self.stride // HOG_CELL  # HOG cells along one side of a token
         to_cells = 'b (gh gw) (c dy dx) -> b (gh dy gw dx) c'
         pred_cells = rearrange(pred.float(), to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
         target_cells = rearrange(target, to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
@@ -128,7 +190,7 @@ class FastMIM(nn.Module):
         return masked_mean(((pred_cells - target_cells) ** 2).mean(-1), cell_mask)
 
     def forward(self, imgs, mask=None, keys=None):
-        """imgs (B, 3, H, W) -> dict(loss, pred (B, L, P), target (B, L, P), mask (B, m0, m0) bool)."""
+        """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
         if mask is None:
             mask = self.make_mask(imgs, keys)
         mask = mask.to(imgs.device)
@@ -137,7 +199,7 @@ class FastMIM(nn.Module):
         return dict(loss=self.loss(pred, target, mask), pred=pred, target=target, mask=mask)
 
     def on_epoch(self, epoch):
-        """FastMIM-P: switch to the resolution of this epoch's stage; returns the new resolution or None."""
+        """FastMIM-P (Sec. 4.2, note 8): move to this epoch's resolution; return it, or None."""
         res = res_at(self.res_schedule, epoch) if self.res_schedule else self.res
         if res == self.res:
             return None
@@ -146,63 +208,74 @@ class FastMIM(nn.Module):
         return res
 
     def picture(self, imgs, out):
-        """input | masked input | target | prediction (HOG as orientation glyphs; pixels de-normalised)."""
+        """input | masked input | target | prediction (HOG as orientation glyphs, pixels as RGB)."""
         masked = denormalize(self.paint(imgs, out['mask']))
         H, W = imgs.shape[-2:]
-        if self.mask_size >= self.stride:  # predictions where the loss is taken, the target elsewhere
-            use_pred = upsample_mask(out['mask'], self.mask_size // self.stride).flatten(1)[..., None].float()  # (B, L, 1)
+        # show predictions where the loss is taken, the target elsewhere
+        if self.mask_size >= self.stride:
+            factor = self.mask_size // self.stride
+            use_pred = upsample_mask(out['mask'], factor).flatten(1)[..., None].float()  # (B, L, 1)
         else:
-            use_pred = torch.ones_like(out['target'][..., :1])
+            use_pred = torch.ones_like(out['target'][..., :1])  # (B, L, 1)
         shown = out['target'] * (1 - use_pred) + out['pred'].float() * use_pred
         if self.target_kind == 'hog':
             cells, G = self.stride // HOG_CELL, H // self.stride
             to_map = 'b (gh gw) (c dy dx) -> b c (gh dy) (gw dx)'
-            columns = [hog_glyphs(rearrange(t, to_map, gh=G, dy=cells, dx=cells).clamp(min=0), HOG_BINS)
-                       for t in (out['target'], shown)]
+            maps = [rearrange(t, to_map, gh=G, dy=cells, dx=cells)  # (B, 27, Hc, Hc)
+                    for t in (out['target'], shown)]
+            columns = [hog_glyphs(cell_map.clamp(min=0), HOG_BINS) for cell_map in maps]
         else:
-            columns = [denormalize(unpatchify(t, self.stride, H, W)) for t in (patchify(imgs, self.stride), shown)]
+            columns = [denormalize(unpatchify(t, self.stride, H, W))  # (B, 3, H, W)
+                       for t in (patchify(imgs, self.stride), shown)]
         return grid_picture([denormalize(imgs), masked] + columns)
 
 
 class FastMIMViT(FastMIM, VisionTransformer):
-    """FastMIM on a ViT: keys as the official ViT checkpoint (timm encoder at top level, `mask_token`, `decoder_*`)."""
+    """FastMIM on a ViT; official checkpoint keys: timm ViT, `mask_token`, `decoder_*`."""
 
-    def __init__(self, img_size=128, patch_size=16, embed_dim=768, depth=12, num_heads=6, mask_size=16,
-                 mask_ratio=0.75, decoder_dim=256, decoder_depth=1, target='hog', norm_pix_loss=True,
-                 res_schedule=None):
+    def __init__(self, img_size=128, patch_size=16, embed_dim=768, depth=12, num_heads=6,
+                 mask_size=16, mask_ratio=0.75, decoder_dim=256, decoder_depth=1, target='hog',
+                 norm_pix_loss=True, res_schedule=None):
         VisionTransformer.__init__(self, img_size, patch_size, embed_dim, depth, num_heads)
         self.init_fastmim(patch_size, img_size, mask_size, mask_ratio, target, norm_pix_loss)
-        add_decoder(self, embed_dim, decoder_dim, decoder_depth, self.out_dim(patch_size, target), eps=1e-6)
+        add_decoder(self, embed_dim, decoder_dim, decoder_depth,
+                    self.out_dim(patch_size, target), eps=1e-6)
         for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             part.apply(init_weights)
         self.res_schedule = res_schedule
 
     def predict(self, x):
-        """Painted image -> per-patch predictions (B, L, P); the cls token passes the decoder, then is dropped."""
-        return self.decode(self.forward_features(x))[:, 1:]
+        """Painted image -> per-patch predictions (B, L, P).
+
+        The cls token is kept (App. A.3.2), passes the decoder and is dropped after the head
+        (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder).
+        """
+        return self.decode(self.forward_features(x))[:, 1:]  # (B, L, P)
 
     def set_res(self, res):
-        """FastMIM-P: the fixed sin-cos table is recomputed for the new grid (exact, fastmim.md §11)."""
+        """FastMIM-P (note 8): the fixed sin-cos table is recomputed for the new grid (exact)."""
         self.set_resolution(res)
 
 
 class FastMIMSwin(FastMIM):
-    """FastMIM on Swin: `encoder.` + original Swin layout, top-level `mask_token` and `decoder_*` (official keys)."""
+    """FastMIM on Swin; official checkpoint keys: `encoder.` Swin, `mask_token`, `decoder_*`."""
 
-    def __init__(self, img_size=128, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=4,
-                 mask_size=32, mask_ratio=0.75, decoder_dim=256, decoder_depth=4, target='hog', norm_pix_loss=True,
-                 linear_init='xavier', res_schedule=None):
+    def __init__(self, img_size=128, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                 window_size=4, mask_size=32, mask_ratio=0.75, decoder_dim=256, decoder_depth=4,
+                 target='hog', norm_pix_loss=True, linear_init='xavier', res_schedule=None):
         super().__init__()
         self.encoder = SwinTransformer(img_size, 4, embed_dim, depths, num_heads, window_size)
-        stride = 4 * 2 ** (len(depths) - 1)  # official PretrainSwin(patch_size=32) is this output stride
+        # mim_swin_pretrain.py:mim_swin_base's patch_size=32 is this output stride, not Swin's patch
+        stride = 4 * 2 ** (len(depths) - 1)
         self.init_fastmim(stride, img_size, mask_size, mask_ratio, target, norm_pix_loss)
         width = embed_dim * 2 ** (len(depths) - 1)
         add_decoder(self, width, decoder_dim, decoder_depth, self.out_dim(stride, target), eps=1e-5)
-        if linear_init == 'xavier':  # official quirk #8: PretrainSwin re-inits every Linear xavier, bias 0
+        # official code, not the paper: every Linear xavier, bias 0 (note 3)
+        if linear_init == 'xavier':
             for module in self.modules():
                 if isinstance(module, nn.Linear):
                     init_weights(module)
-        self.window_128 = window_size * 128 / img_size  # FastMIM-P: the window scales with the resolution
+        self.window_128 = window_size * 128 / img_size  # the window at 128 px (FastMIM-P, note 8)
         self.res_schedule = res_schedule
 
     def predict(self, x):
@@ -210,24 +283,25 @@ class FastMIMSwin(FastMIM):
         return self.decode(self.encoder.forward_features(x))
 
     def set_res(self, res):
-        """FastMIM-P for Swin: window(R) = window_128 * R / 128; tables resized, indices and masks rebuilt (§11)."""
+        """FastMIM-P (note 8): the window for `res`; tables resized, indices and masks rebuilt."""
         self.encoder.set_resolution(res, swin_window(self.window_128, res))
 
 
 def swin_window(window_at_128, res):
-    """FastMIM-P window rule (fastmim.md §11): window_at_128 * res / 128, which must be a whole number."""
+    """FastMIM-P window rule (ours, note 8): window_at_128 * res / 128, which must be whole."""
     window = window_at_128 * res / 128
     if abs(window - round(window)) > 1e-9:
         step = 128 / window_at_128
-        raise ValueError(f'res {res} gives Swin window {window:g}; FastMIM-P needs a resolution that is a multiple '
-                         f'of {step:g} (e.g. {int(round(res / step) * step)})')
+        raise ValueError(f'res {res} gives Swin window {window:g}; FastMIM-P needs a resolution '
+                         f'that is a multiple of {step:g} (e.g. {int(round(res / step) * step)})')
     return int(round(window))
 
 
 def from_official(obj):
-    """Official FastMIM pre-training checkpoint (ViT: no prefix; Swin: `encoder.` + top level) -> our state dict.
+    """Official FastMIM pre-training checkpoint -> our state dict.
 
-    Our keys are the official ones, so this only picks the state dict and strips DDP/compile prefixes.
+    Our keys are the official ones (ViT: no prefix; Swin: `encoder.` + top-level `mask_token`,
+    `decoder_*`), so this only picks the state dict and strips DDP/compile prefixes.
     """
     return strip_prefix(pick_state_dict(obj))
 
@@ -239,8 +313,8 @@ def parse_schedule(text):
     try:
         return [(int(r), int(e)) for r, e in (part.split(':') for part in text.split(','))]
     except ValueError:
-        raise ValueError(f'--res-schedule {text!r} is not of the form RES:EPOCHS,RES:EPOCHS (e.g. '
-                         f'128:200,160:100,192:100)') from None
+        raise ValueError(f'--res-schedule {text!r} is not of the form RES:EPOCHS,RES:EPOCHS '
+                         f'(e.g. 128:200,160:100,192:100)') from None
 
 
 def res_at(schedule, epoch):
@@ -278,7 +352,7 @@ def get_args(argv=None):
     a('--swin-linear-init', dest='swin_linear_init', choices=('xavier', 'trunc_normal'), default='xavier',
       help='official PretrainSwin re-inits every Linear xavier (default); trunc_normal = Swin paper init')
     args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, method='fastmim', res=128, mask_ratio=0.75,
-                          blr=1.5e-4)  # FastMIM: pre-train at 128 (Sec. 3)
+                          blr=1.5e-4)  # FastMIM Sec. 4.1: pre-train at 128
     if args.res_schedule:
         args.schedule = parse_schedule(args.res_schedule)
         if sum(e for _, e in args.schedule) != args.epochs:
