@@ -84,16 +84,16 @@ def check_fuse_layers(layers, depth, allow_truncated=False):
     """Indices (negative counted from the end) -> checked list: in range, strictly increasing, ending at depth-1."""
     if isinstance(layers, str):
         layers = parse_fuse_layers(layers, depth)
-    idx = [i + depth if i < 0 else i for i in layers]  # official: -1 -> depth-1
-    shown = ','.join(map(str, layers))
-    if not idx or not all(0 <= i < depth for i in idx):
-        raise ValueError(f'--fuse-layers {shown}: block indices must lie in 0..{depth - 1} (or -{depth}..-1)')
-    if any(b <= a for a, b in zip(idx, idx[1:])):
-        raise ValueError(f'--fuse-layers {shown} must be strictly increasing, e.g. 0,2,4,6,8,{depth - 1}')
-    if idx[-1] != depth - 1 and not allow_truncated:  # mff.md §12 #4: the official code silently drops the rest
-        raise ValueError(f'--fuse-layers {shown} ends at block {idx[-1]}, so blocks {idx[-1] + 1}..{depth - 1} would '
+    indices = [i + depth if i < 0 else i for i in layers]  # official: -1 -> depth-1
+    given = ','.join(map(str, layers))
+    if not indices or not all(0 <= i < depth for i in indices):
+        raise ValueError(f'--fuse-layers {given}: block indices must lie in 0..{depth - 1} (or -{depth}..-1)')
+    if any(b <= a for a, b in zip(indices, indices[1:])):
+        raise ValueError(f'--fuse-layers {given} must be strictly increasing, e.g. 0,2,4,6,8,{depth - 1}')
+    if indices[-1] != depth - 1 and not allow_truncated:  # mff.md §12 #4: the official code silently drops the rest
+        raise ValueError(f'--fuse-layers {given} ends at block {indices[-1]}, so blocks {indices[-1] + 1}..{depth - 1} would '
                          f'be dropped; end the list with {depth - 1} (or -1), or pass --allow-truncated-fusion')
-    return idx
+    return indices
 
 
 # ----------------------------------------------------------------------------- PixMIM low-frequency target
@@ -103,18 +103,18 @@ def lowpass_filter(H, W, radius, device=None):
 
     The centre sits half a pixel off the shifted DC bin (H/2, W/2); reproduced (mff.md §12 #10).
     """
-    i = torch.arange(H, dtype=torch.float64, device=device)[:, None]  # (H, 1)
-    j = torch.arange(W, dtype=torch.float64, device=device)[None]  # (1, W)
-    return (i - (H - 1) / 2) ** 2 + (j - (W - 1) / 2) ** 2 <= radius ** 2  # (H, W); official: zero where > R^2
+    rows = torch.arange(H, dtype=torch.float64, device=device)[:, None]  # (H, 1)
+    cols = torch.arange(W, dtype=torch.float64, device=device)[None]  # (1, W)
+    return (rows - (H - 1) / 2) ** 2 + (cols - (W - 1) / 2) ** 2 <= radius ** 2  # (H, W); official: zero where > R^2
 
 
 def low_pass(x, radius):
     """[0, 1] images (B, 3, H, W) -> |ifft2(filter * fftshift(fft2(x)))| (B, 3, H, W): real, >= 0 (PixMIM)."""
-    X = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))  # (B, 3, H, W) complex, DC moved to the middle
-    X = X * lowpass_filter(*x.shape[-2:], radius, x.device)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))  # (B, 3, H, W) complex, DC moved to the middle
+    spectrum = spectrum * lowpass_filter(*x.shape[-2:], radius, x.device)
     # official: no ifftshift before the inverse; for even sizes that only multiplies by (-1)^(i+j), which abs removes,
     # and the off-centre filter makes the result complex, hence the magnitude rather than the real part
-    return torch.fft.ifft2(X).abs()  # (B, 3, H, W)
+    return torch.fft.ifft2(spectrum).abs()  # (B, 3, H, W)
 
 
 def lowfreq_image(imgs, radius):
@@ -193,16 +193,16 @@ class MFF(MaskedAutoencoderViT):
     def forward_encoder(self, imgs, ids_keep, layers=None):
         """Encoder on the kept tokens: LN(fused) (B, 1+K, D) (and, with `layers`, those blocks' raw outputs)."""
         x = self.embed(imgs, ids_keep)  # (B, 1+K, D)
-        last = max(self.fuse_layers + list(layers or []))
-        feats, outs = [], []
-        for i, blk in enumerate(self.blocks[:last + 1]):  # blocks past the last index only matter if truncated
+        last_block = max(self.fuse_layers + list(layers or []))
+        fused_inputs, requested = [], []
+        for i, blk in enumerate(self.blocks[:last_block + 1]):  # blocks past the last index only matter if truncated
             x = blk(x)
             if i in self.fuse_layers:
-                feats.append(x)
+                fused_inputs.append(x)
             if layers is not None and i in layers:
-                outs.append(x)
-        latent = self.norm(self.fuse(feats))  # the one final LayerNorm, after the fusion (MFFViT: norm1(res))
-        return (latent, outs) if layers is not None else latent
+                requested.append(x)
+        latent = self.norm(self.fuse(fused_inputs))  # the one final LayerNorm, after the fusion (MFFViT: norm1(res))
+        return (latent, requested) if layers is not None else latent
 
     # --- target, forward, picture
     def target(self, imgs):
@@ -219,9 +219,9 @@ class MFF(MaskedAutoencoderViT):
 
     def picture(self, imgs, out):
         """input | (low-freq target) | masked | reconstruction, with a bar chart of the fusion weights under it."""
-        shown = lowfreq_image(imgs, self.lowfreq_radius) if self.target_kind == 'lowfreq' else imgs
-        cols = pixel_columns(shown, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)
-        grid = grid_picture(([denormalize(imgs)] if self.target_kind == 'lowfreq' else []) + cols)
+        target_imgs = lowfreq_image(imgs, self.lowfreq_radius) if self.target_kind == 'lowfreq' else imgs
+        columns = pixel_columns(target_imgs, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)
+        grid = grid_picture(([denormalize(imgs)] if self.target_kind == 'lowfreq' else []) + columns)
         alpha = [float(a) for a in out['fusion_weights']]
         return torch.cat([grid, fusion_bars(alpha, self.fuse_layers, grid.shape[-1])], dim=1)  # (3, H + h, W)
 
@@ -235,11 +235,11 @@ def fusion_bars(alpha, layers, width, height=160):
     draw.text((left, 2), f'fusion weights alpha = softmax(proj_weights) per block; dashed: uniform 1/{K}', fill='black')
     scale = (bottom - top) / max(max(alpha), 1 / K)
     slot = (width - 2 * left) / K
-    for k, (a, block) in enumerate(zip(alpha, layers)):
+    for k, (weight, block) in enumerate(zip(alpha, layers)):
         x0, x1 = left + (k + 0.15) * slot, left + (k + 0.85) * slot
-        y0 = bottom - a * scale
+        y0 = bottom - weight * scale
         draw.rectangle([x0, y0, x1, bottom], fill=(200, 90, 60) if k == K - 1 else (70, 110, 180))
-        draw.text((x0, y0 - 12), f'{a:.3f}'.lstrip('0'), fill='black')
+        draw.text((x0, y0 - 12), f'{weight:.3f}'.lstrip('0'), fill='black')
         draw.text((x0, bottom + 2), f'b{block}', fill='black')
     y = bottom - scale / K
     for x in range(left, width - left, 8):
