@@ -339,13 +339,13 @@ def get_args(argv=None):
     a('--fuse-layers', '--fuse_layers', '--out_indices', '--out-indices', dest='fuse_layers',
       help='fused blocks: comma list ending at the last block (0-based, -1 = last) or preset '
            'L1/L2/L4/L6/L12; default L6 = 0,2,4,6,8,11 at depth 12 (configs/mff out_indices; '
-           'MFF Tab. 3b / supplement Tab. 4)')
+           'MFF Tab. 3(b) / supp. Tab. 4)')
     # note 10
     a('--allow-truncated-fusion', dest='allow_truncated', action='store_true',
       help='allow a list that stops before the last block (official behaviour: later blocks are '
            'dropped; single process only, DDP would need find_unused_parameters)')
     a('--detach-shallow', '--detach_shallow', dest='detach_shallow', action='store_true',
-      help='MFF^detach (supplement A.8): no gradient from the fusion into the shallow blocks')
+      help='MFF^detach (MFF supp. A.8): no gradient from the fusion into the shallow blocks')
     a('--target', choices=('pixel', 'lowfreq'), default='pixel',
       help='pixel = MFF_MAE (default, configs/mff) or lowfreq = MFF_PixMIM (low-frequency target '
            'image)')
