@@ -272,7 +272,7 @@ class MFF(MaskedAutoencoderViT):
 
     # --- target, forward, picture
     def target(self, imgs):
-        """Norm-pix target (B, L, p*p*3) of the image (pixel) or its low-frequency version (note 9)."""
+        """Norm-pix target (B, L, p*p*3) of the image, or of its low-frequency version (note 9)."""
         if self.target_kind == 'lowfreq':
             imgs = lowfreq_image(imgs, self.lowfreq_radius)
         return super().target(imgs)
