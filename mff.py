@@ -173,7 +173,7 @@ def low_pass(x, radius):
 
 
 def lowfreq_image(imgs, radius):
-    """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (autocast_off, no grad)."""
+    """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (fp32, no grad)."""
     with torch.no_grad(), autocast_off(imgs.device):
         mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
