@@ -51,14 +51,16 @@ comments below cite these as "note N":
    window with the resolution (window at 128 x R / 128) and resizes its relative-position tables;
    the paper (App. A.3.2) starts Swin-L at window 14 and interpolates the tables.
 """
+import math
+
 import torch
 import torch.nn as nn
 from einops import rearrange
 
 from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
                     block_mask, check_ratio, denormalize, grid_picture, hog, hog_glyphs,
-                    init_weights, masked_mean, norm_pix, parse_pretrain, patchify, per_token,
-                    pick_state_dict, pretrain_parser, run_main, sample_noise, strip_prefix, train,
+                    init_weights, launch, masked_mean, norm_pix, parse_pretrain, patchify,
+                    per_token, pick_state_dict, pretrain_parser, sample_noise, strip_prefix,
                     unpatchify, upsample_mask)
 
 # Per-model defaults. vit_base, swin_base: the official README commands. vit_large, swin_large: the
@@ -89,7 +91,28 @@ OFFICIAL_NAMES = {'mim_vit_base': 'vit_base', 'mim_vit_large': 'vit_large',
 HOG_CELL, HOG_BINS = 8, 9  # FastMIM Sec. 4.1 "Prediction Target": 9 bins, 8x8 cells, after MaskFeat
 
 
-# ----------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------- the method
+# What the ViT and the Swin variant share, as plain functions: the block mask, the painted input,
+# the decoder, the HOG / pixel target and the loss. The two models below call them in forward.
+
+def check_sizes(stride, res, mask_size, mask_ratio, target):
+    """Raise a ValueError that says what to change when the sizes do not fit together."""
+    if mask_size % HOG_CELL or res % mask_size:
+        raise ValueError(f'--mask-size {mask_size} must be a multiple of the {HOG_CELL}-px HOG '
+                         f'cell and divide res {res}; use e.g. --mask-size {stride}')
+    if target == 'hog' and stride % HOG_CELL:
+        raise ValueError(f'the HOG target needs an output stride divisible by {HOG_CELL}, '
+                         f'got {stride}')
+    check_ratio(mask_ratio, '--mask-ratio')
+
+
+def mask_colour():
+    """[M], one learnable RGB colour (1, 3, 1, 1) (FastMIM Sec. 4); N(0, 0.02^2) as the official
+    code."""
+    token = nn.Parameter(torch.zeros(1, 3, 1, 1))
+    nn.init.normal_(token, std=0.02)
+    return token
+
 
 def add_decoder(model, in_dim, dim, depth, out_dim, eps):
     """FastMIM's decoder (Sec. 4.1 "Decoder"): Linear -> blocks -> LayerNorm -> Linear, per token.
@@ -109,155 +132,145 @@ def add_decoder(model, in_dim, dim, depth, out_dim, eps):
     model.decoder_pred = nn.Linear(dim, out_dim)
 
 
-class FastMIM(nn.Module):
-    """What the ViT and Swin variants share: pixel-space mask, decoder, HOG / pixel target, loss.
+def decode(model, x):
+    """The decoder of `model` on encoder tokens (B, N, D) -> per-token predictions (B, N, P)."""
+    x = model.decoder_embed(x)
+    for blk in model.decoder_blocks:
+        x = blk(x)
+    return model.decoder_pred(model.decoder_norm(x))
+
+
+def out_dim(stride, target):
+    """Head width: 27 HOG numbers per 8x8 cell of a token, or stride*stride*3 pixels."""
+    return (stride // HOG_CELL) ** 2 * 3 * HOG_BINS if target == 'hog' else stride * stride * 3
+
+
+def make_mask(imgs, mask_size, mask_ratio, keys=None):
+    """Per-sample block mask (Sec. 4.1 "Masked Input") (B, m0, m0) bool, True = masked.
+
+    m0 = H / mask size; the int(m0^2 (1 - r)) blocks with the smallest noise stay visible
+    (mim_vit_pretrain.py:MaskedAutoencoderViT.mim_per_sample_block_masking).
+    """
+    m0 = imgs.shape[-1] // mask_size
+    noise = sample_noise(imgs.shape[0], m0 * m0, imgs.device, keys)  # (B, m0*m0)
+    return block_mask(noise, m0, mask_ratio)
+
+
+def paint(imgs, mask, mask_token):
+    """Overwrite the masked blocks of the normalised image with the learnable colour."""
+    block_px = imgs.shape[-1] // mask.shape[-1]
+    pixel_mask = upsample_mask(mask, block_px)[:, None].to(imgs.dtype)  # (B, 1, H, W)
+    # FastMIM App. A.1: X_hat = X * S + [M] * (1 - S), S = 1 - pixel_mask (S = 1: visible)
+    return imgs * (1 - pixel_mask) + mask_token.to(imgs.dtype) * pixel_mask
+
+
+def make_target(imgs, stride, target, norm_pix_loss):
+    """Per-token target (B, L, P) from the whole unmasked image (Sec. 4.1 "Prediction Target").
+
+    HOG: 8x8-px cells, Hc = H / 8 a side, cut per token as in
+    mim_vit_pretrain.py:MaskedAutoencoderViT.forward_hog_loss: token (i, j) holds cell
+    (i*u + dy, j*u + dx) at feature c*u*u + dy*u + dx, u = stride / 8.
+    Pixels (`--target pixel`, Tab. 1b): each patch standardised, as MAE's norm-pix.
+    """
+    if target == 'hog':
+        # per-cell L2 norm only with --norm-pix-loss: official code, not the paper (note 5)
+        hog_map = hog(imgs, HOG_BINS, HOG_CELL, 'sum', normalize=norm_pix_loss)  # (B, 27, Hc, Hc)
+        return per_token(hog_map, stride // HOG_CELL)  # (B, L, 27*u*u)
+    patches = patchify(imgs.float(), stride)  # (B, L, s*s*3)
+    return norm_pix(patches) if norm_pix_loss else patches
+
+
+def masked_loss(pred, target, mask, stride, mask_size):
+    """MSE over the masked tokens (Sec. 4.1: l2 distance on the masked region); pred, target
+    (B, L, P), mask (B, m0, m0)."""
+    G = math.isqrt(target.shape[1])  # tokens along one side
+    if mask_size >= stride:
+        tok_mask = upsample_mask(mask, mask_size // stride).flatten(1)  # (B, L)
+        return masked_mean(((pred.float() - target) ** 2).mean(-1), tok_mask)
+    # official code, not the paper: a block smaller than a token -> loss per cell (note 4)
+    cells = stride // HOG_CELL  # HOG cells along one side of a token
+    to_cells = 'b (gh gw) (c dy dx) -> b (gh dy gw dx) c'
+    pred_cells = rearrange(pred.float(), to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
+    target_cells = rearrange(target, to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
+    cell_mask = upsample_mask(mask, mask_size // HOG_CELL).flatten(1)  # (B, Hc*Hc)
+    return masked_mean(((pred_cells - target_cells) ** 2).mean(-1), cell_mask)
+
+
+def draw(model, imgs, out):
+    """input | masked input | target | prediction (HOG as orientation glyphs, pixels as RGB)."""
+    masked = denormalize(paint(imgs, out['mask'], model.mask_token))
+    H, W = imgs.shape[-2:]
+    stride, mask_size = model.stride, model.mask_size
+    # show predictions where the loss is taken, the target elsewhere
+    if mask_size >= stride:
+        use_pred = upsample_mask(out['mask'], mask_size // stride).flatten(1)[..., None].float()
+    else:
+        use_pred = torch.ones_like(out['target'][..., :1])  # (B, L, 1)
+    shown = out['target'] * (1 - use_pred) + out['pred'].float() * use_pred
+    if model.target_kind == 'hog':
+        cells, G = stride // HOG_CELL, H // stride
+        to_map = 'b (gh gw) (c dy dx) -> b c (gh dy) (gw dx)'
+        maps = [rearrange(t, to_map, gh=G, dy=cells, dx=cells)  # (B, 27, Hc, Hc)
+                for t in (out['target'], shown)]
+        columns = [hog_glyphs(cell_map.clamp(min=0), HOG_BINS) for cell_map in maps]
+    else:
+        columns = [denormalize(unpatchify(t, stride, H, W))  # (B, 3, H, W)
+                   for t in (patchify(imgs, stride), shown)]
+    return grid_picture([denormalize(imgs), masked] + columns)
+
+
+# ----------------------------------------------------------------------------- the models
+
+class FastMIMViT(VisionTransformer):
+    """FastMIM on a ViT; official checkpoint keys: timm ViT, `mask_token`, `decoder_*`.
 
     No `no_weight_decay` method: the loop's default rule decays `mask_token` and `cls_token`
     (official code, not the paper: note 6).
     """
 
-    def init_fastmim(self, stride, res, mask_size, mask_ratio, target, norm_pix_loss):
-        """Check sizes and store the method's settings (stride = encoder output stride in px)."""
-        if mask_size % HOG_CELL or res % mask_size:
-            raise ValueError(f'--mask-size {mask_size} must be a multiple of the {HOG_CELL}-px HOG '
-                             f'cell and divide res {res}; use e.g. --mask-size {stride}')
-        if target == 'hog' and stride % HOG_CELL:
-            raise ValueError(f'the HOG target needs an output stride divisible by {HOG_CELL}, '
-                             f'got {stride}')
-        check_ratio(mask_ratio, '--mask-ratio')
-        self.stride, self.res, self.mask_size, self.mask_ratio = stride, res, mask_size, mask_ratio
-        self.target_kind, self.norm_pix_loss = target, norm_pix_loss
-        # [M] in R^{1x1x3}, one learnable colour (FastMIM Sec. 4); N(0, 0.02^2) as the official code
-        self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def out_dim(self, stride, target):
-        """Head width: 27 HOG numbers per 8x8 cell of a token, or stride*stride*3 pixels."""
-        return (stride // HOG_CELL) ** 2 * 3 * HOG_BINS if target == 'hog' else stride * stride * 3
-
-    def make_mask(self, imgs, keys=None):
-        """Per-sample block mask (Sec. 4.1 "Masked Input") (B, m0, m0) bool, True = masked.
-
-        m0 = H / mask size; the int(m0^2 (1 - r)) blocks with the smallest noise stay visible
-        (mim_vit_pretrain.py:MaskedAutoencoderViT.mim_per_sample_block_masking).
-        """
-        m0 = imgs.shape[-1] // self.mask_size
-        noise = sample_noise(imgs.shape[0], m0 * m0, imgs.device, keys)  # (B, m0*m0)
-        return block_mask(noise, m0, self.mask_ratio)
-
-    def paint(self, imgs, mask):
-        """Overwrite the masked blocks of the normalised image with the learnable colour."""
-        block_px = imgs.shape[-1] // mask.shape[-1]
-        pixel_mask = upsample_mask(mask, block_px)[:, None].to(imgs.dtype)  # (B, 1, H, W)
-        # FastMIM App. A.1: X_hat = X * S + [M] * (1 - S), S = 1 - pixel_mask (S = 1: visible)
-        return imgs * (1 - pixel_mask) + self.mask_token.to(imgs.dtype) * pixel_mask
-
-    def decode(self, x):
-        """Encoder tokens (B, N, D) -> per-token predictions (B, N, P)."""
-        x = self.decoder_embed(x)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
-
-    def target(self, imgs):
-        """Per-token target (B, L, P) from the whole unmasked image (Sec. 4.1 "Prediction Target").
-
-        HOG: 8x8-px cells, Hc = H / 8 a side, cut per token as in
-        mim_vit_pretrain.py:MaskedAutoencoderViT.forward_hog_loss: token (i, j) holds cell
-        (i*u + dy, j*u + dx) at feature c*u*u + dy*u + dx, u = stride / 8.
-        Pixels (`--target pixel`, Tab. 1b): each patch standardised, as MAE's norm-pix.
-        """
-        if self.target_kind == 'hog':
-            # per-cell L2 norm only with --norm-pix-loss: official code, not the paper (note 5)
-            hog_map = hog(imgs, HOG_BINS, HOG_CELL, 'sum',
-                          normalize=self.norm_pix_loss)  # (B, 27, Hc, Hc)
-            return per_token(hog_map, self.stride // HOG_CELL)  # (B, L, 27*u*u)
-        patches = patchify(imgs.float(), self.stride)  # (B, L, s*s*3)
-        return norm_pix(patches) if self.norm_pix_loss else patches
-
-    def loss(self, pred, target, mask):
-        """MSE over the masked tokens (Sec. 4.1: l2 distance on the masked region)."""
-        G = self.res // self.stride
-        if self.mask_size >= self.stride:
-            tok_mask = upsample_mask(mask, self.mask_size // self.stride).flatten(1)  # (B, L)
-            return masked_mean(((pred.float() - target) ** 2).mean(-1), tok_mask)
-        # official code, not the paper: a block smaller than a token -> loss per cell (note 4)
-        cells = self.stride // HOG_CELL  # HOG cells along one side of a token
-        to_cells = 'b (gh gw) (c dy dx) -> b (gh dy gw dx) c'
-        pred_cells = rearrange(pred.float(), to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
-        target_cells = rearrange(target, to_cells, gh=G, dy=cells, dx=cells)  # (B, Hc*Hc, 27)
-        cell_mask = upsample_mask(mask, self.mask_size // HOG_CELL).flatten(1)  # (B, Hc*Hc)
-        return masked_mean(((pred_cells - target_cells) ** 2).mean(-1), cell_mask)
+    def __init__(self, img_size=128, patch_size=16, embed_dim=768, depth=12, num_heads=6,
+                 mask_size=16, mask_ratio=0.75, decoder_dim=256, decoder_depth=1, target='hog',
+                 norm_pix_loss=True, res_schedule=None):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads)
+        check_sizes(patch_size, img_size, mask_size, mask_ratio, target)
+        self.stride, self.res, self.mask_size = patch_size, img_size, mask_size
+        self.mask_ratio, self.target_kind, self.norm_pix_loss = mask_ratio, target, norm_pix_loss
+        self.res_schedule = res_schedule
+        self.mask_token = mask_colour()
+        add_decoder(self, embed_dim, decoder_dim, decoder_depth, out_dim(patch_size, target),
+                    eps=1e-6)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(init_weights)
 
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
         if mask is None:
-            mask = self.make_mask(imgs, keys)
+            mask = make_mask(imgs, self.mask_size, self.mask_ratio, keys)
         mask = mask.to(imgs.device)
-        pred = self.predict(self.paint(imgs, mask))  # (B, L, P)
-        target = self.target(imgs)
-        return dict(loss=self.loss(pred, target, mask), pred=pred, target=target, mask=mask)
+        x = self.forward_features(paint(imgs, mask, self.mask_token))  # (B, 1+L, D): every token
+        # the cls token is kept (App. A.3.2), passes the decoder and is dropped after the head
+        # (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder)
+        pred = decode(self, x)[:, 1:]  # (B, L, P)
+        target = make_target(imgs, self.stride, self.target_kind, self.norm_pix_loss)
+        loss = masked_loss(pred, target, mask, self.stride, self.mask_size)
+        return dict(loss=loss, pred=pred, target=target, mask=mask)
 
     def on_epoch(self, epoch):
-        """FastMIM-P (Sec. 4.2, note 8): move to this epoch's resolution; return it, or None."""
+        """FastMIM-P (Sec. 4.2, note 8): the fixed sin-cos table is recomputed for this epoch's
+        resolution (exact); returns the new resolution, or None."""
         res = res_at(self.res_schedule, epoch) if self.res_schedule else self.res
         if res == self.res:
             return None
-        self.set_res(res)
+        self.set_resolution(res)
         self.res = res
         return res
 
     def picture(self, imgs, out):
-        """input | masked input | target | prediction (HOG as orientation glyphs, pixels as RGB)."""
-        masked = denormalize(self.paint(imgs, out['mask']))
-        H, W = imgs.shape[-2:]
-        # show predictions where the loss is taken, the target elsewhere
-        if self.mask_size >= self.stride:
-            factor = self.mask_size // self.stride
-            use_pred = upsample_mask(out['mask'], factor).flatten(1)[..., None].float()  # (B, L, 1)
-        else:
-            use_pred = torch.ones_like(out['target'][..., :1])  # (B, L, 1)
-        shown = out['target'] * (1 - use_pred) + out['pred'].float() * use_pred
-        if self.target_kind == 'hog':
-            cells, G = self.stride // HOG_CELL, H // self.stride
-            to_map = 'b (gh gw) (c dy dx) -> b c (gh dy) (gw dx)'
-            maps = [rearrange(t, to_map, gh=G, dy=cells, dx=cells)  # (B, 27, Hc, Hc)
-                    for t in (out['target'], shown)]
-            columns = [hog_glyphs(cell_map.clamp(min=0), HOG_BINS) for cell_map in maps]
-        else:
-            columns = [denormalize(unpatchify(t, self.stride, H, W))  # (B, 3, H, W)
-                       for t in (patchify(imgs, self.stride), shown)]
-        return grid_picture([denormalize(imgs), masked] + columns)
+        """input | masked input | target | prediction."""
+        return draw(self, imgs, out)
 
 
-class FastMIMViT(FastMIM, VisionTransformer):
-    """FastMIM on a ViT; official checkpoint keys: timm ViT, `mask_token`, `decoder_*`."""
-
-    def __init__(self, img_size=128, patch_size=16, embed_dim=768, depth=12, num_heads=6,
-                 mask_size=16, mask_ratio=0.75, decoder_dim=256, decoder_depth=1, target='hog',
-                 norm_pix_loss=True, res_schedule=None):
-        VisionTransformer.__init__(self, img_size, patch_size, embed_dim, depth, num_heads)
-        self.init_fastmim(patch_size, img_size, mask_size, mask_ratio, target, norm_pix_loss)
-        add_decoder(self, embed_dim, decoder_dim, decoder_depth,
-                    self.out_dim(patch_size, target), eps=1e-6)
-        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            part.apply(init_weights)
-        self.res_schedule = res_schedule
-
-    def predict(self, x):
-        """Painted image -> per-patch predictions (B, L, P).
-
-        The cls token is kept (App. A.3.2), passes the decoder and is dropped after the head
-        (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder).
-        """
-        return self.decode(self.forward_features(x))[:, 1:]  # (B, L, P)
-
-    def set_res(self, res):
-        """FastMIM-P (note 8): the fixed sin-cos table is recomputed for the new grid (exact)."""
-        self.set_resolution(res)
-
-
-class FastMIMSwin(FastMIM):
+class FastMIMSwin(nn.Module):
     """FastMIM on Swin; official checkpoint keys: `encoder.` Swin, `mask_token`, `decoder_*`."""
 
     def __init__(self, img_size=128, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
@@ -267,24 +280,43 @@ class FastMIMSwin(FastMIM):
         self.encoder = SwinTransformer(img_size, 4, embed_dim, depths, num_heads, window_size)
         # mim_swin_pretrain.py:mim_swin_base's patch_size=32 is this output stride, not Swin's patch
         stride = 4 * 2 ** (len(depths) - 1)
-        self.init_fastmim(stride, img_size, mask_size, mask_ratio, target, norm_pix_loss)
-        width = embed_dim * 2 ** (len(depths) - 1)
-        add_decoder(self, width, decoder_dim, decoder_depth, self.out_dim(stride, target), eps=1e-5)
-        # official code, not the paper: every Linear xavier, bias 0 (note 3)
-        if linear_init == 'xavier':
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    init_weights(module)
-        self.window_128 = window_size * 128 / img_size  # the window at 128 px (FastMIM-P, note 8)
+        check_sizes(stride, img_size, mask_size, mask_ratio, target)
+        self.stride, self.res, self.mask_size = stride, img_size, mask_size
+        self.mask_ratio, self.target_kind, self.norm_pix_loss = mask_ratio, target, norm_pix_loss
         self.res_schedule = res_schedule
+        self.mask_token = mask_colour()
+        width = embed_dim * 2 ** (len(depths) - 1)
+        add_decoder(self, width, decoder_dim, decoder_depth, out_dim(stride, target), eps=1e-5)
+        if linear_init == 'xavier':
+            # official code, not the paper: every Linear xavier, bias 0 (note 3)
+            self.apply(init_weights)
+        self.window_at_128 = window_size * 128 / img_size  # FastMIM-P, note 8
 
-    def predict(self, x):
-        """Painted image -> last-stage token predictions (B, L, P)."""
-        return self.decode(self.encoder.forward_features(x))
+    def forward(self, imgs, mask=None, keys=None):
+        """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
+        if mask is None:
+            mask = make_mask(imgs, self.mask_size, self.mask_ratio, keys)
+        mask = mask.to(imgs.device)
+        # (B, L, C): the last stage's tokens
+        x = self.encoder.forward_features(paint(imgs, mask, self.mask_token))
+        pred = decode(self, x)  # (B, L, P)
+        target = make_target(imgs, self.stride, self.target_kind, self.norm_pix_loss)
+        loss = masked_loss(pred, target, mask, self.stride, self.mask_size)
+        return dict(loss=loss, pred=pred, target=target, mask=mask)
 
-    def set_res(self, res):
-        """FastMIM-P (note 8): the window for `res`; tables resized, indices and masks rebuilt."""
-        self.encoder.set_resolution(res, swin_window(self.window_128, res))
+    def on_epoch(self, epoch):
+        """FastMIM-P (Sec. 4.2, note 8): this epoch's resolution and its window; tables resized,
+        indices and masks rebuilt; returns the new resolution, or None."""
+        res = res_at(self.res_schedule, epoch) if self.res_schedule else self.res
+        if res == self.res:
+            return None
+        self.encoder.set_resolution(res, swin_window(self.window_at_128, res))
+        self.res = res
+        return res
+
+    def picture(self, imgs, out):
+        """input | masked input | target | prediction."""
+        return draw(self, imgs, out)
 
 
 def swin_window(window_at_128, res):
@@ -331,69 +363,62 @@ def res_at(schedule, epoch):
 
 def get_args(argv=None):
     """Parse the command line and fill the per-model defaults."""
-    p = pretrain_parser('fastmim', __doc__)
+    p = pretrain_parser('fastmim', __doc__, decoder=('dim', 'depth'), norm_pix=True,
+                        norm_pix_help='HOG: L2-normalise each cell histogram; pixels: standardise '
+                        'each patch (on by default, as the README commands; note 5)')
     a = p.add_argument
     a('--mask-size', '--block_size', '--mask_size', dest='mask_size', type=int,
-      help='mask block in px, a multiple of 8; default 16 (ViT) / 32 (Swin) (README, FastMIM Tab. 10b)')
+      help='mask block in px, a multiple of 8; default 16 (ViT) / 32 (Swin) (README, Tab. 10b)')
     a('--target', '--mim_loss', dest='target', default='hog',
       type=lambda s: {'hog': 'hog', 'HOG': 'hog', 'pixel': 'pixel', 'l2': 'pixel'}[s],
       help='hog (default, README --mim_loss HOG) or pixel (--mim_loss l2)')
-    a('--norm-pix-loss', '--norm_pix_loss', dest='norm_pix_loss', action='store_true', default=True,
-      help='HOG: L2-normalise each cell histogram; pixels: standardise each patch (on by default, README)')
-    a('--no-norm-pix-loss', dest='norm_pix_loss', action='store_false', help='raw HOG sums / raw pixels')
-    a('--decoder-dim', '--decoder_embed_dim', dest='decoder_dim', type=int, help='decoder width; default 256')
-    a('--decoder-depth', '--decoder_depth', dest='decoder_depth', type=int,
-      help='decoder blocks; default 1 (ViT-B) / 4 (Swin) (README)')
-    a('--num-heads', dest='num_heads', type=int, help='ViT encoder heads; default 6 for vit_base (official '
-      'mim_vit_base), 12 = standard ViT-B')
+    a('--num-heads', dest='num_heads', type=int,
+      help='ViT encoder heads; default 6 for vit_base (note 1), 12 = standard ViT-B')
     a('--window-size', '--window_size', dest='window_size', type=int,
       help='Swin window at the start resolution; default 4 (Swin-B) / 8 (Swin-L) at 128 (README)')
-    a('--res-schedule', dest='res_schedule', help='FastMIM-P: RES:EPOCHS,… e.g. 128:200,160:100,192:100')
-    a('--swin-linear-init', dest='swin_linear_init', choices=('xavier', 'trunc_normal'), default='xavier',
-      help='official PretrainSwin re-inits every Linear xavier (default); trunc_normal = Swin paper init')
-    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, method='fastmim', res=128, mask_ratio=0.75,
-                          blr=1.5e-4)  # FastMIM Sec. 4.1: pre-train at 128
+    a('--res-schedule', dest='res_schedule',
+      help='FastMIM-P: RES:EPOCHS,… e.g. 128:200,160:100,192:100')
+    a('--swin-linear-init', dest='swin_linear_init', choices=('xavier', 'trunc_normal'),
+      default='xavier', help='xavier: every Linear re-initialised as the official code (default, '
+      'note 3); trunc_normal: Swin\'s own init')
+    # FastMIM Sec. 4.1: pre-train at 128
+    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=128, mask_ratio=0.75,
+                          blr=1.5e-4)
     if args.res_schedule:
         args.schedule = parse_schedule(args.res_schedule)
-        if sum(e for _, e in args.schedule) != args.epochs:
-            p.error(f'--res-schedule covers {sum(e for _, e in args.schedule)} epochs but --epochs is {args.epochs};'
-                    f' make them agree')
+        covered = sum(e for _, e in args.schedule)
+        if covered != args.epochs:
+            p.error(f'--res-schedule covers {covered} epochs but --epochs is {args.epochs}; '
+                    f'make them agree')
         args.res = args.schedule[0][0]
     return args
 
 
 def build_model(args):
-    """The FastMIM model of the resolved arguments."""
+    """The FastMIM model of the resolved arguments; every FastMIM-P stage is checked now."""
     schedule = getattr(args, 'schedule', None)
+    shared = dict(mask_size=args.mask_size, mask_ratio=args.mask_ratio,
+                  decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                  target=args.target, norm_pix_loss=args.norm_pix_loss, res_schedule=schedule)
     if args.model.startswith('vit'):
-        cfg = dict(VIT_PRESETS[args.model], num_heads=args.num_heads)
-        model = FastMIMViT(args.res, mask_size=args.mask_size, mask_ratio=args.mask_ratio,
-                           decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, target=args.target,
-                           norm_pix_loss=args.norm_pix_loss, res_schedule=schedule, **cfg)
+        model = FastMIMViT(args.res, **dict(VIT_PRESETS[args.model], num_heads=args.num_heads),
+                           **shared)
     else:
-        model = FastMIMSwin(args.res, window_size=args.window_size, mask_size=args.mask_size,
-                            mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
-                            decoder_depth=args.decoder_depth, target=args.target, norm_pix_loss=args.norm_pix_loss,
-                            linear_init=args.swin_linear_init, res_schedule=schedule, **SWIN_PRESETS[args.model])
-    for res, _ in schedule or []:  # validate every stage now, not hours into the run
+        model = FastMIMSwin(args.res, window_size=args.window_size,
+                            linear_init=args.swin_linear_init, **SWIN_PRESETS[args.model], **shared)
+    for res, _ in schedule or []:  # not hours into the run
         if res % model.mask_size or res % model.stride:
-            raise ValueError(f'--res-schedule resolution {res} is not divisible by the mask size {model.mask_size} '
-                             f'and the stride {model.stride}; use a multiple of {max(model.mask_size, model.stride)}')
+            raise ValueError(f'--res-schedule resolution {res} is not divisible by the mask size '
+                             f'{model.mask_size} and the stride {model.stride}; use a multiple of '
+                             f'{max(model.mask_size, model.stride)}')
         if isinstance(model, FastMIMSwin):
-            swin_window(model.window_128, res)
+            swin_window(model.window_at_128, res)
     return model
 
 
-def pretrain(argv=None):
-    """Parse, build, train."""
-    args = get_args(argv)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    return train(build_model(args), args)
-
-
 def main(argv=None):
-    """Pre-train FastMIM (see the module docstring); a user error prints `error: …` and exits 2."""
-    return run_main(pretrain, argv)
+    """Pre-train FastMIM (the module docstring); a user error prints `error: …` and exits 2."""
+    return launch(argv, get_args, build_model)
 
 
 if __name__ == '__main__':
