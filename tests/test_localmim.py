@@ -182,7 +182,7 @@ def test_vit_forward_is_the_sum_of_four_levels_and_learns():
 def dense_reference(m, imgs, unit_mask):
     """Quirks off, by brute force: every block attends over all visible tokens (raster order) with a -inf mask
     between different (shifted) windows and the bias of true offsets; merges by standard Swin on the full grid."""
-    enc, g = m.encoder, m.g
+    enc, g = m.encoder, m.units
     x = enc.patch_embed(imgs)  # (B, G*G, C)
     G = int(x.shape[1] ** 0.5)
     latents = []
