@@ -677,21 +677,10 @@ class MaskedAutoencoderViT(VisionTransformer):
             x = blk(x)
         return head(norm(x))[:, 1:]
 
-    def forward_decoder(self, latent, ids_restore, keep=None, n=None):
-        """Predict patches (B, L, p*p*3); `keep` (B, L) bool decodes only those positions, other rows are zero.
-
-        `n` = kept positions per row when the caller knows it (no host sync: works on 'meta' and under compile).
-        """
-        x = self.decoder_input(latent, ids_restore)
-        parts = (self.decoder_blocks, self.decoder_norm, self.decoder_pred)
-        if keep is None:
-            return self.run_decoder(x, *parts)
-        n = int(keep[0].sum()) if n is None else n
-        ids = torch.argsort((~keep).int(), dim=1, stable=True)[:, :n]  # (B, n) kept positions, ascending
-        xs = torch.gather(x[:, 1:], 1, ids[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, Dd)
-        out = self.run_decoder(torch.cat([x[:, :1], xs], dim=1), *parts)  # (B, n, P)
-        pred = out.new_zeros(x.shape[0], x.shape[1] - 1, out.shape[-1])
-        return pred.scatter(1, ids[..., None].expand(-1, -1, out.shape[-1]), out)  # (B, L, P)
+    def forward_decoder(self, latent, ids_restore):
+        """Latent (B, 1+K, D) -> predicted patches (B, L, p*p*3) at every position."""
+        x = self.decoder_input(latent, ids_restore)  # (B, 1+L, Dd)
+        return self.run_decoder(x, self.decoder_blocks, self.decoder_norm, self.decoder_pred)
 
     def target(self, imgs):
         """Pixel target (B, L, p*p*3), standardised per patch with --norm-pix-loss."""
