@@ -104,19 +104,20 @@ def init_weights(module):
 
 # ----------------------------------------------------------------------------- ViT
 
-def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True, order='mae'):
-    """Fixed 2-D sin-cos table (1+G*G or G*G, D), cls row 0; first D/2 channels: column (mae) or row (mmpretrain)."""
-    assert order in ('mae', 'mmpretrain'), order
+def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True):
+    """Fixed 2-D sin-cos table (1+G*G or G*G, D), cls row 0: the first D/2 channels encode the
+    column, the others the row (facebookresearch/mae util/pos_embed.py:get_2d_sincos_pos_embed)."""
     assert dim % 4 == 0, 'sin-cos embedding needs a width divisible by 4'
     grid_w = grid_w or grid_h
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
                                 torch.arange(grid_w, dtype=torch.float64), indexing='ij')
-    def half(pos):  # (G*G,) -> (G*G, D/2): [sin(pos*w), cos(pos*w)]
+
+    def half(pos):
+        """Positions (G*G,) -> (G*G, D/2): [sin(pos * omega), cos(pos * omega)]."""
         out = pos.reshape(-1, 1) * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
-    first, second = (cols, rows) if order == 'mae' else (rows, cols)
-    table = torch.cat([half(first), half(second)], dim=1)  # (G*G, D), MAE util/pos_embed.py: column first
+    table = torch.cat([half(cols), half(rows)], dim=1)  # (G*G, D)
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)  # (1+G*G, D)
     return table.float()
@@ -182,16 +183,12 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1)  # (B, 1+K, D)
 
-    def forward_features(self, imgs, ids_keep=None, layers=None):
-        """imgs -> normed tokens (B, 1+K, D); with `layers` (block indices) also the raw outputs of those blocks."""
+    def forward_features(self, imgs, ids_keep=None):
+        """imgs (B, 3, H, W) -> tokens after the final norm (B, 1+K, D) (all L, or the kept K)."""
         x = self.embed(imgs, ids_keep)
-        outs = []
-        for i, blk in enumerate(self.blocks):
+        for blk in self.blocks:
             x = blk(x)
-            if layers is not None and i in layers:
-                outs.append(x)
-        x = self.norm(x)
-        return (x, outs) if layers is not None else x
+        return self.norm(x)
 
     def forward(self, imgs):
         """Classification: imgs (B, 3, H, W) -> logits (B, classes) (or pooled features when there is no head)."""
@@ -623,11 +620,12 @@ def fill_masked(x, mask_token, ids_restore):
 
 
 class MaskedAutoencoderViT(VisionTransformer):
-    """MAE (He et al. 2022): ViT encoder on the kept tokens, light decoder with mask tokens, per-patch pixel loss.
+    """MAE (He et al. 2022): ViT encoder on the kept tokens, a light decoder with mask tokens, a
+    per-patch pixel loss (facebookresearch/mae models_mae.py:MaskedAutoencoderViT).
 
-    Keys are the official MAE ones (encoder at top level, `mask_token`, `decoder_*`). Hooks for the other methods:
-    `forward_encoder(..., layers)` returns chosen block outputs (MFF), `forward_decoder(..., keep)` decodes a
-    subset of positions (Efficient MAE), `decoder_input` is reusable by a second decoder (HPM's loss predictor).
+    Keys are the official MAE ones (encoder at top level, `mask_token`, `decoder_*`). The methods
+    built on it replace single steps: MFF and LocalMIM `forward_encoder`, Efficient MAE decodes a
+    subset of `decoder_input`, HPM runs a second decoder (`run_decoder`) on `decoder_input`.
     """
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
@@ -662,9 +660,10 @@ class MaskedAutoencoderViT(VisionTransformer):
             return ids_from_mask(mask.to(imgs.device))
         return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys), self.mask_ratio)
 
-    def forward_encoder(self, imgs, ids_keep, layers=None):
-        """Encoder on the kept tokens: (B, 1+K, D) after the final norm (and the chosen block outputs)."""
-        return self.forward_features(imgs, ids_keep, layers)
+    def forward_encoder(self, imgs, ids_keep):
+        """Encoder on the kept tokens -> (B, 1+K, D) after the final norm (MFF and LocalMIM
+        replace it)."""
+        return self.forward_features(imgs, ids_keep)
 
     def decoder_input(self, latent, ids_restore):
         """Latent (B, 1+K, D) -> decoder tokens (B, 1+L, Dd): embed, append mask tokens, un-shuffle, add pos-embed."""
@@ -1138,18 +1137,6 @@ def pretrain_transform(res, scale=(0.2, 1.0)):
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def pixmim_transform(res):
-    """PixMIM's SRC crop: short side -> res (bilinear), res crop of the 4-px reflect-padded image, flip, normalise.
-
-    mmselfsup configs/selfsup/pixmim/*.py and mmpretrain configs/mff/*.py; the steps before ToImage run on PIL
-    images as there, on uint8 tensors (the built-in data) otherwise.
-    """
-    from torchvision.transforms import InterpolationMode, v2
-    return v2.Compose([v2.Resize(res, interpolation=InterpolationMode.BILINEAR, antialias=True),
-                       v2.RandomCrop(res, padding=4, padding_mode='reflect'), v2.RandomHorizontalFlip(),
-                       v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
 def eval_transform(res, crop_pct=0.875):
     """Resize(res/0.875, bicubic) + centre crop + ImageNet normalisation (256 -> 224 at res 224)."""
     from torchvision.transforms import InterpolationMode, v2
@@ -1200,19 +1187,15 @@ class StepSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-def pretrain_dataset(args):
-    """The training set of a pre-training run: ImageFolder at --data-path, else the built-in SyntheticShapes.
-
-    The crop is RandomResizedCrop unless the method sets `args.crop = 'pixmim'` (MFF / PixMIM).
-    """
+def pretrain_dataset(args, transform=None):
+    """The training set of a pre-training run: ImageFolder at --data-path, else the built-in
+    SyntheticShapes; items (image, label, key), cropped by `transform` (default: RandomResizedCrop)."""
     if args.data_path:
         base = image_folder(args.data_path)
     else:
         base = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
-    crop = getattr(args, 'crop', 'rrc')
-    assert crop in ('rrc', 'pixmim'), crop
-    tf = pixmim_transform(args.res) if crop == 'pixmim' else pretrain_transform(args.res, args.rrc_scale)
-    return KeyedDataset(base, tf, args.seed, args.skip_bad_images)
+    transform = transform or pretrain_transform(args.res, args.rrc_scale)
+    return KeyedDataset(base, transform, args.seed, args.skip_bad_images)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device):
@@ -1509,13 +1492,13 @@ def run_main(fn, argv):
             dist.destroy_process_group()
 
 
-def launch(argv, get_args, build_model):
-    """The main() of every pre-training script: parse, build the model (the same initial weights on every
-    rank and every run), train."""
+def launch(argv, get_args, build_model, make_dataset=None):
+    """The main() of every pre-training script: parse, build the model (the same initial weights on
+    every rank and every run), train (on make_dataset(args), default pretrain_dataset)."""
     def pretrain(argv):
         args = get_args(argv)
         torch.manual_seed(args.seed)
-        return train(build_model(args), args)
+        return train(build_model(args), args, make_dataset)
     return run_main(pretrain, argv)
 
 
@@ -1680,7 +1663,7 @@ def train(model, args, make_dataset=None):
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
     if args.benchmark_data:
-        return benchmark_data(args, device)
+        return benchmark_data(args, device, make_dataset)
     if args.benchmark:
         return benchmark(model, args, device)
     if device.type == 'cuda':
@@ -1936,9 +1919,10 @@ def benchmark(model, args, device, warmup=2):
     return row
 
 
-def benchmark_data(args, device):
-    """--benchmark-data N: time N batches of the input pipeline alone (decode, crop, flip, normalise)."""
-    dataset = pretrain_dataset(args)
+def benchmark_data(args, device, make_dataset=pretrain_dataset):
+    """--benchmark-data N: time N batches of the input pipeline alone (decode, crop, flip,
+    normalise)."""
+    dataset = make_dataset(args)
     sampler = StepSampler(dataset, 1, 0, args.seed)
     loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
     it, n, t0 = iter(loader), 0, None

@@ -70,10 +70,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT, denormalize,
-                    autocast_off, grid_picture, init_weights, mmpretrain_vit_to_timm, parse_pretrain,
-                    pick_state_dict, pixel_columns, pretrain_parser, run_main, sincos_pos_embed,
-                    strip_prefix, train)
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT,
+                    autocast_off, denormalize, grid_picture, init_weights, launch,
+                    mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict, pixel_columns,
+                    pretrain_dataset, pretrain_parser, sincos_pos_embed, strip_prefix)
 
 # Per-model defaults: ViT-B from the released configs (configs/mff/*_800e_in1k.py), the others
 # with ViT-B's decoder (note 11); vit_tiny is ours, for CPUs.
@@ -183,6 +183,30 @@ def lowfreq_image(imgs, radius):
 
 # ----------------------------------------------------------------------------- model
 
+def mmpretrain_sincos(dim, grid):
+    """mmpretrain's fixed sin-cos table (1+G*G, D): MAE's with its two halves swapped, so the row
+    encoding comes first (note 5)."""
+    table = sincos_pos_embed(dim, grid)  # (1+G*G, D): column half, row half; cls row 0
+    return torch.cat([table[:, dim // 2:], table[:, :dim // 2]], dim=1)
+
+
+def pixmim_transform(res):
+    """PixMIM's crop: short side -> res (bilinear), a res crop of the 4-px reflect-padded image,
+    flip, normalise (note 6; mmpretrain configs/mff/*.py). The steps before ToImage run on PIL
+    images as there, on uint8 tensors (the built-in data) otherwise."""
+    from torchvision.transforms import InterpolationMode, v2
+    return v2.Compose([v2.Resize(res, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                       v2.RandomCrop(res, padding=4, padding_mode='reflect'),
+                       v2.RandomHorizontalFlip(), v2.ToImage(),
+                       v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def make_dataset(args):
+    """The pre-training set with the crop of --crop: PixMIM's (default) or MAE's."""
+    return pretrain_dataset(args, pixmim_transform(args.res) if args.crop == 'pixmim' else None)
+
+
 class MFF(MaskedAutoencoderViT):
     """MAE whose latent is LN(sum_k alpha_k f_k) over the K fused blocks (MFF Fig. 3, note 1).
 
@@ -221,9 +245,9 @@ class MFF(MaskedAutoencoderViT):
 
     def fill_tables(self):
         """Both fixed sin-cos tables in the chosen layout (default mmpretrain's, note 5)."""
+        make = mmpretrain_sincos if self.sincos_order == 'mmpretrain' else sincos_pos_embed
         for table in (self.pos_embed, self.decoder_pos_embed):
-            table.data = sincos_pos_embed(table.shape[-1], self.grid,
-                                          order=self.sincos_order)[None].to(table.device)
+            table.data = make(table.shape[-1], self.grid)[None].to(table.device)
 
     def set_resolution(self, img_size):
         """New input size: recompute both tables, in this model's layout."""
@@ -285,6 +309,17 @@ class MFF(MaskedAutoencoderViT):
         out['fusion_weights'] = list(self.fusion_weights().detach().view(-1).unbind())
         return out
 
+    def describe(self):
+        """One line for the log: tokens, fused blocks, target."""
+        L, K = self.grid ** 2, len(self.fuse_layers)
+        keep = int(L * (1 - self.mask_ratio))
+        target = (f'low-frequency (radius {self.lowfreq_radius:g})' if self.target_kind == 'lowfreq'
+                  else 'pixel')
+        detach = ', shallow detached' if self.detach_shallow else ''
+        return (f'mff: {L} patches per image, {keep} visible to the encoder, {L - keep} masked; '
+                f'fused blocks {self.fuse_layers} (K = {K}, alpha = 1/{K} at init{detach}); '
+                f'{target} target')
+
     def picture(self, imgs, out):
         """input | (low-freq target) | masked | reconstruction, the fusion weights' bars below."""
         target_imgs = (lowfreq_image(imgs, self.lowfreq_radius) if self.target_kind == 'lowfreq'
@@ -334,7 +369,9 @@ def from_official(obj):
 
 def get_args(argv=None):
     """Parse the command line and fill the per-model defaults."""
-    p = pretrain_parser('mff', __doc__)
+    p = pretrain_parser('mff', __doc__, decoder=('dim', 'depth', 'heads'), norm_pix=True,
+                        norm_pix_help='standardise each target patch (mmpretrain norm_pix=True, '
+                        'default)')
     a = p.add_argument
     a('--fuse-layers', '--fuse_layers', '--out_indices', '--out-indices', dest='fuse_layers',
       help='fused blocks: comma list ending at the last block (0-based, -1 = last) or preset '
@@ -355,9 +392,7 @@ def get_args(argv=None):
     a('--crop', choices=('pixmim', 'rrc'), default='pixmim',
       help='pixmim = resize + 4-px reflect-padded random crop + flip (configs/mff, default); '
            'rrc = MAE RandomResizedCrop(--rrc-scale, bicubic) + flip')
-    a('--norm-pix-loss', '--norm_pix_loss', '--norm_pix', dest='norm_pix_loss',
-      action=argparse.BooleanOptionalAction, default=True,
-      help='standardise each target patch (mmpretrain norm_pix=True, default)')
+    a('--norm_pix', dest='norm_pix_loss', action='store_true', help=argparse.SUPPRESS)
     # note 5
     a('--sincos-order', dest='sincos_order', choices=('mmpretrain', 'mae'), default='mmpretrain',
       help='sin-cos table layout for from-scratch runs: mmpretrain (row first, default) or mae '
@@ -366,14 +401,8 @@ def get_args(argv=None):
     a('--fusion-weight-decay', dest='fusion_weight_decay', action=argparse.BooleanOptionalAction,
       default=True,
       help='weight decay on proj_weights and proj_layers.*.weight (mmpretrain rule, default on)')
-    a('--decoder-dim', '--decoder_embed_dim', dest='decoder_dim', type=int,
-      help='decoder width; default 512')
-    a('--decoder-depth', '--decoder_depth', dest='decoder_depth', type=int,
-      help='decoder blocks; default 8')
-    a('--decoder-heads', '--decoder_num_heads', dest='decoder_heads', type=int,
-      help='decoder heads; default 16')
-    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, method='mff', res=224,
-                          mask_ratio=0.75, blr=1.5e-4)
+    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=224, mask_ratio=0.75,
+                          blr=1.5e-4)
     depth = VIT_PRESETS[args.model]['depth']
     try:
         args.fuse_layers = check_fuse_layers(args.fuse_layers or 'L6', depth, args.allow_truncated)
@@ -400,26 +429,9 @@ def build_model(args):
                decay_fusion=args.fusion_weight_decay, **VIT_PRESETS[args.model])
 
 
-def pretrain(argv=None):
-    """Parse, build, train."""
-    args = get_args(argv)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    model = build_model(args)
-    if int(os.environ.get('RANK', 0)) == 0:
-        L, K = model.grid ** 2, len(model.fuse_layers)
-        keep = int(L * (1 - args.mask_ratio))
-        target = (f'low-frequency (radius {model.lowfreq_radius:g})' if args.target == 'lowfreq'
-                  else 'pixel')
-        detach = ', shallow detached' if args.detach_shallow else ''
-        print(f'mff: {L} patches per image, {keep} visible to the encoder, {L - keep} masked; '
-              f'fused blocks {model.fuse_layers} (K = {K}, alpha = 1/{K} at init{detach}); '
-              f'{target} target; {args.crop} crop')
-    return train(model, args)
-
-
 def main(argv=None):
-    """Pre-train MFF (see the module docstring); a user error prints `error: …` and exits 2."""
-    return run_main(pretrain, argv)
+    """Pre-train MFF (the module docstring); a user error prints `error: …` and exits 2."""
+    return launch(argv, get_args, build_model, make_dataset)
 
 
 if __name__ == '__main__':

@@ -207,18 +207,19 @@ def test_pixmim_crop_is_a_padded_shift_of_the_image_and_the_dataset_uses_it():
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     padded = F.pad(img[None].float(), (4, 4, 4, 4), mode='reflect')[0]  # (3, 40, 40)
     torch.manual_seed(3)
-    out = common.pixmim_transform(32)(img)
+    out = mff.pixmim_transform(32)(img)
     x = (out * STD[0] + MEAN[0]) * 255
     windows = [w for dy in range(9) for dx in range(9) for w in (padded[:, dy:dy + 32, dx:dx + 32],
                                                                  padded[:, dy:dy + 32, dx:dx + 32].flip(-1))]
     assert out.shape == (3, 32, 32) and min(float((x - w).abs().max()) for w in windows) < 1e-3
-    wide = common.pixmim_transform(32)(torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8))
+    wide = mff.pixmim_transform(32)(torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8))
     assert wide.shape == (3, 32, 32)
     args = argparse.Namespace(data_path=None, synthetic_size=4, res=32, seed=0, rrc_scale=(0.2, 1.0),
                               skip_bad_images=False)
-    assert 'RandomResizedCrop' in repr(common.pretrain_dataset(args).transform)  # no `crop` field: as before
+    args.crop = 'rrc'
+    assert 'RandomResizedCrop' in repr(mff.make_dataset(args).transform)  # MAE's crop
     args.crop = 'pixmim'
-    tf = repr(common.pretrain_dataset(args).transform)
+    tf = repr(mff.make_dataset(args).transform)
     assert 'RandomCrop' in tf and 'reflect' in tf and 'RandomResizedCrop' not in tf
 
 
@@ -266,14 +267,14 @@ def test_key_map_round_trip_strict_load_and_downstream():
 
 
 def test_sincos_layout_is_mae_with_halves_swapped():
-    mae, mm = common.sincos_pos_embed(16, 4), common.sincos_pos_embed(16, 4, order='mmpretrain')
+    mae, mm = common.sincos_pos_embed(16, 4), mff.mmpretrain_sincos(16, 4)
     assert torch.equal(mm, torch.cat([mae[:, 8:], mae[:, :8]], 1))
     r, c = 1, 2  # token (row 1, col 2) is table row 1 + 4r + c; channel 0 = sin(position * omega_0 = 1)
     assert abs(float(mm[1 + 4 * r + c, 0]) - math.sin(r)) < 1e-7
     assert abs(float(mae[1 + 4 * r + c, 0]) - math.sin(c)) < 1e-7
     model = tiny()
-    assert torch.equal(model.pos_embed[0], common.sincos_pos_embed(32, 4, order='mmpretrain'))
-    assert torch.equal(model.decoder_pos_embed[0], common.sincos_pos_embed(32, 4, order='mmpretrain'))
+    assert torch.equal(model.pos_embed[0], mff.mmpretrain_sincos(32, 4))
+    assert torch.equal(model.decoder_pos_embed[0], mff.mmpretrain_sincos(32, 4))
     assert torch.equal(tiny(sincos_order='mae').pos_embed, tiny(common.MaskedAutoencoderViT).pos_embed)
 
 
