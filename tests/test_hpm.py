@@ -57,7 +57,9 @@ def test_mae_and_hpm_equal_the_official_ordering():
     imgs, mask = torch.randn(2, 3, 32, 32), fixed_mask()
     out = mae(imgs, mask=mask)
     ref, _, _ = reference(mae, imgs, mask, True)
-    assert torch.allclose(out['loss'], ref, rtol=1e-6, atol=0)
+    # Two token orders: the same sums in another order, equal up to fp32 round-off (~1e-7 here);
+    # 1e-5 leaves room for other CPUs' kernels, and a wrong order, mask or target moves it far more.
+    assert torch.allclose(out['loss'], ref, rtol=1e-5, atol=0)
     model = tiny(norm_pix_loss=False)
     missing = set(model.state_dict()) - set(mae.state_dict())
     assert missing == {k for k in model.state_dict() if '_losspred' in k}
@@ -65,7 +67,7 @@ def test_mae_and_hpm_equal_the_official_ordering():
     model.load_state_dict(mae.state_dict(), strict=False)
     out = model(imgs, mask=mask)
     ref, matrix, scores = reference(model, imgs, mask, False)
-    assert torch.allclose(out['loss_rec'], ref, rtol=1e-6, atol=0)
+    assert torch.allclose(out['loss_rec'], ref, rtol=1e-5, atol=0)  # two token orders, as above
     assert torch.allclose(out['loss_pred'], hpm.ranking_loss(scores, matrix.detach()), rtol=1e-5, atol=0)
     assert torch.allclose(out['pred_loss'][mask].view(2, -1), scores, atol=1e-6)
     assert (out['pred'][~mask] == 0).all() and torch.equal(out['mask'], mask)
@@ -81,8 +83,9 @@ def test_mae_and_hpm_equal_the_official_ordering():
     ([0, 0], [1, 2], 0.6931452), ([0, 3], [1, 2], 0.0485863), ([3, 0], [1, 2], 3.0485663),
     ([100, 0], [1, 2], 13.8155107), ([0, 0, 5], [1, 1, 2], 0.0067143)])
 def test_ranking_loss_spec_values(p, t, expect):
-    assert abs(hpm.ranking_loss(torch.tensor([p], dtype=torch.float), torch.tensor([t], dtype=torch.float)).item()
-               - expect) < 2e-6
+    got = hpm.ranking_loss(torch.tensor([p]).float(), torch.tensor([t]).float())
+    # the values are rounded to 7 decimals (abs 1e-7); fp32 log and sigmoid are ulps off (rel 1e-6)
+    assert got.item() == pytest.approx(expect, rel=1e-6, abs=1e-7)
 
 
 def test_ranking_loss_four_patches_with_ties_and_no_cross_image_pairs():
@@ -98,11 +101,17 @@ def test_ranking_loss_four_patches_with_ties_and_no_cross_image_pairs():
                 total += -math.log(s + 1e-6) if t[n, j] > t[n, i] else -math.log(1 - s + 1e-6)
                 count += 1
     assert count == 10 + 6
-    assert abs(hpm.ranking_loss(p, t).item() - total / count) < 1e-6
+    # an fp32 sum of 32 terms against float64 by hand: a few 1e-7 apart, 1e-5 bounds the worst case
+    assert hpm.ranking_loss(p, t).item() == pytest.approx(total / count, rel=1e-5)
     z = torch.zeros(1, 3)
-    assert hpm.ranking_loss(z, z).item() == 0.0  # all tied: guarded 0/0 (quirk #11)
-    t = torch.tensor([[1.0, 2.0, 3.0]])  # absolute ablation: per-image standardised target (unbiased var 1)
-    assert abs(hpm.absolute_loss(z, t).item() - 2 / 3 / (1 + 1e-6)) < 1e-7
+    # all tied: no pair counts, so the sum is exactly 0 by construction and the count is guarded
+    assert hpm.ranking_loss(z, z).item() == 0.0
+    # Absolute ablation: per-image standardised target. [1, 2, 3] has unbiased variance 1, so
+    # the loss is 2/3 (a biased variance would give 1). Next to a variance of 1 the +1e-6 is lost
+    # in fp32 round-off; a target of variance 1e-6 shows it: 2/3 * 1e-6 / (1e-6 + 1e-6) = 1/3.
+    t = torch.tensor([[1.0, 2.0, 3.0]])
+    assert hpm.absolute_loss(z, t).item() == pytest.approx(2 / 3, rel=1e-5)
+    assert hpm.absolute_loss(z, t * 1e-3).item() == pytest.approx(1 / 3, rel=1e-5)
 
 
 def test_easy_to_hard_mask():
@@ -141,16 +150,29 @@ def test_gradient_flow(relative):
     names, params = zip(*[(k, p) for k, p in m.named_parameters() if p.requires_grad])
     g_pred = dict(zip(names, torch.autograd.grad(out['loss_pred'], params, retain_graph=True, allow_unused=True)))
     g_rec = dict(zip(names, torch.autograd.grad(out['loss_rec'], params, allow_unused=True)))
-    zero = lambda g: g is None or (g == 0).all()  # noqa: E731
+    # no path in the graph: exactly zero by construction
+    unused = lambda g: g is None  # noqa: E731
+    # The relative loss sees only differences of scores. A score is the mean of the head's outputs,
+    # so the head's bias adds one constant to every score, and decoder_norm_losspred's bias does too
+    # (it passes through the linear head): their gradients are sums of terms that cancel, zero in
+    # exact arithmetic and 0.0 or round-off in fp32, depending on the CPU's kernels. Round-off is
+    # ~1e-6 of the same layer's weight gradient, a real gradient (absolute loss) ~0.2 of it: 1e-3
+    # separates the two on any machine.
+    shift = ('decoder_pred_losspred.bias', 'decoder_norm_losspred.bias')
     for k in names:
-        recon = k.startswith(('decoder_blocks.', 'decoder_norm.', 'decoder_pred.'))
-        if recon:
-            assert zero(g_pred[k]), k
-        if '_losspred' in k:
-            assert zero(g_rec[k]) and not zero(g_pred[k]), k
+        if k.startswith(('decoder_blocks.', 'decoder_norm.', 'decoder_pred.')):
+            assert unused(g_pred[k]), k
+        if '_losspred' not in k:
+            continue
+        assert unused(g_rec[k]) and not unused(g_pred[k]), k
+        if k in shift:
+            ratio = g_pred[k].abs().max() / g_pred[k.replace('.bias', '.weight')].abs().max()
+            assert (ratio < 1e-3) if relative else (ratio > 1e-3), (k, ratio.item())
+        else:
+            assert g_pred[k].abs().max() > 0, k
     for k in ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'norm.weight', 'cls_token',
               'decoder_embed.weight', 'mask_token'):
-        assert not zero(g_pred[k]) and not zero(g_rec[k]), k
+        assert g_pred[k].abs().max() > 0 and g_rec[k].abs().max() > 0, k
 
 
 def test_ema_teacher_update_state_and_scoring_pass():
