@@ -17,10 +17,17 @@ batch 4096 = 512 x 8 GPUs), AdamW (0.9, 0.95), wd 0.05 on all but 1-D tensors an
 grad clip 5.0 (`--clip-grad 0` turns it off). MAE: `--norm-pix-loss`, no clipping. The supplement's ablations
 use `--epochs 200` (README results: 800).
 
+Feature targets (`--target ema|dino|clip`, official `--learn_feature_loss`; an ablation, HPM#4):
+the decoder predicts each masked patch's feature from a frozen model (the EMA teacher's encoder, or
+a DINO / OpenAI CLIP ViT-B/16 read from `--teacher-path`) with a per-patch loss 2 - 2 cos, and the
+loss predictor ranks these per-patch losses.
+
     python hpm.py                                              # CPU smoke run on the built-in data
+    python hpm.py --target ema                                 # the same, EMA-feature target
     python hpm.py --data-path /data/imagenet                   # one GPU
     torchrun --nproc_per_node 8 hpm.py --data-path /data/imagenet --model vit_base
     torchrun --nproc_per_node 8 hpm.py --method mae --data-path /data/imagenet   # the MAE baseline
+    torchrun --nproc_per_node 8 hpm.py --data-path /data/imagenet --target clip --teacher-path c.pth
 """
 import argparse
 import copy
@@ -28,17 +35,21 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT, denormalize, autocast_off,
-                    grid_picture, hot_colours, init_weights, masked_mean, parse_pretrain, pick_state_dict,
-                    pixel_columns, pretrain_parser, random_masking, run_main, sample_noise, strip_prefix, train,
-                    upsample_mask)
+from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT,
+                    VisionTransformer, autocast_off, denormalize, grid_picture, hot_colours, init_weights,
+                    key_summary, load_file, load_model_state, masked_mean, parse_pretrain, patchify,
+                    pick_state_dict, pixel_columns, pretrain_parser, random_masking, run_main,
+                    sample_noise, strip_prefix, train, upsample_mask)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # hpm.md §2: HPM trains with MAE's scripts (Table S1)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3, decoder_dim=128,
              decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
              num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so short a run visibly learns
 EPS = 1e-6  # official forward_learning_loss: log(sigmoid(z) + 1e-6)
+# official --learn_feature_loss: none (= pixel) | ema | dino | clip
+TARGETS = ('pixel', 'ema', 'dino', 'clip')
 
 
 # ----------------------------------------------------------------------------- model
@@ -64,16 +75,32 @@ class HPM(MaskedAutoencoderViT):
     The loss predictor shares the encoder, `decoder_embed`, `mask_token` and `decoder_pos_embed` with the
     reconstructor and has its own blocks, norm and p*p*3-wide head, averaged to one score per patch (hpm.md §4).
     The teacher is a plain attribute (out of state_dict, parameters, the optimiser and DDP), saved via extra_state.
+    target 'ema' | 'dino' | 'clip' predicts features, not pixels: the EMA teacher's encoder output,
+    or that of `target_model` (load_target_model), a frozen plain attribute that is never saved.
     """
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
                  decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False, mask_ratio=0.75,
-                 epochs=800, alpha_start=0.0, alpha_end=0.5, relative=True):
+                 epochs=800, alpha_start=0.0, alpha_end=0.5, relative=True, target='pixel',
+                 target_model=None):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth,
                          decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
         for a, name in ((alpha_start, '--alpha-start'), (alpha_end, '--alpha-end')):
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f'{name} {a} is out of range; use a fraction of the masked patches in [0, 1]')
+        if target not in TARGETS:
+            raise ValueError(f'unknown target {target}; use one of {", ".join(TARGETS)}')
+        if (target_model is not None) != (target in ('dino', 'clip')):
+            raise ValueError(f'target {target}: pass target_model (load_target_model) for dino and '
+                             f'clip only')
+        if target != 'pixel' and norm_pix_loss:
+            raise ValueError(f'--norm-pix-loss standardises pixels; drop it with --target {target}')
+        self.target_kind = target
+        if target != 'pixel':
+            # width from the target; the official Linear(D_dec, D_dec) fits CLIP-B/16's 512 only
+            width = embed_dim if target == 'ema' else target_model.out_dim
+            self.decoder_pred = nn.Linear(decoder_embed_dim, width)
+            init_weights(self.decoder_pred)
         self.decoder_blocks_losspred = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                                       for _ in range(decoder_depth)])
         self.decoder_norm_losspred = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
@@ -84,6 +111,9 @@ class HPM(MaskedAutoencoderViT):
         self.on_epoch(0)
         teacher = copy.deepcopy(self).eval().requires_grad_(False)  # timm ModelEma: a copy of the whole model
         object.__setattr__(self, 'teacher', teacher)  # plain attribute, not a submodule (STYLE contract)
+        if target_model is not None:  # after the copy: the EMA teacher needs no DINO/CLIP copy
+            target_model = target_model.eval().requires_grad_(False)
+        object.__setattr__(self, 'target_model', target_model)
 
     # --- loss predictor
     def predict_loss(self, x):
@@ -93,20 +123,26 @@ class HPM(MaskedAutoencoderViT):
         return out.float().mean(dim=-1)  # (B, L); fp32 so that bf16 scores rarely tie in the top-k
 
     @torch.no_grad()
-    def score_patches(self, imgs):
+    def score_patches(self, imgs, latent=None):
         """Predicted difficulty of every patch of the unmasked image (B, L); no mask tokens, no reconstruction.
 
         The official teacher pass also runs the reconstruction decoder and discards it; skipping it changes nothing.
+        `latent` = this model's forward_features(imgs) when the caller has it (the 'ema' target).
         """
-        latent = self.forward_features(imgs)  # (B, 1+L, D): all patches, raster order
+        if latent is None:
+            latent = self.forward_features(imgs)  # (B, 1+L, D): all patches, raster order
         return self.predict_loss(self.decoder_embed(latent) + self.decoder_pos_embed)  # (B, L)
 
     # --- EMA teacher
-    def teacher_on(self, device):
-        """The teacher, moved to `device` when it is elsewhere (model.to() does not move a plain attribute)."""
-        if self.teacher.pos_embed.device != device:
-            self.teacher.to(device)
-        return self.teacher
+    def teacher_on(self, device, name='teacher'):
+        """A plain attribute (the EMA teacher or 'target_model'), moved to `device` if elsewhere.
+
+        model.to() does not move a plain attribute, so the model moves it to its input's device.
+        """
+        t = getattr(self, name)
+        if next(t.parameters()).device != device:
+            t.to(device)
+        return t
 
     def on_epoch(self, epoch):
         """Set this epoch's EMA decay and easy-to-hard alpha (both per epoch in the official code)."""
@@ -132,10 +168,11 @@ class HPM(MaskedAutoencoderViT):
         self.teacher.load_state_dict(checkpoint['model_ema'], strict=True)
 
     # --- masking and forward
-    def mask_and_score(self, imgs, mask=None, keys=None):
+    def mask_and_score(self, imgs, mask=None, keys=None, latent=None):
         """A given mask as is, else the easy-to-hard mask -> ((ids_keep, mask, ids_restore), teacher scores | None).
 
         The drawn mask comes from the teacher's scores of the unmasked image and per-sample noise (hpm.md §5).
+        `latent`: the teacher's encoder output on that image, when the caller has it.
         """
         if mask is not None:
             return super().masking(imgs, mask), None
@@ -144,20 +181,25 @@ class HPM(MaskedAutoencoderViT):
         n_hard = hard_count(L, self.mask_ratio, self.alpha)
         scores = None
         if n_hard > 0 or not self.training:  # eval: scores for the picture
-            scores = self.teacher_on(imgs.device).score_patches(imgs)
+            scores = self.teacher_on(imgs.device).score_patches(imgs, latent)
         if n_hard == 0:
             return random_masking(noise, self.mask_ratio), scores  # official: argsort(randn), same distribution
         return easy_to_hard(scores, self.mask_ratio, self.alpha, noise), scores
 
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> dict(loss, loss_rec, loss_pred, pred, target, mask, scores (teacher, when drawn))."""
-        (ids_keep, mask, ids_restore), scores = self.mask_and_score(imgs, mask, keys)
+        latent_t = None
+        if self.target_kind == 'ema':
+            # one teacher pass gives the target and the scores (official engine_pretrain.py)
+            with torch.no_grad():
+                latent_t = self.teacher_on(imgs.device).forward_features(imgs)  # (B, 1+L, D)
+        (ids_keep, mask, ids_restore), scores = self.mask_and_score(imgs, mask, keys, latent_t)
         latent = self.forward_encoder(imgs, ids_keep)  # (B, 1+K, D)
         x = self.decoder_input(latent, ids_restore)  # (B, 1+L, Dd), shared by both decoders (not detached)
         pred = self.run_decoder(x, self.decoder_blocks, self.decoder_norm, self.decoder_pred)  # (B, L, P)
         pred_loss = self.predict_loss(x)  # (B, L)
-        target = self.target(imgs)
-        per_patch = self.patch_loss(pred, target)  # (B, L) autocast_off
+        target = self.target(imgs, latent_t)
+        per_patch = self.patch_loss(pred, target)  # (B, L) fp32
         loss_rec = masked_mean(per_patch, mask)  # = official sq.mean() over [N, Mn, P]
         B, L = mask.shape
         M = L - ids_keep.shape[1]
@@ -171,13 +213,41 @@ class HPM(MaskedAutoencoderViT):
             out['scores'] = scores
         return out
 
+    # --- targets
+    def target(self, imgs, latent=None):
+        """Pixels (B, L, p*p*3), or for a feature target the frozen model's features (B, L, C).
+
+        `latent`: the EMA teacher's forward_features(imgs) (B, 1+L, D), when the caller has it.
+        """
+        if self.target_kind == 'pixel':
+            return super().target(imgs)
+        with torch.no_grad():
+            if self.target_kind == 'ema':
+                if latent is None:
+                    latent = self.teacher_on(imgs.device).forward_features(imgs)
+                return latent[:, 1:].float()  # (B, L, D): normed encoder output, cls dropped
+            return self.teacher_on(imgs.device, 'target_model')(imgs).float()  # (B, L, C)
+
+    def patch_loss(self, pred, target):
+        """Per-patch loss (B, L) in fp32: MSE on pixels, 2 - 2 cos on features."""
+        if self.target_kind == 'pixel':
+            return super().patch_loss(pred, target)
+        return feature_loss(pred, target)
+
     def picture(self, imgs, out):
-        """input | masked | reconstruction | teacher's predicted difficulty (supplement Fig. S1), uint8 (3, H, W)."""
+        """input | masked | reconstruction | teacher's predicted difficulty (supplement Fig. S1), uint8 (3, H, W).
+
+        A feature target has no reconstruction to draw: input | masked | difficulty.
+        """
         scores = out.get('scores')
         if scores is None:
             scores = self.teacher_on(imgs.device).score_patches(imgs)
-        cols = pixel_columns(imgs, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)
-        return grid_picture(cols + [difficulty_map(scores, imgs, self.patch_size)])
+        p = self.patch_size
+        if self.target_kind == 'pixel':
+            cols = pixel_columns(imgs, out['pred'], out['mask'], p, self.norm_pix_loss)
+        else:  # the input itself as the 'prediction': only the input and masked columns are kept
+            cols = pixel_columns(imgs, patchify(imgs.float(), p), out['mask'], p, False)[:2]
+        return grid_picture(cols + [difficulty_map(scores, imgs, p)])
 
 
 def difficulty_map(scores, imgs, p):
@@ -205,6 +275,118 @@ def from_official(obj, teacher=False):
     return sd
 
 
+# ----------------------------------------------------------------------------- feature targets
+
+def quick_gelu(x):
+    """CLIP's GELU approximation: x sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class ClipBlock(nn.Module):
+    """CLIP's residual attention block with its key names (ln_1, attn.in_proj_*, mlp.c_fc, ...)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)  # eps 1e-5 (CLIP), not timm's 1e-6
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(width, 4 * width),
+                                      c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x):
+        """x (B, 1+L, W) -> (B, 1+L, W)."""
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp.c_proj(quick_gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class ClipVisual(nn.Module):
+    """OpenAI CLIP's ViT image tower (its key names) as a frozen target: imgs -> (B, L, C)."""
+
+    def __init__(self, img_size=224, patch_size=16, width=768, layers=12, heads=12, out_dim=512):
+        super().__init__()
+        self.out_dim = out_dim
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        L = (img_size // patch_size) ** 2
+        self.positional_embedding = nn.Parameter(torch.zeros(1 + L, width))
+        self.ln_pre = nn.LayerNorm(width)
+        blocks = nn.Sequential(*[ClipBlock(width, heads) for _ in range(layers)])
+        self.transformer = nn.ModuleDict(dict(resblocks=blocks))
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.zeros(width, out_dim))
+
+    def forward(self, imgs):
+        """imgs (B, 3, H, W) -> patch features (B, L, C) (official engine_pretrain.py).
+
+        As official forward_features_clip, not CLIP's encode_image: ln_post and proj on every token
+        (CLIP: cls only), cls dropped; the input is ImageNet-normalised, not with CLIP's mean/std.
+        """
+        x = self.conv1(imgs).flatten(2).transpose(1, 2)  # (B, L, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)  # (B, 1+L, W)
+        x = self.transformer.resblocks(x)  # (B, 1+L, W)
+        return (self.ln_post(x) @ self.proj)[:, 1:]  # (B, L, C)
+
+
+class DinoViT(VisionTransformer):
+    """timm ViT (the DINO release's keys) as a frozen target: imgs -> patch tokens (B, L, D)."""
+
+    @property
+    def out_dim(self):
+        """Feature width D."""
+        return self.embed_dim
+
+    def forward(self, imgs):
+        """(B, 3, H, W) -> (B, L, D): final norm, cls dropped (official forward_features_dino)."""
+        return self.forward_features(imgs)[:, 1:]  # (B, L, D)
+
+
+def load_target_model(kind, path, img_size, patch_size, head_dim=64):
+    """The frozen model of target 'dino' (timm ViT keys) or 'clip' (CLIP image tower) from `path`.
+
+    A whole CLIP state dict gives its `visual.` tower. Heads = width / head_dim: 64 in timm's
+    ViT-S/B/L and in CLIP (its build_model assumes so). It sees the student's patches: same patch
+    size and resolution.
+    """
+    if not path:
+        raise ValueError(f'--target {kind} reads a frozen {kind} ViT-B/16; give its weights with '
+                         f'--teacher-path')
+    if not os.path.isfile(path):
+        raise ValueError(f'--teacher-path {path} does not exist; give the {kind} state-dict file')
+    sd = strip_prefix(pick_state_dict(load_file(path)))
+    if kind == 'clip':
+        if any(k.startswith('visual.') for k in sd):  # a whole CLIP model: keep its image tower
+            sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
+        patch_key, pos_key, block = ('conv1.weight', 'positional_embedding',
+                                     'transformer.resblocks.{}.ln_1.weight')
+    else:  # a timm classifier's head is no feature (the official code loads with strict=False)
+        sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
+        patch_key, pos_key, block = 'patch_embed.proj.weight', 'pos_embed', 'blocks.{}.norm1.weight'
+    need = (patch_key, pos_key, 'proj' if kind == 'clip' else 'cls_token')
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f'--teacher-path {path} is not a {kind} ViT state dict: missing '
+                         f'{", ".join(missing)}; it holds {key_summary(sd)}')
+    D, p = sd[patch_key].shape[0], sd[patch_key].shape[-1]  # conv weight (D, 3, p, p)
+    G = round((sd[pos_key].shape[-2] - 1) ** 0.5)  # pos-embed (1+G*G, D), DINO's with a leading 1
+    if (p, G * p) != (patch_size, img_size):
+        raise ValueError(f'the {kind} model in {path} takes {G * p} px images in {p} px patches; '
+                         f'use --res {G * p} and a --model with patch {p}')
+    if D % head_dim:
+        raise ValueError(f'the {kind} model in {path} is {D} wide, not a multiple of '
+                         f'{head_dim}-wide heads')
+    depth = 0
+    while block.format(depth) in sd:
+        depth += 1
+    if kind == 'clip':
+        model = ClipVisual(img_size, p, D, depth, D // head_dim, sd['proj'].shape[1])
+    else:
+        model = DinoViT(img_size, p, D, depth, D // head_dim)
+    load_model_state(model, sd, f'--teacher-path {path} ({kind})')  # fp16 values load as fp32
+    return model.eval().requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------- losses
 
 def ranking_loss(p, t):
@@ -228,6 +410,17 @@ def absolute_loss(p, t):
         t = t.float()
         t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5
         return ((p.float() - t) ** 2).mean()
+
+
+def feature_loss(pred, target):
+    """Feature-target loss per token: pred, target (B, L, C) -> (B, L) fp32, |p^ - t^|^2 = 2 - 2cos.
+
+    Official models_mae_learn_feature_loss.py:forward_loss (^ = L2-normalised): its mean over the
+    masked tokens is L_rec, and its per-token values are the ranking target, as the pixel MSE's are.
+    """
+    with autocast_off(pred.device):
+        p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)  # (B, L, C)
+        return ((p - t) ** 2).sum(dim=-1)  # (B, L)
 
 
 # ----------------------------------------------------------------------------- easy-to-hard masking
@@ -272,6 +465,16 @@ def get_args(argv=None):
     a('--decoder-depth', '--decoder_depth', dest='decoder_depth', type=int,
       help='decoder blocks of both decoders; default 8 (supplement Table S4)')
     a('--decoder-heads', '--decoder_num_heads', dest='decoder_heads', type=int, help='decoder heads; default 16')
+    a('--target', '--learn_feature_loss', '--learn-feature-loss', dest='target', default='pixel',
+      choices=TARGETS, type=lambda s: 'pixel' if s == 'none' else s,
+      help='what the decoder predicts: pixel (default), or the patch features of the EMA teacher '
+           '(ema), of a DINO (dino) or OpenAI CLIP (clip) ViT-B/16 from --teacher-path (official '
+           '--learn_feature_loss; HPM#4)')
+    a('--teacher-path', '--clip_path', '--dino_path', dest='teacher_path',
+      type=lambda s: None if s == 'none' else s,
+      help='frozen model of --target dino (timm ViT state dict: the DINO release) or clip (CLIP '
+           'ViT-B/16 state dict, whole or its visual tower; the released .pt is TorchScript: save '
+           'torch.jit.load(f).state_dict()); official --dino_path / --clip_path')
     a('--token_size', '--token-size', dest='token_size', type=int,
       help='official mask-generator grid side; derived from --res, checked when given')
     a('--experiment', help='official run name, only used for file names there: accepted, ignored')
@@ -280,6 +483,13 @@ def get_args(argv=None):
         args.norm_pix_loss = args.method == 'mae'
     if args.clip_grad is None and args.method == 'hpm':
         args.clip_grad = 5.0  # HPM's NativeScalerWithGradNormCount clip default; MAE does not clip
+    if args.target != 'pixel' and args.method == 'mae':
+        p.error(f'--target {args.target} needs --method hpm; the MAE baseline here predicts pixels')
+    if args.target != 'pixel' and args.norm_pix_loss:
+        p.error(f'--norm-pix-loss standardises pixels; drop it with --target {args.target}')
+    if args.teacher_path and args.target not in ('dino', 'clip'):
+        p.error(f'--teacher-path is read by --target dino or clip only, not {args.target}; '
+                f'drop one of them')
     patch = VIT_PRESETS[args.model]['patch_size']
     if args.token_size is not None and args.token_size * patch != args.res:
         p.error(f'--token_size {args.token_size} does not match res {args.res} / patch {patch}; drop it or use '
@@ -296,8 +506,12 @@ def build_model(args):
                norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
     if args.method == 'mae':
         return MaskedAutoencoderViT(**cfg)
+    target_model = None  # official main_pretrain.py reads --clip_path for ema too; we read none
+    if args.target in ('dino', 'clip'):
+        target_model = load_target_model(args.target, args.teacher_path, args.res,
+                                         cfg['patch_size'])
     return HPM(**cfg, epochs=args.epochs, alpha_start=args.alpha_start, alpha_end=args.alpha_end,
-               relative=args.relative)
+               relative=args.relative, target=args.target, target_model=target_model)
 
 
 def pretrain(argv=None):
@@ -313,6 +527,9 @@ def pretrain(argv=None):
             last = alpha_at(args.epochs - 1, args.epochs, args.alpha_start, args.alpha_end)
             hard = (f'; hard patches per image {hard_count(L, args.mask_ratio, model.alpha)} (epoch 0) -> '
                     f'{hard_count(L, args.mask_ratio, last)} (last epoch)')
+            if args.target != 'pixel':
+                width = model.decoder_pred.out_features
+                hard += f'; target: {args.target} features ({width}-d), loss 2 - 2 cos'
         print(f'{args.method}: {L} patches per image, {keep} visible to the encoder, {L - keep} masked{hard}')
     return train(model, args)
 

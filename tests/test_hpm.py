@@ -1,10 +1,13 @@
 """hpm.py: MAE parity with the official ordering, ranking loss by hand, easy-to-hard mask, gradient flow, EMA
-teacher, learning, official checkpoints, runs and resume with the teacher, CLI."""
+teacher, learning, official checkpoints, runs and resume with the teacher, CLI.
+Feature targets: DINO and CLIP towers from their key layouts (CLIP against a hand computation), the
+2 - 2 cos loss by hand, checkpoints and official keys, a run, the errors."""
 import json
 import math
 
 import pytest
 import torch
+from einops import rearrange
 
 import common
 import hpm
@@ -18,8 +21,11 @@ def tiny(cls=hpm.HPM, **kw):
     return cls(**cfg)
 
 
-def reference(m, imgs, mask, norm_pix):
-    """The official HPM models_mae_learn_loss.py ordering, by hand: [cls, visible ascending, masked ascending]."""
+def reference(m, imgs, mask, norm_pix, feats=None):
+    """The official HPM models_mae_learn_loss.py ordering, by hand: [cls, visible ascending, masked ascending].
+
+    feats (B, L, C): a feature target (models_mae_learn_feature_loss.py), 2 - 2 cos per patch.
+    """
     B, L = mask.shape
     x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
     D = x.shape[-1]
@@ -36,19 +42,25 @@ def reference(m, imgs, mask, norm_pix):
     for blk in m.decoder_blocks:
         y = blk(y)
     pred = m.decoder_pred(m.decoder_norm(y))[:, 1:][:, -n:]
-    p = m.patch_size
-    t = imgs.reshape(B, 3, 32 // p, p, 32 // p, p)
-    t = torch.einsum('nchpwq->nhwpqc', t).reshape(B, L, p * p * 3)[mask].view(B, n, -1)
-    if norm_pix:
-        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
-    sq = (pred - t) ** 2
+    if feats is None:
+        p = m.patch_size
+        t = imgs.reshape(B, 3, 32 // p, p, 32 // p, p)
+        t = torch.einsum('nchpwq->nhwpqc', t).reshape(B, L, p * p * 3)[mask].view(B, n, -1)
+        if norm_pix:
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+        sq = (pred - t) ** 2
+        loss, per_patch = sq.mean(), sq.mean(-1)
+    else:
+        t = feats[mask].view(B, n, -1)
+        per_patch = 2 - 2 * (pred * t).sum(-1) / (pred.norm(dim=-1) * t.norm(dim=-1))  # (B, n)
+        loss = per_patch.mean()
     scores = None
     if hasattr(m, 'decoder_blocks_losspred'):
         y = seq
         for blk in m.decoder_blocks_losspred:
             y = blk(y)
         scores = m.decoder_pred_losspred(m.decoder_norm_losspred(y))[:, 1:][:, -n:].mean(-1)
-    return sq.mean(), sq.mean(-1), scores
+    return loss, per_patch, scores
 
 
 def test_mae_and_hpm_equal_the_official_ordering():
@@ -298,9 +310,188 @@ def test_mae_method_run_and_defaults(tmp_path):
     (['--alpha-end', '1.5'], 'alpha-end 1.5'),
     (['--decoder-dim', '30'], 'decoder-dim 30'),
     (['--res', '70'], 'res 70'),
+    (['--target', 'dino'], 'give its weights with --teacher-path'),
+    (['--target', 'clip', '--teacher-path', 'no-such.pth'], 'no-such.pth does not exist'),
+    (['--learn_feature_loss', 'ema', '--method', 'mae'], 'needs --method hpm'),
+    (['--target', 'ema', '--norm-pix-loss'], 'drop it with --target ema'),
+    (['--teacher-path', 'c.pth'], 'read by --target dino or clip only'),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
         hpm.main(['--output-dir', str(tmp_path), '--num-workers', '0', *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
+
+
+# ----------------------------------------------------------------------------- feature targets
+
+def clip_state(width=32, layers=2, patch=8, grid=4, out=24):
+    """Random weights of a tiny CLIP image tower in OpenAI's key layout, fp16 values as released."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    sd = {'conv1.weight': r(width, 3, patch, patch), 'class_embedding': r(width),
+          'positional_embedding': r(grid * grid + 1, width), 'proj': r(width, out)}
+    blocks = [f'transformer.resblocks.{i}.' for i in range(layers)]
+    for n in ['ln_pre', 'ln_post'] + [b + n for b in blocks for n in ('ln_1', 'ln_2')]:
+        sd.update({n + '.weight': 1 + r(width), n + '.bias': r(width)})
+    for b in blocks:
+        sd.update({
+            b + 'attn.in_proj_weight': r(3 * width, width), b + 'attn.in_proj_bias': r(3 * width),
+            b + 'attn.out_proj.weight': r(width, width), b + 'attn.out_proj.bias': r(width),
+            b + 'mlp.c_fc.weight': r(4 * width, width), b + 'mlp.c_fc.bias': r(4 * width),
+            b + 'mlp.c_proj.weight': r(width, 4 * width), b + 'mlp.c_proj.bias': r(width)})
+    return {k: v.half().float() for k, v in sd.items()}
+
+
+def clip_by_hand(sd, imgs, heads):
+    """The tower as official forward_features_clip runs it, in plain tensor ops (no layers)."""
+    def ln(x, name):  # CLIP's LayerNorm: biased variance, eps 1e-5
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / (var + 1e-5).sqrt() * sd[name + '.weight'] + sd[name + '.bias']
+
+    def lin(x, name):  # x @ W^T + b
+        return x @ sd[name + '.weight'].T + sd[name + '.bias']
+
+    W, p = sd['conv1.weight'].shape[0], sd['conv1.weight'].shape[-1]
+    B, d = imgs.shape[0], W // heads
+    x = rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (c p1 p2)', p1=p, p2=p)  # (B, L, 3*p*p)
+    x = torch.cat([sd['class_embedding'].expand(B, 1, W), x @ sd['conv1.weight'].view(W, -1).T], 1)
+    x = ln(x + sd['positional_embedding'], 'ln_pre')  # (B, 1+L, W)
+    for i in range(sum(k.endswith('.ln_1.weight') for k in sd)):
+        b = f'transformer.resblocks.{i}.'
+        h = ln(x, b + 'ln_1')
+        qkv = h @ sd[b + 'attn.in_proj_weight'].T + sd[b + 'attn.in_proj_bias']  # rows: q, k, v
+        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=heads) for t in qkv.chunk(3, -1))
+        a = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1) @ v  # (B, nH, 1+L, d)
+        x = x + lin(rearrange(a, 'b h n d -> b n (h d)'), b + 'attn.out_proj')
+        h = lin(ln(x, b + 'ln_2'), b + 'mlp.c_fc')
+        x = x + lin(h * torch.sigmoid(1.702 * h), b + 'mlp.c_proj')  # QuickGELU
+    return (ln(x, 'ln_post') @ sd['proj'])[:, 1:]  # ln_post and proj on every token, cls dropped
+
+
+def test_clip_tower_loads_both_layouts_and_matches_a_hand_computation(tmp_path):
+    sd = clip_state()
+    torch.save(sd, tmp_path / 'visual.pth')
+    text = {'positional_embedding': torch.zeros(7, 16), 'logit_scale': torch.ones(()),
+            'transformer.resblocks.0.ln_1.weight': torch.ones(16)}  # the text tower's names
+    torch.save({**{'visual.' + k: v.half() for k, v in sd.items()}, **text}, tmp_path / 'clip.pth')
+    imgs = torch.randn(2, 3, 32, 32)
+    ref = clip_by_hand({k: v.double() for k, v in sd.items()}, imgs.double(), heads=2)
+    for name in ('visual.pth', 'clip.pth'):
+        m = hpm.load_target_model('clip', str(tmp_path / name), 32, 8, head_dim=16)
+        assert isinstance(m, hpm.ClipVisual) and m.out_dim == 24 and not m.training
+        assert not any(p.requires_grad for p in m.parameters())
+        with torch.no_grad():
+            got = m(imgs)
+        # fp32 tower against float64 by hand: ~2e-6 apart here, 5e-5 leaves room for other CPUs;
+        # a wrong token, norm placement, activation or head split is off by far more
+        assert got.shape == (2, 16, 24), name
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=5e-5), name
+
+
+def test_dino_model_loads_timm_keys(tmp_path):
+    torch.manual_seed(0)
+    vit = common.VisionTransformer(32, 8, 32, 2, 2)
+    with torch.no_grad():
+        vit.pos_embed.normal_(0, 0.1)  # a learned table, as DINO's
+    head = {'head.weight': torch.zeros(10, 32), 'head.bias': torch.zeros(10)}  # timm's classifier
+    torch.save({**vit.state_dict(), **head}, tmp_path / 'dino.pth')
+    m = hpm.load_target_model('dino', str(tmp_path / 'dino.pth'), 32, 8, head_dim=16)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # official forward_features_dino: [cls, patches] + pos, blocks, norm
+        x = torch.cat([vit.cls_token.expand(2, -1, -1), vit.patch_embed(imgs)], 1) + vit.pos_embed
+        for blk in vit.blocks:
+            x = blk(x)
+        ref = vit.norm(x)[:, 1:]
+        got = m(imgs)
+    assert isinstance(m, hpm.DinoViT) and m.out_dim == 32 and got.shape == (2, 16, 32)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_loss_by_hand():
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 3.0], [1.0, 1.0]]])
+    tgt = torch.tensor([[[2.0, 0.0], [1.0, 1.0], [-1.0, -1.0]]])
+    # 2 - 2 cos: parallel 0, 45 degrees 2 - sqrt 2, opposite 4 (lengths do not matter)
+    expect = torch.tensor([[0.0, 2 - 2 ** 0.5, 4.0]])
+    assert torch.allclose(hpm.feature_loss(pred, tgt), expect, atol=1e-6)
+    torch.manual_seed(0)
+    m = tiny(target='ema')
+    with torch.no_grad():  # a teacher unlike the student, so the target is the teacher's
+        for p in m.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    imgs, mask = torch.randn(2, 3, 32, 32), fixed_mask()
+    out = m(imgs, mask=mask)
+    feats = m.teacher.forward_features(imgs)[:, 1:]  # (B, L, D): the EMA encoder, whole image
+    ref, per_patch, scores = reference(m, imgs, mask, False, feats=feats)
+    assert out['pred'].shape == (2, 16, 32) and torch.allclose(out['target'], feats)
+    # the official ordering by hand, as in the pixel test (two token orders: rtol 1e-5)
+    assert torch.allclose(out['loss_rec'], ref, rtol=1e-5, atol=0)
+    rank = hpm.ranking_loss(scores, per_patch.detach())
+    assert torch.allclose(out['loss_pred'], rank, rtol=1e-5, atol=0)
+
+
+def test_feature_model_checkpoint_official_keys_and_device(tmp_path):
+    torch.save(clip_state(), tmp_path / 'clip.pth')
+
+    def load():
+        return hpm.load_target_model('clip', str(tmp_path / 'clip.pth'), 32, 8, head_dim=16)
+    torch.manual_seed(0)
+    m = tiny(target='clip', target_model=load())
+    sd = m.state_dict()
+    assert set(sd) == set(tiny().state_dict())  # the pixel model's keys: no teacher, no CLIP
+    assert sd['decoder_pred.weight'].shape == (24, 32)
+    assert sd['decoder_pred_losspred.weight'].shape == (192, 32)
+    assert not {id(p) for p in m.target_model.parameters()} & {id(p) for p in m.parameters()}
+    imgs, mask = torch.randn(2, 3, 32, 32), fixed_mask()
+    out = m(imgs, mask=mask)
+    torch.manual_seed(1)
+    m2 = tiny(target='clip', target_model=load())
+    m2.load_state_dict(sd, strict=True)
+    out2 = m2(imgs, mask=mask)
+    for k in ('loss', 'pred', 'target'):  # the same computation on the same weights
+        assert torch.allclose(out[k], out2[k], rtol=1e-6, atol=0), k
+    official = {'epoch': 1, 'state_dict': {'module.' + k: v for k, v in sd.items()},
+                'model': 'mae_vit_base_patch16_dec512d8b', 'ema_state_dict': m.extra_state()}
+    m3 = tiny(target='clip', target_model=load())
+    m3.load_state_dict(hpm.from_official(official), strict=True)
+    m3.load_extra_state(hpm.from_official(official, teacher=True))
+    m.eval()
+    with torch.no_grad():
+        pic = m.picture(imgs, m(imgs))
+    # three columns (input | masked | difficulty), each 32 px drawn at 128 with 2 px padding
+    assert pic.dtype == torch.uint8 and pic.shape[-1] == 3 * (128 + 2) + 2
+    m.train().to('meta')  # model.to() leaves plain attributes behind: the forward moves them
+    out = m(torch.zeros(2, 3, 32, 32, device='meta'))
+    assert next(m.target_model.parameters()).is_meta and out['target'].shape == (2, 16, 24)
+
+
+def test_ema_target_run(tmp_path):
+    out, rows = run(tmp_path, '--target', 'ema', '--max-steps', '2')
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert [r['step'] for r in rows] == [1, 2] and all(math.isfinite(r['loss_pred']) for r in rows)
+    assert ckpt['args']['target'] == 'ema' and set(ckpt['model_ema']) == set(ckpt['model'])
+    assert ckpt['model']['decoder_pred.weight'].shape == (192, 32)  # vit_tiny's width
+    assert (out / 'picture-last.png').stat().st_size > 0
+
+
+def test_target_model_file_errors_and_official_flags(tmp_path):
+    sd = clip_state()
+    torch.save(sd, tmp_path / 'clip.pth')
+    with pytest.raises(ValueError, match='not a dino ViT state dict: missing patch_embed.proj'):
+        hpm.load_target_model('dino', str(tmp_path / 'clip.pth'), 32, 8, head_dim=16)
+    broken = dict(sd, extra=torch.zeros(1))
+    del broken['transformer.resblocks.1.mlp.c_fc.bias']
+    torch.save(broken, tmp_path / 'broken.pth')
+    bad = r'missing transformer\.resblocks\.1\.mlp\.c_fc\.bias; unexpected extra'
+    with pytest.raises(ValueError, match=bad):
+        hpm.load_target_model('clip', str(tmp_path / 'broken.pth'), 32, 8, head_dim=16)
+    with pytest.raises(ValueError, match='takes 32 px images in 8 px patches; use --res 32'):
+        hpm.load_target_model('clip', str(tmp_path / 'clip.pth'), 64, 8, head_dim=16)
+    with pytest.raises(ValueError, match='--teacher-path'):
+        hpm.load_target_model('clip', None, 32, 8)
+    with pytest.raises(ValueError, match='pass target_model'):
+        tiny(target='dino')
+    args = hpm.get_args(['--learn_feature_loss', 'clip', '--clip_path', 'c.pth'])
+    assert (args.target, args.teacher_path) == ('clip', 'c.pth')
+    args = hpm.get_args(['--learn_feature_loss', 'none', '--dino_path', 'none'])
+    assert (args.target, args.teacher_path) == ('pixel', None)
