@@ -451,10 +451,10 @@ def test_feature_model_checkpoint_official_keys_and_device(tmp_path):
     for k in ('loss', 'pred', 'target'):  # the same computation on the same weights
         assert torch.allclose(out[k], out2[k], rtol=1e-6, atol=0), k
     official = {'epoch': 1, 'state_dict': {'module.' + k: v for k, v in sd.items()},
-                'model': 'mae_vit_base_patch16_dec512d8b', 'ema_state_dict': m.extra_state()}
+                'model': 'mae_vit_base_patch16_dec512d8b', 'ema_state_dict': m.extra_state()['model_ema']}
     m3 = tiny(target='clip', target_model=load())
     m3.load_state_dict(hpm.from_official(official), strict=True)
-    m3.load_extra_state(hpm.from_official(official, teacher=True))
+    m3.load_extra_state({'model_ema': hpm.from_official(official, teacher=True)})
     m.eval()
     with torch.no_grad():
         pic = m.picture(imgs, m(imgs))
