@@ -700,6 +700,12 @@ class MaskedAutoencoderViT(VisionTransformer):
         loss = masked_mean(self.patch_loss(pred, target), mask)
         return dict(loss=loss, pred=pred, target=target, mask=mask)
 
+    def describe(self):
+        """One line for the log: how many patches the encoder sees."""
+        L = self.grid ** 2
+        keep = int(L * (1 - self.mask_ratio))
+        return f'mae: {L} patches per image, {keep} visible to the encoder, {L - keep} masked'
+
     def picture(self, imgs, out):
         """input | masked | prediction (visible patches pasted back) for the first images, uint8 (3, H, W)."""
         return pixel_picture(imgs, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)

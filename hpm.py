@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT,
                     VisionTransformer, autocast_off, denormalize, grid_picture, hot_colours, init_weights,
-                    key_summary, load_file, load_model_state, masked_mean, parse_pretrain, patchify,
-                    pick_state_dict, pixel_columns, pretrain_parser, random_masking, run_main,
-                    sample_noise, strip_prefix, train, upsample_mask)
+                    key_summary, launch, load_file, load_model_state, masked_mean, parse_pretrain, patchify,
+                    pick_state_dict, pixel_columns, pretrain_parser, random_masking,
+                    sample_noise, strip_prefix, upsample_mask)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # hpm.md §2: HPM trains with MAE's scripts (Table S1)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3, decoder_dim=128,
@@ -166,6 +166,18 @@ class HPM(MaskedAutoencoderViT):
         if 'model_ema' not in checkpoint:
             raise ValueError('this HPM checkpoint has no teacher (model_ema); resume from a file hpm.py wrote')
         self.teacher.load_state_dict(checkpoint['model_ema'], strict=True)
+
+    def describe(self):
+        """One line for the log: visible, masked and hard patches, the target."""
+        L = self.grid ** 2
+        last = alpha_at(self.epochs - 1, self.epochs, self.alpha_start, self.alpha_end)
+        line = (super().describe().replace('mae:', 'hpm:') + f'; hard patches per image '
+                f'{hard_count(L, self.mask_ratio, self.alpha)} (epoch 0) -> '
+                f'{hard_count(L, self.mask_ratio, last)} (last epoch)')
+        if self.target_kind != 'pixel':
+            width = self.decoder_pred.out_features
+            line += f'; target: {self.target_kind} features ({width}-d), loss 2 - 2 cos'
+        return line
 
     # --- masking and forward
     def mask_and_score(self, imgs, mask=None, keys=None, latent=None):
@@ -447,7 +459,9 @@ def easy_to_hard_mask(scores, mask_ratio, alpha, noise):
 
 def get_args(argv=None):
     """Parse the command line and fill the per-method and per-model defaults."""
-    p = pretrain_parser('hpm', __doc__)
+    p = pretrain_parser('hpm', __doc__, decoder=('dim', 'depth', 'heads'), norm_pix=None,
+                        norm_pix_help='standardise each target patch; default off for hpm (the '
+                        'author, HPM#4), on for mae (the MAE recipe)')
     a = p.add_argument
     a('--method', choices=('hpm', 'mae'), default='hpm', help='hpm (default) or the MAE baseline')
     a('--learning_loss', '--learning-loss', dest='method', action='store_const', const='hpm',
@@ -458,13 +472,6 @@ def get_args(argv=None):
       help='easy-to-hard alpha_0 (HPM Alg. S1; the official code hard-wires 0)')
     a('--alpha-end', '--alpha_end', dest='alpha_end', type=float, default=0.5,
       help='easy-to-hard alpha_T, reached at the last epoch (official code: 0.5)')
-    a('--norm-pix-loss', '--norm_pix_loss', dest='norm_pix_loss', action=argparse.BooleanOptionalAction,
-      help='standardise each target patch; default off for hpm (author, HPM#4), on for mae (MAE recipe)')
-    a('--decoder-dim', '--decoder_embed_dim', dest='decoder_dim', type=int,
-      help='decoder width of both decoders; default 512 (mae_vit_*_dec512d8b)')
-    a('--decoder-depth', '--decoder_depth', dest='decoder_depth', type=int,
-      help='decoder blocks of both decoders; default 8 (supplement Table S4)')
-    a('--decoder-heads', '--decoder_num_heads', dest='decoder_heads', type=int, help='decoder heads; default 16')
     a('--target', '--learn_feature_loss', '--learn-feature-loss', dest='target', default='pixel',
       choices=TARGETS, type=lambda s: 'pixel' if s == 'none' else s,
       help='what the decoder predicts: pixel (default), or the patch features of the EMA teacher '
@@ -514,29 +521,9 @@ def build_model(args):
                relative=args.relative, target=args.target, target_model=target_model)
 
 
-def pretrain(argv=None):
-    """Parse, build, train."""
-    args = get_args(argv)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    model = build_model(args)
-    if int(os.environ.get('RANK', 0)) == 0:
-        L = model.grid ** 2
-        keep = int(L * (1 - args.mask_ratio))
-        hard = ''
-        if args.method == 'hpm':
-            last = alpha_at(args.epochs - 1, args.epochs, args.alpha_start, args.alpha_end)
-            hard = (f'; hard patches per image {hard_count(L, args.mask_ratio, model.alpha)} (epoch 0) -> '
-                    f'{hard_count(L, args.mask_ratio, last)} (last epoch)')
-            if args.target != 'pixel':
-                width = model.decoder_pred.out_features
-                hard += f'; target: {args.target} features ({width}-d), loss 2 - 2 cos'
-        print(f'{args.method}: {L} patches per image, {keep} visible to the encoder, {L - keep} masked{hard}')
-    return train(model, args)
-
-
 def main(argv=None):
-    """Pre-train HPM or MAE (see the module docstring); a user error prints `error: …` and exits 2."""
-    return run_main(pretrain, argv)
+    """Pre-train HPM or MAE (the module docstring); a user error prints `error: …` and exits 2."""
+    return launch(argv, get_args, build_model)
 
 
 if __name__ == '__main__':
