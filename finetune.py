@@ -384,17 +384,20 @@ def extract_features(fn, loader, device, amp, world, total):
 
 @torch.no_grad()
 def knn_classify(train_f, train_y, test_f, test_y, k, T=0.07, num_classes=None, chunk=1024):
-    """DINO weighted k-NN on L2-normalised features: the k most similar train features vote with exp(sim / T)
-    for their labels -> (top-1, top-5) in percent."""
+    """DINO k-NN on L2-normalised features, votes exp(sim / T) -> (top-1, top-5) in percent."""
     num_classes = num_classes or int(train_y.max()) + 1
     k = min(k, len(train_y))
+    n5 = min(5, k, num_classes)  # the official top-5 counts the first min(5, k) predictions
     hits1 = hits5 = 0
     for s in range(0, len(test_y), chunk):
         sim = test_f[s:s + chunk] @ train_f.T  # (b, N) cosine similarity
         top, idx = sim.topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(top), num_classes, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (top / T).exp())  # (b, K) summed weights per class
-        pred = votes.topk(min(5, num_classes), dim=1).indices  # (b, 5)
+        # facebookresearch/dino eval_knn.py:knn_classifier: all classes sorted by votes, descending.
+        # Stable: tied classes (no vote) follow in ascending index, as torch's default CPU sort
+        # orders them in rows of up to 16 classes; longer rows in no set order (torch 2.14).
+        pred = votes.sort(dim=1, descending=True, stable=True).indices[:, :n5]  # (b, n5)
         hit = pred == test_y[s:s + chunk, None]
         hits1 += int(hit[:, 0].sum())
         hits5 += int(hit.any(1).sum())

@@ -305,6 +305,25 @@ def test_knn_separable_features_and_weighted_vote():
     assert top1 == 100.0  # exp(1/0.07) > 2 exp(0.6/0.07); a plain majority would say class 0
 
 
+def test_knn_top5_is_the_official_sort_of_all_classes_cut_at_min_5_k():
+    """Five train points at 1-5 degrees (classes 2, 2, 2, 4, 4), seven test points at 0 degrees with labels
+    2, 4, 0, 1, 3, 5, 7, eight classes. Expected by hand: the official order is the voted classes by weight,
+    then the classes without a vote in ascending index, and top-5 counts its first min(5, k) entries."""
+    deg = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).deg2rad()
+    train = torch.stack([deg.cos(), deg.sin()], 1)
+    train_y = torch.tensor([2, 2, 2, 4, 4])
+    test = torch.tensor([[1.0, 0.0]]).expand(7, 2)
+    test_y = torch.tensor([2, 4, 0, 1, 3, 5, 7])
+    # k 1: order 2 | 0 1 3 4 5 6 7, one entry counted: label 2 hits
+    # k 3: the three nearest are class 2: order 2 | 0 1 3 4 5 6 7, three counted: labels 2, 0, 1 hit
+    # k 5: class 2 (three votes) > class 4 (two votes of about the same weight): order 2 4 | 0 1 3 5 6 7,
+    #      five counted: labels 2, 4, 0, 1, 3 hit (a topk of the votes may fill its three tied slots otherwise)
+    # k 10: only five train points, so k 5
+    for k, hits5 in ((1, 1), (3, 3), (5, 5), (10, 5)):
+        got = finetune.knn_classify(train, train_y, test, test_y, k, 0.07, 8)
+        assert got == pytest.approx((100 * 1 / 7, 100 * hits5 / 7)), k
+
+
 def test_features_are_gathered_in_dataset_order():
     base = common.SyntheticShapes('val', 12, 16, 0)
     loader = torch.utils.data.DataLoader(finetune.Indexed(base, lambda img: img.float(), [5, 0, 11, 3, 7, 1, 2, 4,
@@ -477,5 +496,5 @@ def test_imagefolder_data(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         common.write_png(shapes[i][0], d / f'{i}.png')
     out = finetune.main(['--mode', 'knn', *TINY, '--data-path', str(tmp_path / 'data'), '--output-dir',
-                         str(tmp_path / 'o'), '--nb-knn', '1', '--batch-size', '4'])
-    assert 0.0 <= out['top1'] <= 100.0 and out['top5'] == 100.0  # 3 classes: top-5 always hits
+                         str(tmp_path / 'o'), '--nb-knn', '5', '--batch-size', '4'])
+    assert out['top5'] == 100.0  # 3 classes, k 5: all three are among the first min(5, k) predictions
