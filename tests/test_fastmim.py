@@ -78,7 +78,7 @@ def test_loss_is_taken_on_masked_tokens_only():
     assert torch.equal(fastmim.masked_loss(changed, out['target'], out['mask'], m.stride, m.mask_size), loss.detach())
     zero = fastmim.masked_loss(torch.zeros_like(pred), out['target'], out['mask'], m.stride,
                                 m.mask_size)  # normalised HOG: mean target^2 = 1/9
-    assert abs(zero.item() - 1 / 9) < 2e-3
+    assert abs(zero.item() - 1 / 9) < 1e-6  # exact for unit-norm cells; 1e-6: fp32 round-off of the means
 
 
 def test_cell_level_loss_below_token_stride():
