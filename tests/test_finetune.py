@@ -426,10 +426,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     """Stop after 3 steps, run the same command again: the weights equal an uninterrupted run (mixup, RandAugment,
     erasing, drop path all on: every random draw is keyed to the sample or the step)."""
     argv = [*TINY, '--synthetic-size', '64', '--batch-size', '16', '--epochs', '2', '--warmup-epochs', '0.5']
-    finetune.main([*argv, '--output-dir', str(tmp_path / 'a')])
-    finetune.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
-    assert torch.load(tmp_path / 'b' / 'checkpoint-last.pth', weights_only=True)['step'] == 3
-    finetune.main([*argv, '--output-dir', str(tmp_path / 'b')])
+    torch.use_deterministic_algorithms(True)  # bit-equal: the same kernels, step for step
+    try:
+        finetune.main([*argv, '--output-dir', str(tmp_path / 'a')])
+        finetune.main([*argv, '--output-dir', str(tmp_path / 'b'), '--max-steps', '3'])
+        assert torch.load(tmp_path / 'b' / 'checkpoint-last.pth', weights_only=True)['step'] == 3
+        finetune.main([*argv, '--output-dir', str(tmp_path / 'b')])
+    finally:
+        torch.use_deterministic_algorithms(False)
     a, b = (torch.load(tmp_path / d / 'checkpoint-last.pth', weights_only=True) for d in 'ab')
     assert a['step'] == b['step'] == 8
     for k in a['model']:
