@@ -17,15 +17,6 @@ from common import (MaskedAutoencoderViT, SwinTransformer, VisionTransformer, lo
 quiet = dict(log=lambda *a, **k: None)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer when other jobs share the 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_vit(**kw):
     """A 2-block, 16-wide ViT at 32 px (patch 8, 16 tokens)."""
     torch.manual_seed(0)
