@@ -51,7 +51,7 @@ def test_hog_vertical_edge_by_hand():
 def test_hog_horizontal_edge_and_ramps():
     img = torch.zeros(16, 16)
     img[4:] = 1.0
-    # exact zeros: integer pixels give integer gradients, gx = 0 and atan2(0, gy < 0) = pi, floor(9) % 9 = 0
+    # exact: integer pixels and gradients; gx = 0, atan2(0, gy < 0) = pi, floor(9) % 9 = 0
     assert one_channel(img)[:, 0, 0].argmax() == 0 and one_channel(img)[1:, 0, 0].abs().sum() == 0
     y, x = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing='ij')
     for ramp, b in ((y + x, 2), (y - x, 6)):

@@ -146,16 +146,16 @@ def test_decoder_masking_drops_the_hardest_with_the_tie_rules(ratio, drop, n_kee
             tie = (lambda j: j) if given else (lambda j: -noise[i, j].item())
             order = sorted(mask[i].nonzero().flatten().tolist(), key=lambda j: (-d[i, j].item(), tie(j)))
             assert set(kept[i].nonzero().flatten().tolist()) == set(order[n_masked - n_keep:]), (given, i)
-    m.metric = 'p2dist'  # real values: mirror-image patches tie in exact arithmetic, not always in fp32
+    m.metric = 'p2dist'  # real values: mirror-image patches tie exactly, not always in fp32
     out = m(imgs, keys=torch.arange(6))
     kept, dropped, d = out['kept_targets'], out['mask'] & ~out['kept_targets'], out['difficulty']
     for i in range(6):  # ranked on multiples of RANK_STEP; 1e-6: fp32 round-off of d / RANK_STEP
         assert d[i][kept[i]].max() <= d[i][dropped[i]].min() + em.RANK_STEP + 1e-6
-    if ratio == 0.85:  # visible (0, 1) and (1, 0): a mask symmetric about the diagonal, 14 masked, 4 dropped
+    if ratio == 0.85:  # visible (0, 1), (1, 0): symmetric about the diagonal, 14 masked, 4 dropped
         sym = torch.ones(1, 16, dtype=torch.bool)
         sym[0, [1, 4]] = False
-        # hardest (3, 3) = 15, then the tied mirror pairs 11 = 14 (2.14) and 7 = 13 (1.607, 16073.2 steps:
-        # far from a rounding edge); a given mask breaks the tie by the lower raster index: 7 is dropped
+        # hardest (3, 3) = 15, then the tied mirror pairs 11 = 14 (2.14) and 7 = 13 (1.607, i.e.
+        # 16073.2 steps, far from a rounding edge); a given mask drops the lower raster index: 7
         out = m(imgs[:1], mask=sym)
         assert (sym & ~out['kept_targets'])[0].nonzero().flatten().tolist() == [7, 11, 14, 15]
     uneven = random_mask(2, 16, 12)

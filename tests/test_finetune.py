@@ -297,9 +297,12 @@ def test_knn_separable_features_and_weighted_vote():
 
 
 def test_knn_top5_is_the_official_sort_of_all_classes_cut_at_min_5_k():
-    """Five train points at 1-5 degrees (classes 2, 2, 2, 4, 4), seven test points at 0 degrees with labels
-    2, 4, 0, 1, 3, 5, 7, eight classes. Expected by hand: the official order is the voted classes by weight,
-    then the classes without a vote in ascending index, and top-5 counts its first min(5, k) entries."""
+    """Hand-computed top-1/top-5 where tied classes decide: the official order and min(5, k) rule.
+
+    Five train points at 1-5 degrees (classes 2, 2, 2, 4, 4), seven test points at 0 degrees with
+    labels 2, 4, 0, 1, 3, 5, 7, eight classes. The official order is the voted classes by weight,
+    then the classes without a vote in ascending index; top-5 counts its first min(5, k) entries.
+    """
     deg = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).deg2rad()
     train = torch.stack([deg.cos(), deg.sin()], 1)
     train_y = torch.tensor([2, 2, 2, 4, 4])
@@ -307,8 +310,8 @@ def test_knn_top5_is_the_official_sort_of_all_classes_cut_at_min_5_k():
     test_y = torch.tensor([2, 4, 0, 1, 3, 5, 7])
     # k 1: order 2 | 0 1 3 4 5 6 7, one entry counted: label 2 hits
     # k 3: the three nearest are class 2: order 2 | 0 1 3 4 5 6 7, three counted: labels 2, 0, 1 hit
-    # k 5: class 2 (three votes) > class 4 (two votes of about the same weight): order 2 4 | 0 1 3 5 6 7,
-    #      five counted: labels 2, 4, 0, 1, 3 hit (a topk of the votes may fill its three tied slots otherwise)
+    # k 5: class 2 (three votes) > class 4 (two of about the same weight): order 2 4 | 0 1 3 5 6 7,
+    #      five counted: labels 2, 4, 0, 1, 3 hit (a topk may fill its three tied slots otherwise)
     # k 10: only five train points, so k 5
     for k, hits5 in ((1, 1), (3, 3), (5, 5), (10, 5)):
         got = finetune.knn_classify(train, train_y, test, test_y, k, 0.07, 8)
@@ -492,4 +495,4 @@ def test_imagefolder_data(tmp_path):
         common.write_png(shapes[i][0], d / f'{i}.png')
     out = finetune.main(['--mode', 'knn', *TINY, '--data-path', str(tmp_path / 'data'), '--output-dir',
                          str(tmp_path / 'o'), '--nb-knn', '5', '--batch-size', '4'])
-    assert out['top5'] == 100.0  # 3 classes, k 5: all three are among the first min(5, k) predictions
+    assert out['top5'] == 100.0  # 3 classes, k 5: all three are in the first min(5, k) predictions

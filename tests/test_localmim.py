@@ -101,7 +101,7 @@ def test_hog_edges_by_hand():
         assert torch.allclose(h[c, :9], torch.zeros(9))
     assert torch.allclose(h[0, 9:18], F.one_hot(torch.tensor(0), 9).float())
     assert torch.allclose(h[:, 18:], torch.zeros(4, 9))
-    # 18 bins: angle -pi/2 lies on the edge of bins 8 and 9; exact, as atan2(y, 0) = -pi/2 and floor(-9) = -9
+    # 18 bins: angle -pi/2 is the edge of bins 8 and 9; exact: atan2(gx < 0, 0) = -pi/2, -9 % 18 = 9
     assert torch.allclose(hog_cell(img, 18)[0, :18], F.one_hot(torch.tensor(9), 18).float())
     ramp = (torch.arange(16.0)[:, None] + torch.arange(16.0)[None]).expand(3, 16, 16)
     assert int(hog_cell(ramp)[0, :9].argmax()) == 2 and int(hog_cell(ramp, 18)[0, :18].argmax()) == 4
@@ -119,8 +119,8 @@ def test_hog_bias_is_used_and_saved():
 
 
 def test_pooled_hog_equals_the_per_level_oracle():
-    # seeded: of 300 unseeded draws one put a gradient angle within fp32 round-off of a bin edge, where the fp32
-    # code and the fp64 oracle bin it differently; this draw keeps every strong gradient far from the edges
+    # seeded: 1 of 300 random draws put a strong gradient within fp32 round-off of a bin edge, where
+    # the fp32 code and the fp64 oracle bin it differently; this draw keeps them all far from edges
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 64, 64)
     fast = lm.hog_levels(imgs, 9, [4, 8, 16, 32], [lm.HOGConv(False) for _ in range(4)])

@@ -37,7 +37,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path):
     log = tmp_path / 'log.jsonl'
     deadline = time.time() + 120
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
-        time.sleep(0.02)  # a short poll: the run must still be going when the signal arrives (30 steps, ~1 s)
+        time.sleep(0.02)  # short: the run must still be going when the signal lands (~1 s left)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
