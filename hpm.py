@@ -1,33 +1,70 @@
-"""HPM: Hard Patches Mining for Masked Image Modeling (Wang et al., CVPR 2023), and its MAE baseline.
-https://arxiv.org/abs/2304.05919 · official code: github.com/Haochen-Wang409/HPM (MAE: facebookresearch/mae)
+"""HPM: Hard Patches Mining for Masked Image Modeling (Wang et al., CVPR 2023) and its MAE baseline.
+https://arxiv.org/abs/2304.05919 · official code: github.com/Haochen-Wang409/HPM, cited below as
+`path:function` at commit c15ae90 (MAE: github.com/facebookresearch/mae). "Supp." is the paper's
+supplementary material (Tab. S1-S4, Alg. S1, Fig. S1); "HPM#N" is
+github.com/Haochen-Wang409/HPM/issues/N. We could not check the main text: its numbers appear only
+where the supplement or the author cites them, and its equations not at all.
 
-MAE (`--method mae`) hides 75% of the patches, encodes the visible ones with a ViT and reconstructs the pixels of
-the hidden ones with a light decoder (mask tokens + its own sin-cos pos-embed). HPM (`--method hpm`, default) adds
-a second decoder, the loss predictor, that learns which patches are hard to reconstruct: it ranks the masked
-patches by their (detached) reconstruction losses with a pairwise BCE; loss = L_rec + L_pred. Each step an EMA
-teacher scores every patch of the unmasked image, and the student's mask then always contains the
-alpha * (masked count) patches the teacher finds hardest, alpha growing from 0 to 0.5 over training
-("easy-to-hard"); the rest of the mask is random. The teacher sees whole images while the student ranks masked
-patches: a train/test mismatch the author acknowledges (HPM#1) and that we reproduce.
+MAE (`--method mae`) hides 75% of the patches, encodes the visible ones with a ViT and reconstructs
+the pixels of the hidden ones with a light decoder (mask tokens + its own sin-cos pos-embed). HPM
+(`--method hpm`, default) adds a second decoder, the loss predictor, that learns which patches are
+hard to reconstruct: it ranks the masked patches by their (detached) reconstruction losses with a
+pairwise BCE; loss = L_rec + L_pred. Each step an EMA teacher scores every patch of the unmasked
+image, and the student's mask then always contains the alpha * (masked count) patches the teacher
+finds hardest, alpha growing from 0 to 0.5 over training ("easy-to-hard", Sec. 3.4 and Alg. S1);
+the rest of the mask is random.
 
-Defaults (hpm.md §2; official scripts): ViT-B/16 at 224, decoder 8 blocks x 512 (16 heads) for the reconstructor
-and the loss predictor, mask ratio 0.75, 800 epochs, 40 warm-up, blr 1.5e-4 (lr = blr * batch / 256, effective
-batch 4096 = 512 x 8 GPUs), AdamW (0.9, 0.95), wd 0.05 on all but 1-D tensors and biases. HPM: raw-pixel target
-(`--no-norm-pix-loss`), relative ranking loss, EMA 0.999 -> 0.9999 over epochs 0-99, alpha = 0.5 (epoch+1)/epochs,
-grad clip 5.0 (`--clip-grad 0` turns it off). MAE: `--norm-pix-loss`, no clipping. The supplement's ablations
-use `--epochs 200` (README results: 800).
+Defaults (Tab. S1, the official scripts; note 1): ViT-B/16 at 224, decoder 8 blocks x 512 (16
+heads) for the reconstructor and the loss predictor (Tab. S4's best), mask ratio 0.75, 800 epochs,
+40 warm-up, blr 1.5e-4 (lr = blr * batch / 256), batch 4096 = 512 x 8 processes, AdamW (0.9,
+0.95), wd 0.05 on all but 1-D tensors and biases. HPM: raw pixels (note 8), relative loss, grad
+clip 5.0 (note 9). MAE (its recipe): norm-pix, no clipping.
 
-Feature targets (`--target ema|dino|clip`, official `--learn_feature_loss`; an ablation, HPM#4):
-the decoder predicts each masked patch's feature from a frozen model (the EMA teacher's encoder, or
-a DINO / OpenAI CLIP ViT-B/16 read from `--teacher-path`) with a per-patch loss 2 - 2 cos, and the
-loss predictor ranks these per-patch losses.
+Feature targets (`--target ema|dino|clip`, official `--learn_feature_loss`) are an ablation (the
+main text's Tab. 1 and 5, per the author in HPM#4): the decoder predicts each masked patch's
+feature from a frozen model (the EMA teacher's encoder, or a DINO / OpenAI CLIP ViT-B/16 read from
+`--teacher-path`) with a per-patch loss 2 - 2 cos, and the loss predictor ranks these losses.
 
     python hpm.py                                              # CPU smoke run on the built-in data
     python hpm.py --target ema                                 # the same, EMA-feature target
     python hpm.py --data-path /data/imagenet                   # one GPU
     torchrun --nproc_per_node 8 hpm.py --data-path /data/imagenet --model vit_base
-    torchrun --nproc_per_node 8 hpm.py --method mae --data-path /data/imagenet   # the MAE baseline
+    torchrun --nproc_per_node 8 hpm.py --method mae --data-path /data/imagenet   # MAE baseline
     torchrun --nproc_per_node 8 hpm.py --data-path /data/imagenet --target clip --teacher-path c.pth
+
+Where this follows the official code rather than the paper (or where the paper is silent); the
+comments below cite these as "note N":
+1. 800 epochs and 40 warm-up as scripts/pretrain_base.sh (the README's results); Tab. S1 and the
+   ablations: 200 epochs, ViT-B warm-up 10. Batch 4096 as Tab. S1 (the script: 32 x 8).
+   `--epochs 200 --warmup-epochs 10` gives Tab. S1's schedule.
+2. alpha = 0.5 (epoch + 1) / T, fixed within an epoch, 0.5 in the last one (`keep_ratio` in
+   models_mae_learn_loss.py:MaskedAutoencoderViT.generate_mask); Alg. S1: alpha_t = alpha_0 +
+   t / T (alpha_T - alpha_0), the supplement gives no values. `--alpha-start`, `--alpha-end`.
+3. Hard patches per image int((L - len_keep) alpha), len_keep = int(L (1 - r)) (generate_mask);
+   Alg. S1: len_pred = int(L r alpha_t). The same whenever L r is whole (L 196 or 64 at r 0.75).
+4. The mask as generate_mask builds it (1 = masked); Alg. S1 as printed sets mask[:len_keep] = 1 on
+   a mask of ones and calls 0 "remove". No hard patch: random masking (argsort of randn there).
+5. Teacher: a copy of the whole model (timm ModelEma, main_pretrain.py:main), updated after every
+   optimizer step, decay 0.999 + epoch / 100 (0.9999 - 0.999) up to epoch 99, then 0.9999
+   (engine_pretrain.py:train_one_epoch). The supplement names no decay.
+6. The teacher scores every patch of the unmasked image (train_one_epoch passes an all-False mask)
+   while the student's loss predictor ranks masked patches: a train/test mismatch the author
+   acknowledges in HPM#1. Reproduced.
+7. Loss-predictor head Linear(D_dec, p*p*3), its outputs averaged to one score per patch
+   (models_mae_learn_loss.py:MaskedAutoencoderViT.forward_decoder), so the released weights load;
+   supp. Sec. A says "a linear projector".
+8. Raw-pixel target: HPM never passes `--norm_pix_loss` (main_pretrain.py; the author in HPM#4),
+   unlike MAE's recipe. `--norm-pix-loss` standardises each target patch.
+9. Grad clip 5.0: the default of util/misc.py:NativeScalerWithGradNormCount.__call__, which
+   train_one_epoch calls without clip_grad (MAE's default: none). `--clip-grad 0` turns it off.
+10. Relative loss as models_mae_learn_loss.py:MaskedAutoencoderViT.forward_learning_loss: tied
+    pairs ignored, -log(sigmoid(z) + 1e-6) rather than BCE with logits (a pair costs at most
+    13.8), divided by the batch's non-tied pair count (ours: at least 1; the code's is 0/0 when
+    all tie). Ours in fp32; the code runs it under fp16 autocast (train_one_epoch).
+11. Feature targets (models_mae_learn_feature_loss.py): the code's decoder_pred is
+    Linear(D_dec, D_dec), which fits CLIP-B/16's 512 only; ours takes the target's width. CLIP
+    features as engine_pretrain.py:forward_features_clip: ln_post and proj on every token of the
+    ImageNet-normalised image. main_pretrain.py:main loads --clip_path for `ema` too; we do not.
 """
 import argparse
 import copy
@@ -38,16 +75,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT,
-                    VisionTransformer, autocast_off, denormalize, grid_picture, hot_colours, init_weights,
-                    key_summary, launch, load_file, load_model_state, masked_mean, parse_pretrain, patchify,
-                    pick_state_dict, pixel_columns, pretrain_parser, random_masking,
-                    sample_noise, strip_prefix, upsample_mask)
+                    VisionTransformer, autocast_off, denormalize, grid_picture, hot_colours,
+                    init_weights, key_summary, launch, load_file, load_model_state, masked_mean,
+                    parse_pretrain, patchify, pick_state_dict, pixel_columns, pretrain_parser,
+                    random_masking, sample_noise, strip_prefix, upsample_mask)
 
-DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # hpm.md §2: HPM trains with MAE's scripts (Table S1)
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3, decoder_dim=128,
-             decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
-             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so short a run visibly learns
-EPS = 1e-6  # official forward_learning_loss: log(sigmoid(z) + 1e-6)
+DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
+             decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
+             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr to learn visibly
+EPS = 1e-6  # inside the log of the relative loss (note 10)
 # official --learn_feature_loss: none (= pixel) | ema | dino | clip
 TARGETS = ('pixel', 'ema', 'dino', 'clip')
 
@@ -55,39 +92,41 @@ TARGETS = ('pixel', 'ema', 'dino', 'clip')
 # ----------------------------------------------------------------------------- model
 
 def ema_decay(epoch):
-    """Teacher EMA decay of an epoch: 0.999 -> 0.9999 linearly over epochs 0-99, then 0.9999 (engine_pretrain.py)."""
+    """Teacher EMA decay of an epoch: 0.999 -> 0.9999 linearly over epochs 0-99 (note 5)."""
     return 0.999 + epoch / 100 * (0.9999 - 0.999) if epoch < 100 else 0.9999
 
 
 def alpha_at(epoch, epochs, alpha_start=0.0, alpha_end=0.5):
-    """Fraction of the masked patches chosen as hard in an epoch: a0 + (aT - a0) (epoch+1)/T (HPM Alg. S1, code)."""
-    return alpha_start + (alpha_end - alpha_start) * ((epoch + 1) / epochs)  # = official ((epoch+1)/T) * 0.5
+    """Hard fraction of the masked patches in an epoch: a0 + (aT - a0) (epoch+1)/T (note 2)."""
+    return alpha_start + (alpha_end - alpha_start) * ((epoch + 1) / epochs)
 
 
 def hard_count(L, mask_ratio, alpha):
-    """len_loss = int((L - len_keep) alpha), len_keep = int(L (1 - r)) (official generate_mask, not Alg. S1)."""
+    """Hard patches per image, int((L - len_keep) alpha), len_keep = int(L (1 - r)) (note 3)."""
     return int((L - int(L * (1 - mask_ratio))) * alpha)
 
 
 class HPM(MaskedAutoencoderViT):
-    """MAE + a loss predictor (official `_losspred` keys) + an EMA teacher that picks the hard patches to mask.
+    """MAE + a loss predictor (official `_losspred` keys) + an EMA teacher that picks hard patches.
 
-    The loss predictor shares the encoder, `decoder_embed`, `mask_token` and `decoder_pos_embed` with the
-    reconstructor and has its own blocks, norm and p*p*3-wide head, averaged to one score per patch (hpm.md §4).
-    The teacher is a plain attribute (out of state_dict, parameters, the optimiser and DDP), saved via extra_state.
-    target 'ema' | 'dino' | 'clip' predicts features, not pixels: the EMA teacher's encoder output,
-    or that of `target_model` (load_target_model), a frozen plain attribute that is never saved.
+    The loss predictor shares the encoder, `decoder_embed`, `mask_token` and `decoder_pos_embed`
+    with the reconstructor and has its own blocks, norm and p*p*3-wide head, averaged to one score
+    per patch (note 7). The teacher is a plain attribute (out of state_dict, parameters, the
+    optimiser and DDP), saved via extra_state. target 'ema' | 'dino' | 'clip' predicts features,
+    not pixels: the EMA teacher's encoder output, or that of `target_model` (load_target_model), a
+    frozen plain attribute that is never saved.
     """
 
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
-                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False, mask_ratio=0.75,
-                 epochs=800, alpha_start=0.0, alpha_end=0.5, relative=True, target='pixel',
-                 target_model=None):
-        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth,
-                         decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_pix_loss=False, mask_ratio=0.75, epochs=800, alpha_start=0.0, alpha_end=0.5,
+                 relative=True, target='pixel', target_model=None):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
+                         decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
         for a, name in ((alpha_start, '--alpha-start'), (alpha_end, '--alpha-end')):
             if not 0.0 <= a <= 1.0:
-                raise ValueError(f'{name} {a} is out of range; use a fraction of the masked patches in [0, 1]')
+                raise ValueError(f'{name} {a} is out of range; use a fraction of the masked '
+                                 f'patches in [0, 1]')
         if target not in TARGETS:
             raise ValueError(f'unknown target {target}; use one of {", ".join(TARGETS)}')
         if (target_model is not None) != (target in ('dino', 'clip')):
@@ -97,37 +136,40 @@ class HPM(MaskedAutoencoderViT):
             raise ValueError(f'--norm-pix-loss standardises pixels; drop it with --target {target}')
         self.target_kind = target
         if target != 'pixel':
-            # width from the target; the official Linear(D_dec, D_dec) fits CLIP-B/16's 512 only
+            # ours, not the official Linear(D_dec, D_dec): the target's width (note 11)
             width = embed_dim if target == 'ema' else target_model.out_dim
             self.decoder_pred = nn.Linear(decoder_embed_dim, width)
             init_weights(self.decoder_pred)
-        self.decoder_blocks_losspred = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
-                                                      for _ in range(decoder_depth)])
+        self.decoder_blocks_losspred = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
         self.decoder_norm_losspred = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred_losspred = nn.Linear(decoder_embed_dim, patch_size ** 2 * 3)  # wide head, as released
-        for m in (self.decoder_blocks_losspred, self.decoder_norm_losspred, self.decoder_pred_losspred):
+        self.decoder_pred_losspred = nn.Linear(decoder_embed_dim, patch_size ** 2 * 3)  # note 7
+        for m in (self.decoder_blocks_losspred, self.decoder_norm_losspred,
+                  self.decoder_pred_losspred):
             m.apply(init_weights)
-        self.epochs, self.alpha_start, self.alpha_end, self.relative = epochs, alpha_start, alpha_end, relative
+        self.epochs, self.alpha_start, self.alpha_end, self.relative = (epochs, alpha_start,
+                                                                        alpha_end, relative)
         self.on_epoch(0)
-        teacher = copy.deepcopy(self).eval().requires_grad_(False)  # timm ModelEma: a copy of the whole model
-        object.__setattr__(self, 'teacher', teacher)  # plain attribute, not a submodule (STYLE contract)
+        teacher = copy.deepcopy(self).eval().requires_grad_(False)  # the whole model (note 5)
+        object.__setattr__(self, 'teacher', teacher)  # not registered (class docstring)
         if target_model is not None:  # after the copy: the EMA teacher needs no DINO/CLIP copy
             target_model = target_model.eval().requires_grad_(False)
         object.__setattr__(self, 'target_model', target_model)
 
     # --- loss predictor
     def predict_loss(self, x):
-        """Loss predictor on decoder tokens (B, 1+L, Dd) -> one score per token (B, L): mean of the wide head."""
-        parts = (self.decoder_blocks_losspred, self.decoder_norm_losspred, self.decoder_pred_losspred)
-        out = self.run_decoder(x, *parts)  # (B, L, p*p*3); the official comment says (N, L, 1): it is not
+        """Decoder tokens (B, 1+L, Dd) -> one predicted loss per token (B, L) (note 7)."""
+        parts = (self.decoder_blocks_losspred, self.decoder_norm_losspred,
+                 self.decoder_pred_losspred)
+        out = self.run_decoder(x, *parts)  # (B, L, p*p*3)
         return out.float().mean(dim=-1)  # (B, L); fp32 so that bf16 scores rarely tie in the top-k
 
     @torch.no_grad()
     def score_patches(self, imgs, latent=None):
-        """Predicted difficulty of every patch of the unmasked image (B, L); no mask tokens, no reconstruction.
+        """Predicted difficulty (B, L) of every patch of the unmasked image, no mask token (note 6).
 
-        The official teacher pass also runs the reconstruction decoder and discards it; skipping it changes nothing.
-        `latent` = this model's forward_features(imgs) when the caller has it (the 'ema' target).
+        The official teacher pass also runs the reconstruction decoder and discards it; we skip it.
+        `latent` = this model's forward_features(imgs), when the caller has it (the 'ema' target).
         """
         if latent is None:
             latent = self.forward_features(imgs)  # (B, 1+L, D): all patches, raster order
@@ -135,23 +177,20 @@ class HPM(MaskedAutoencoderViT):
 
     # --- EMA teacher
     def teacher_on(self, device, name='teacher'):
-        """A plain attribute (the EMA teacher or 'target_model'), moved to `device` if elsewhere.
-
-        model.to() does not move a plain attribute, so the model moves it to its input's device.
-        """
+        """The EMA teacher or 'target_model' on `device` (model.to() skips plain attributes)."""
         t = getattr(self, name)
         if next(t.parameters()).device != device:
             t.to(device)
         return t
 
     def on_epoch(self, epoch):
-        """Set this epoch's EMA decay and easy-to-hard alpha (both per epoch in the official code)."""
+        """Set this epoch's EMA decay and easy-to-hard alpha (both per epoch, notes 2 and 5)."""
         self.ema_decay = ema_decay(epoch)
         self.alpha = alpha_at(epoch, self.epochs, self.alpha_start, self.alpha_end)
 
     @torch.no_grad()
     def after_step(self):
-        """EMA update of every teacher state entry after an optimizer step: ema = d ema + (1 - d) student."""
+        """EMA update of every teacher state entry: ema = d ema + (1 - d) student (note 5)."""
         d = self.ema_decay
         student = self.state_dict()
         for k, v in self.teacher_on(self.pos_embed.device).state_dict().items():
@@ -164,7 +203,8 @@ class HPM(MaskedAutoencoderViT):
     def load_extra_state(self, checkpoint):
         """Restore the teacher from a checkpoint's 'model_ema'."""
         if 'model_ema' not in checkpoint:
-            raise ValueError('this HPM checkpoint has no teacher (model_ema); resume from a file hpm.py wrote')
+            raise ValueError('this HPM checkpoint has no teacher (model_ema); resume from a file '
+                             'hpm.py wrote')
         self.teacher.load_state_dict(checkpoint['model_ema'], strict=True)
 
     def describe(self):
@@ -181,10 +221,10 @@ class HPM(MaskedAutoencoderViT):
 
     # --- masking and forward
     def mask_and_score(self, imgs, mask=None, keys=None, latent=None):
-        """A given mask as is, else the easy-to-hard mask -> ((ids_keep, mask, ids_restore), teacher scores | None).
+        """Easy-to-hard mask (Sec. 3.4), or a given one -> ((ids_keep, mask, ids_restore), scores).
 
-        The drawn mask comes from the teacher's scores of the unmasked image and per-sample noise (hpm.md §5).
-        `latent`: the teacher's encoder output on that image, when the caller has it.
+        Drawn from the teacher's scores of the unmasked image and per-sample noise; scores None
+        when not needed. `latent`: the teacher's encoder output on that image, if the caller has it.
         """
         if mask is not None:
             return super().masking(imgs, mask), None
@@ -195,32 +235,39 @@ class HPM(MaskedAutoencoderViT):
         if n_hard > 0 or not self.training:  # eval: scores for the picture
             scores = self.teacher_on(imgs.device).score_patches(imgs, latent)
         if n_hard == 0:
-            return random_masking(noise, self.mask_ratio), scores  # official: argsort(randn), same distribution
+            return random_masking(noise, self.mask_ratio), scores  # note 4
         return easy_to_hard(scores, self.mask_ratio, self.alpha, noise), scores
 
     def forward(self, imgs, mask=None, keys=None):
-        """imgs (B, 3, H, W) -> dict(loss, loss_rec, loss_pred, pred, target, mask, scores (teacher, when drawn))."""
+        """imgs (B, 3, H, W) -> dict(loss, loss_rec, loss_pred, pred, target, mask, pred_loss).
+
+        Plus 'scores', the teacher's, when they were drawn.
+        """
         latent_t = None
         if self.target_kind == 'ema':
-            # one teacher pass gives the target and the scores (official engine_pretrain.py)
+            # one teacher pass gives the target and the scores (engine_pretrain.py:train_one_epoch)
             with torch.no_grad():
                 latent_t = self.teacher_on(imgs.device).forward_features(imgs)  # (B, 1+L, D)
         (ids_keep, mask, ids_restore), scores = self.mask_and_score(imgs, mask, keys, latent_t)
         latent = self.forward_encoder(imgs, ids_keep)  # (B, 1+K, D)
-        x = self.decoder_input(latent, ids_restore)  # (B, 1+L, Dd), shared by both decoders (not detached)
-        pred = self.run_decoder(x, self.decoder_blocks, self.decoder_norm, self.decoder_pred)  # (B, L, P)
+        # (B, 1+L, Dd), shared by both decoders, not detached: L_pred trains the encoder too
+        x = self.decoder_input(latent, ids_restore)
+        pred = self.run_decoder(x, self.decoder_blocks, self.decoder_norm,
+                                self.decoder_pred)  # (B, L, P)
         pred_loss = self.predict_loss(x)  # (B, L)
         target = self.target(imgs, latent_t)
         per_patch = self.patch_loss(pred, target)  # (B, L) fp32
-        loss_rec = masked_mean(per_patch, mask)  # = official sq.mean() over [N, Mn, P]
+        loss_rec = masked_mean(per_patch, mask)  # L_rec = official forward_loss: mean of (B, M, P)
         B, L = mask.shape
         M = L - ids_keep.shape[1]
-        ids_m = torch.argsort(mask.int(), dim=1, stable=True)[:, L - M:]  # (B, M) masked positions, ascending
-        p = torch.gather(pred_loss, 1, ids_m)  # (B, M)
-        t = torch.gather(per_patch.detach(), 1, ids_m)  # (B, M) ranking target, detached (HPM §7)
+        ids_m = torch.argsort(mask.int(), dim=1, stable=True)[:, L - M:]  # (B, M) ascending
+        p = torch.gather(pred_loss, 1, ids_m)  # (B, M) predicted losses
+        t = torch.gather(per_patch.detach(), 1, ids_m)  # (B, M) true losses, the ranking target
         loss_pred = ranking_loss(p, t) if self.relative else absolute_loss(p, t)
+        # L = L_rec + L_pred, weight 1 (engine_pretrain.py:train_one_epoch)
         out = dict(loss=loss_rec + loss_pred, loss_rec=loss_rec, loss_pred=loss_pred,
-                   pred=pred * mask[..., None].to(pred.dtype), target=target, mask=mask, pred_loss=pred_loss)
+                   pred=pred * mask[..., None].to(pred.dtype), target=target, mask=mask,
+                   pred_loss=pred_loss)
         if scores is not None:
             out['scores'] = scores
         return out
@@ -247,9 +294,9 @@ class HPM(MaskedAutoencoderViT):
         return feature_loss(pred, target)
 
     def picture(self, imgs, out):
-        """input | masked | reconstruction | teacher's predicted difficulty (supplement Fig. S1), uint8 (3, H, W).
+        """input | masked | reconstruction | predicted difficulty (as Fig. S1), uint8 (3, H, W).
 
-        A feature target has no reconstruction to draw: input | masked | difficulty.
+        The difficulty is the teacher's. A feature target has no reconstruction to draw.
         """
         scores = out.get('scores')
         if scores is None:
@@ -263,7 +310,7 @@ class HPM(MaskedAutoencoderViT):
 
 
 def difficulty_map(scores, imgs, p):
-    """Scores (B, L) -> heat map (B, 3, H, W) in [0, 1]: min-max per image, 'hot' colours over the dimmed input."""
+    """Scores (B, L) -> heat map (B, 3, H, W) in [0, 1], min-max per image, over the dim input."""
     B = scores.shape[0]
     H, W = imgs.shape[-2:]
     s = scores.float()
@@ -274,16 +321,18 @@ def difficulty_map(scores, imgs, p):
 
 
 def from_official(obj, teacher=False):
-    """Official MAE ({'model'}) or HPM ({'state_dict' with module., 'ema_state_dict', ...}) file -> our state dict.
+    """Official MAE or HPM checkpoint -> our state dict (the teacher's with teacher=True).
 
-    Keys are the official ones, so this picks the state dict (the teacher's with teacher=True) and strips prefixes.
-    MAE's encoder-only release files have no decoder and cannot continue pre-training.
+    MAE's files hold {'model'}, HPM's {'state_dict' (module. prefixes), 'ema_state_dict', ...}.
+    Keys are the official ones, so this only picks and strips. MAE's encoder-only release files
+    have no decoder and cannot continue pre-training.
     """
     sd = strip_prefix(pick_state_dict(obj, teacher=teacher))
     if 'decoder_embed.weight' not in sd:
         raise ValueError('this checkpoint has no decoder (an encoder-only MAE release such as '
-                         'mae_pretrain_vit_base.pth); pre-training needs mae_pretrain_vit_*_full.pth (norm-pix) or '
-                         'mae_visualize_vit_*.pth (raw pixels); finetune.py reads encoder-only files')
+                         'mae_pretrain_vit_base.pth); pre-training needs '
+                         'mae_pretrain_vit_*_full.pth (norm-pix) or mae_visualize_vit_*.pth (raw '
+                         'pixels); finetune.py reads encoder-only files')
     return sd
 
 
@@ -329,10 +378,10 @@ class ClipVisual(nn.Module):
         self.proj = nn.Parameter(torch.zeros(width, out_dim))
 
     def forward(self, imgs):
-        """imgs (B, 3, H, W) -> patch features (B, L, C) (official engine_pretrain.py).
+        """imgs (B, 3, H, W) -> patch features (B, L, C), as the official code (note 11).
 
-        As official forward_features_clip, not CLIP's encode_image: ln_post and proj on every token
-        (CLIP: cls only), cls dropped; the input is ImageNet-normalised, not with CLIP's mean/std.
+        engine_pretrain.py:forward_features_clip, not CLIP's encode_image: ln_post and proj on
+        every token (CLIP: cls only), cls dropped; ImageNet-normalised input, not CLIP's mean/std.
         """
         x = self.conv1(imgs).flatten(2).transpose(1, 2)  # (B, L, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
@@ -350,7 +399,7 @@ class DinoViT(VisionTransformer):
         return self.embed_dim
 
     def forward(self, imgs):
-        """(B, 3, H, W) -> (B, L, D): final norm, cls dropped (official forward_features_dino)."""
+        """(B, 3, H, W) -> (B, L, D): final norm, cls dropped (as forward_features_dino)."""
         return self.forward_features(imgs)[:, 1:]  # (B, L, D)
 
 
@@ -358,8 +407,8 @@ def load_target_model(kind, path, img_size, patch_size, head_dim=64):
     """The frozen model of target 'dino' (timm ViT keys) or 'clip' (CLIP image tower) from `path`.
 
     A whole CLIP state dict gives its `visual.` tower. Heads = width / head_dim: 64 in timm's
-    ViT-S/B/L and in CLIP (its build_model assumes so). It sees the student's patches: same patch
-    size and resolution.
+    ViT-S/B/L and in CLIP (models_clip.py:CLIP.__init__ assumes so). It sees the student's
+    patches: same patch size and resolution.
     """
     if not path:
         raise ValueError(f'--target {kind} reads a frozen {kind} ViT-B/16; give its weights with '
@@ -372,7 +421,7 @@ def load_target_model(kind, path, img_size, patch_size, head_dim=64):
             sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
         patch_key, pos_key, block = ('conv1.weight', 'positional_embedding',
                                      'transformer.resblocks.{}.ln_1.weight')
-    else:  # a timm classifier's head is no feature (the official code loads with strict=False)
+    else:  # a classifier head is no feature (main_pretrain.py:main loads with strict=False)
         sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
         patch_key, pos_key, block = 'patch_embed.proj.weight', 'pos_embed', 'blocks.{}.norm1.weight'
     need = (patch_key, pos_key, 'proj' if kind == 'clip' else 'cls_token')
@@ -402,22 +451,26 @@ def load_target_model(kind, path, img_size, patch_size, head_dim=64):
 # ----------------------------------------------------------------------------- losses
 
 def ranking_loss(p, t):
-    """Relative loss (official forward_learning_loss, relative=True): p, t (B, M) -> 0-d, fp32.
+    """Relative loss (note 10): predicted p, true t (B, M) -> 0-d, fp32.
 
     All ordered pairs (i, j) of one image: z = p_j - p_i, label t_j > t_i, ties ignored,
-    -log(sigmoid(z) + 1e-6) or -log(1 - sigmoid(z) + 1e-6), summed and divided by the batch's non-tied pair count.
+    -log(sigmoid(z) + 1e-6) or -log(1 - sigmoid(z) + 1e-6), summed and divided by the batch's
+    non-tied pair count.
     """
-    with autocast_off(p.device):  # official quirk #7: fp16 there; fp32 here
+    with autocast_off(p.device):  # ours fp32, the official loop fp16 (note 10)
         p, t = p.float(), t.float()
         pos = (t[:, None, :] > t[:, :, None]).float()  # (B, M, M) [i, j] = t_j > t_i
         neg = (t[:, None, :] < t[:, :, None]).float()  # (B, M, M)
         z = torch.sigmoid(p[:, None, :] - p[:, :, None])  # (B, M, M) sigmoid(p_j - p_i)
         loss = -pos * torch.log(z + EPS) - neg * torch.log(1 - z + EPS)
-        return loss.sum() / (pos + neg).sum().clamp(min=1)  # official 0/0 when every pair ties (quirk #11)
+        return loss.sum() / (pos + neg).sum().clamp(min=1)  # the code: 0/0 if all tie (note 10)
 
 
 def absolute_loss(p, t):
-    """Absolute ablation (relative=False): MSE to the per-image standardised losses (unbiased variance), fp32."""
+    """Absolute ablation (`--no-relative`): MSE to per-image standardised losses, fp32.
+
+    Unbiased variance, as forward_learning_loss with relative=False.
+    """
     with autocast_off(p.device):
         t = t.float()
         t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5
@@ -427,8 +480,8 @@ def absolute_loss(p, t):
 def feature_loss(pred, target):
     """Feature-target loss per token: pred, target (B, L, C) -> (B, L) fp32, |p^ - t^|^2 = 2 - 2cos.
 
-    Official models_mae_learn_feature_loss.py:forward_loss (^ = L2-normalised): its mean over the
-    masked tokens is L_rec, and its per-token values are the ranking target, as the pixel MSE's are.
+    As models_mae_learn_feature_loss.py:MaskedAutoencoderViT.forward_loss (^ = L2-normalised):
+    its mean over the masked tokens is L_rec, its per-token values the ranking target.
     """
     with autocast_off(pred.device):
         p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)  # (B, L, C)
@@ -440,17 +493,22 @@ def feature_loss(pred, target):
 def easy_to_hard(scores, mask_ratio, alpha, noise):
     """easy_to_hard_mask with the (ids_keep, mask, ids_restore) triple of common.random_masking."""
     B, L = scores.shape
-    n_hard = hard_count(L, mask_ratio, alpha)
-    ids = torch.argsort(scores, dim=1, stable=True)[:, L - n_hard:]  # (B, n_hard) top scores, ties -> higher index
+    n_hard = hard_count(L, mask_ratio, alpha)  # Alg. S1 len_pred (note 3)
+    # Alg. S1 argsort(pred_t)[-len_pred:]: the top scores, stable so ties go to the higher index
+    ids = torch.argsort(scores, dim=1, stable=True)[:, L - n_hard:]  # (B, n_hard)
     hard = torch.zeros(B, L, dtype=torch.bool, device=scores.device).scatter(1, ids, True)  # (B, L)
-    return random_masking(noise.masked_fill(hard, float('inf')), mask_ratio)  # hard patches are never kept
+    # Alg. S1 "random masking for remained patches": hard patches get infinite noise, never kept;
+    # random_masking keeps the len_keep smallest (Alg. S1 len_keep, mask and restore; note 4)
+    return random_masking(noise.masked_fill(hard, float('inf')), mask_ratio)
 
 
 def easy_to_hard_mask(scores, mask_ratio, alpha, noise):
-    """HPM mask (official generate_mask, guide=True) -> (B, L) bool, True = masked; scores, noise U[0,1) (B, L).
+    """Easy-to-hard mask (Alg. S1, note 4) -> (B, L) bool, True = masked; scores, noise (B, L).
 
-    The int((L - len_keep) alpha) top-scored patches are always masked; among the others the len_keep with the
-    smallest noise stay visible, the rest are masked. alpha = 0 is MAE random masking on the same noise.
+    Supp. Sec. C: of the masked patches an alpha_t share are those of highest predicted loss, the
+    rest random. The hard_count top-scored patches are always masked; of the others the len_keep
+    with the smallest noise U[0,1) stay visible. alpha = 0 is MAE random masking on the same
+    noise. Vectorised: the same distribution as the official per-sample loop, not the same draws.
     """
     return easy_to_hard(scores, mask_ratio, alpha, noise)[1]
 
@@ -467,7 +525,8 @@ def get_args(argv=None):
     a('--learning_loss', '--learning-loss', dest='method', action='store_const', const='hpm',
       help='official HPM flag: the loss predictor (= --method hpm)')
     a('--relative', action=argparse.BooleanOptionalAction, default=True,
-      help='relative ranking loss (default, official --relative); --no-relative = absolute ablation (hpm.md §7)')
+      help='relative ranking loss (default, official --relative); --no-relative = the absolute '
+           'ablation')
     a('--alpha-start', '--alpha_start', dest='alpha_start', type=float, default=0.0,
       help='easy-to-hard alpha_0 (HPM Alg. S1; the official code hard-wires 0)')
     a('--alpha-end', '--alpha_end', dest='alpha_end', type=float, default=0.5,
@@ -485,11 +544,12 @@ def get_args(argv=None):
     a('--token_size', '--token-size', dest='token_size', type=int,
       help='official mask-generator grid side; derived from --res, checked when given')
     a('--experiment', help='official run name, only used for file names there: accepted, ignored')
-    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=224, mask_ratio=0.75, blr=1.5e-4)
-    if args.norm_pix_loss is None:  # hpm.md §2: HPM never passes --norm_pix_loss; MAE's recipe does
+    args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=224, mask_ratio=0.75,
+                          blr=1.5e-4)
+    if args.norm_pix_loss is None:  # hpm: raw pixels (note 8); mae: MAE's recipe
         args.norm_pix_loss = args.method == 'mae'
     if args.clip_grad is None and args.method == 'hpm':
-        args.clip_grad = 5.0  # HPM's NativeScalerWithGradNormCount clip default; MAE does not clip
+        args.clip_grad = 5.0  # official code, not the paper (note 9); MAE does not clip
     if args.target != 'pixel' and args.method == 'mae':
         p.error(f'--target {args.target} needs --method hpm; the MAE baseline here predicts pixels')
     if args.target != 'pixel' and args.norm_pix_loss:
@@ -499,10 +559,11 @@ def get_args(argv=None):
                 f'drop one of them')
     patch = VIT_PRESETS[args.model]['patch_size']
     if args.token_size is not None and args.token_size * patch != args.res:
-        p.error(f'--token_size {args.token_size} does not match res {args.res} / patch {patch}; drop it or use '
-                f'{args.res // patch}')
+        p.error(f'--token_size {args.token_size} does not match res {args.res} / patch {patch}; '
+                f'drop it or use {args.res // patch}')
     if args.experiment is not None and int(os.environ.get('RANK', 0)) == 0:
-        print(f'note: official --experiment {args.experiment} ignored (our files live in --output-dir)')
+        print(f'note: official --experiment {args.experiment} ignored (our files live in '
+              f'--output-dir)')
     return args
 
 
@@ -513,7 +574,7 @@ def build_model(args):
                norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
     if args.method == 'mae':
         return MaskedAutoencoderViT(**cfg)
-    target_model = None  # official main_pretrain.py reads --clip_path for ema too; we read none
+    target_model = None  # none for 'ema', unlike the official code (note 11)
     if args.target in ('dino', 'clip'):
         target_model = load_target_model(args.target, args.teacher_path, args.res,
                                          cfg['patch_size'])
