@@ -123,9 +123,9 @@ class HPM(MaskedAutoencoderViT):
                  relative=True, target='pixel', target_model=None):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
                          decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
-        for a, name in ((alpha_start, '--alpha-start'), (alpha_end, '--alpha-end')):
-            if not 0.0 <= a <= 1.0:
-                raise ValueError(f'{name} {a} is out of range; use a fraction of the masked '
+        for value, flag in ((alpha_start, '--alpha-start'), (alpha_end, '--alpha-end')):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f'{flag} {value} is out of range; use a fraction of the masked '
                                  f'patches in [0, 1]')
         if target not in TARGETS:
             raise ValueError(f'unknown target {target}; use one of {", ".join(TARGETS)}')
@@ -178,10 +178,10 @@ class HPM(MaskedAutoencoderViT):
     # --- EMA teacher
     def teacher_on(self, device, name='teacher'):
         """The EMA teacher or 'target_model' on `device` (model.to() skips plain attributes)."""
-        t = getattr(self, name)
-        if next(t.parameters()).device != device:
-            t.to(device)
-        return t
+        frozen = getattr(self, name)
+        if next(frozen.parameters()).device != device:
+            frozen.to(device)
+        return frozen
 
     def on_epoch(self, epoch):
         """Set this epoch's EMA decay and easy-to-hard alpha (both per epoch, notes 2 and 5)."""
@@ -243,27 +243,31 @@ class HPM(MaskedAutoencoderViT):
 
         Plus 'scores', the teacher's, when they were drawn.
         """
-        latent_t = None
+        teacher_latent = None
         if self.target_kind == 'ema':
             # one teacher pass gives the target and the scores (engine_pretrain.py:train_one_epoch)
             with torch.no_grad():
-                latent_t = self.teacher_on(imgs.device).forward_features(imgs)  # (B, 1+L, D)
-        (ids_keep, mask, ids_restore), scores = self.mask_and_score(imgs, mask, keys, latent_t)
+                teacher_latent = self.teacher_on(imgs.device).forward_features(imgs)  # (B, 1+L, D)
+        (ids_keep, mask, ids_restore), scores = self.mask_and_score(imgs, mask, keys,
+                                                                    teacher_latent)
         latent = self.forward_encoder(imgs, ids_keep)  # (B, 1+K, D)
         # (B, 1+L, Dd), shared by both decoders, not detached: L_pred trains the encoder too
         x = self.decoder_input(latent, ids_restore)
         pred = self.run_decoder(x, self.decoder_blocks, self.decoder_norm,
                                 self.decoder_pred)  # (B, L, P)
         pred_loss = self.predict_loss(x)  # (B, L)
-        target = self.target(imgs, latent_t)
+        target = self.target(imgs, teacher_latent)
         per_patch = self.patch_loss(pred, target)  # (B, L) fp32
         loss_rec = masked_mean(per_patch, mask)  # L_rec = official forward_loss: mean of (B, M, P)
         B, L = mask.shape
-        M = L - ids_keep.shape[1]
-        ids_m = torch.argsort(mask.int(), dim=1, stable=True)[:, L - M:]  # (B, M) ascending
-        p = torch.gather(pred_loss, 1, ids_m)  # (B, M) predicted losses
-        t = torch.gather(per_patch.detach(), 1, ids_m)  # (B, M) true losses, the ranking target
-        loss_pred = ranking_loss(p, t) if self.relative else absolute_loss(p, t)
+        n_masked = L - ids_keep.shape[1]  # M
+        # (B, M) masked positions, ascending
+        ids_masked = torch.argsort(mask.int(), dim=1, stable=True)[:, L - n_masked:]
+        predicted = torch.gather(pred_loss, 1, ids_masked)  # (B, M) the predictor's losses
+        # (B, M) reconstruction losses, the ranking target; detached: L_pred cannot move them
+        actual = torch.gather(per_patch.detach(), 1, ids_masked)
+        loss_pred = (ranking_loss(predicted, actual) if self.relative
+                     else absolute_loss(predicted, actual))
         # L = L_rec + L_pred, weight 1 (engine_pretrain.py:train_one_epoch)
         out = dict(loss=loss_rec + loss_pred, loss_rec=loss_rec, loss_pred=loss_pred,
                    pred=pred * mask[..., None].to(pred.dtype), target=target, mask=mask,
@@ -461,8 +465,8 @@ def ranking_loss(p, t):
         p, t = p.float(), t.float()
         pos = (t[:, None, :] > t[:, :, None]).float()  # (B, M, M) [i, j] = t_j > t_i
         neg = (t[:, None, :] < t[:, :, None]).float()  # (B, M, M)
-        z = torch.sigmoid(p[:, None, :] - p[:, :, None])  # (B, M, M) sigmoid(p_j - p_i)
-        loss = -pos * torch.log(z + EPS) - neg * torch.log(1 - z + EPS)
+        prob = torch.sigmoid(p[:, None, :] - p[:, :, None])  # (B, M, M) sigmoid(p_j - p_i)
+        loss = -pos * torch.log(prob + EPS) - neg * torch.log(1 - prob + EPS)
         return loss.sum() / (pos + neg).sum().clamp(min=1)  # the code: 0/0 if all tie (note 10)
 
 
@@ -495,8 +499,9 @@ def easy_to_hard(scores, mask_ratio, alpha, noise):
     B, L = scores.shape
     n_hard = hard_count(L, mask_ratio, alpha)  # Alg. S1 len_pred (note 3)
     # Alg. S1 argsort(pred_t)[-len_pred:]: the top scores, stable so ties go to the higher index
-    ids = torch.argsort(scores, dim=1, stable=True)[:, L - n_hard:]  # (B, n_hard)
-    hard = torch.zeros(B, L, dtype=torch.bool, device=scores.device).scatter(1, ids, True)  # (B, L)
+    ids_hard = torch.argsort(scores, dim=1, stable=True)[:, L - n_hard:]  # (B, n_hard)
+    # (B, L), True at the hard patches
+    hard = torch.zeros(B, L, dtype=torch.bool, device=scores.device).scatter(1, ids_hard, True)
     # Alg. S1 "random masking for remained patches": hard patches get infinite noise, never kept;
     # random_masking keeps the len_keep smallest (Alg. S1 len_keep, mask and restore; note 4)
     return random_masking(noise.masked_fill(hard, float('inf')), mask_ratio)
