@@ -97,8 +97,8 @@ def ema_decay(epoch):
 
 
 def alpha_at(epoch, epochs, alpha_start=0.0, alpha_end=0.5):
-    """Hard fraction of the masked patches in an epoch: a0 + (aT - a0) (epoch+1)/T (note 2)."""
-    return alpha_start + (alpha_end - alpha_start) * ((epoch + 1) / epochs)
+    """Alg. S1's alpha_t, the hard share of the masked patches: a0 + (aT - a0) (epoch+1)/T."""
+    return alpha_start + (alpha_end - alpha_start) * ((epoch + 1) / epochs)  # note 2
 
 
 def hard_count(L, mask_ratio, alpha):
