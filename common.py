@@ -1689,7 +1689,9 @@ def train(model, args, make_dataset=None):
         ckpt = load_file(resume)
         if hasattr(model, 'on_epoch'):  # bring resolution-dependent shapes to the saved epoch (FastMIM-P)
             model.on_epoch(ckpt['epoch'])
-            args.res = getattr(model, 'res', args.res)
+            if getattr(model, 'res', args.res) != args.res:  # and the crops with them
+                args.res = model.res
+                dataset = make_dataset(args)
         load_model_state(model, ckpt['model'], f'checkpoint {resume}')
         step = ckpt['step']
     amp = autocast_dtype(args.precision, device)

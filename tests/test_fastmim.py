@@ -197,6 +197,28 @@ def test_fastmim_p_resume_across_switch(tmp_path, monkeypatch):
     assert wa['encoder.layers.0.blocks.0.attn.relative_position_bias_table'].shape == (25, 1)
 
 
+@pytest.mark.parametrize('model', ['vit_tiny', 'swin_tiny'])
+def test_fastmim_p_stopped_after_the_switch_resumes_exactly(tmp_path, monkeypatch, model):
+    """Preempted in the second stage (after the resolution switch), the same command carries on: the
+    crops, the model and the optimiser are rebuilt at the saved stage's resolution."""
+    monkeypatch.setitem(fastmim.SWIN_PRESETS, 'swin_tiny', dict(embed_dim=8, depths=(1, 1, 1, 1),
+                                                                num_heads=(1, 1, 2, 2)))
+    monkeypatch.setitem(fastmim.VIT_PRESETS, 'vit_tiny', dict(patch_size=16, embed_dim=16, depth=1,
+                                                              num_heads=2))
+    args = ['--model', model, '--res-schedule', '32:1,64:1', '--epochs', '2', '--window-size', '1',
+            '--decoder-dim', '32', '--decoder-depth', '1', '--num-heads', '2']
+    torch.use_deterministic_algorithms(True)
+    try:
+        a, rows_a = run(tmp_path, *args, name='a')
+        run(tmp_path, *args, '--max-steps', '5', name='b')  # one step into the 64-px stage
+        b, rows_b = run(tmp_path, *args, name='b')
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r['loss'] for r in rows_a] == [r['loss'] for r in rows_b] and len(rows_a) == 8
+    wa, wb = (torch.load(d / 'checkpoint-last.pth', weights_only=True)['model'] for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize('argv,msg', [
     (['--res', '130'], 'res 130'),
     (['--res-schedule', '64:1,96:1', '--epochs', '3'], 'covers 2 epochs'),
