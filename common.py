@@ -18,7 +18,7 @@ from einops import rearrange
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# timm model families (STYLE "Presets"); method files add their decoders and recipes.
+# timm's model families (vit_base = vit_base_patch16_224); method files add decoders and recipes.
 VIT_PRESETS = {
     'vit_tiny': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     'vit_small': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
@@ -427,10 +427,13 @@ class SwinTransformer(nn.Module):
 
 
 def resize_rel_pos_table(table, new_side, mode='bicubic', num_heads=None):
-    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH) (interop.md §5); also for its AdamW moments.
+    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH); also its AdamW moments.
 
-    'bicubic': F.interpolate of the (nH, side, side) grid, align_corners=False (FastMIM `interpolate`, timm simple).
-    'geometric': BEiT/SimMIM/FastMIM `simmim` resampling, piecewise-linear on the stretched offsets, torch only.
+    'bicubic': F.interpolate of the (nH, side, side) grid, align_corners=False (FastMIM's
+    `interpolate` mode; timm layers/pos_embed_rel.py:resize_rel_pos_bias_table_simple).
+    'geometric': BEiT's stretched offsets, piecewise-linear, torch only (microsoft/SimMIM
+    utils.py:remap_pretrained_keys_swin; FastMIM's `simmim` mode, ggjy/FastMIM.pytorch
+    util/pos_embed.py:remap_pretrained_keys_swin).
     A same-size call returns a clone. Clamp an `exp_avg_sq` at 0 after a bicubic resize (it can overshoot).
     """
     if table.dim() != 2:
@@ -737,7 +740,8 @@ def load_file(path):
         raise ValueError(f'checkpoint {path} does not exist')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # MAE-family files pickle an argparse.Namespace (interop.md §7)
+    except Exception as e:
+        # MAE-family files pickle argparse.Namespace (facebookresearch/mae util/misc.py:save_model)
         if 'Namespace' not in str(e):
             raise ValueError(f'cannot read checkpoint {path}: {e}') from None
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -766,7 +770,8 @@ def strip_prefix(sd, *prefixes):
     return out
 
 
-# mmpretrain ViT layer -> timm block (mff.md §8); the same renames inside the MAE neck's decoder blocks
+# mmpretrain ViT layer (models/backbones/vision_transformer.py:TransformerEncoderLayer) -> timm
+# block; the same renames inside the MAE neck's decoder blocks (models/necks/mae_neck.py)
 MMPRETRAIN_BLOCK = (('ln1.', 'norm1.'), ('ln2.', 'norm2.'), ('ffn.layers.0.0.', 'mlp.fc1.'),
                     ('ffn.layers.1.', 'mlp.fc2.'))
 TIMM_ENCODER = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.', 'fc_norm.')
@@ -811,10 +816,11 @@ def timm_key_to_mmpretrain(key):
 
 
 def mmpretrain_vit_to_timm(sd, encoder_only=False):
-    """mmpretrain/mmselfsup ViT (+ MAE neck, MFF proj_*) state dict -> timm/MAE names; timm-named keys pass through.
+    """mmpretrain/mmselfsup ViT (+ MAE neck, MFF proj_*) state dict -> timm/MAE names.
 
-    encoder_only keeps just the timm encoder, dropping MFF's `proj_*` (and the stray `proj_blocks.*` of mmselfsup's
-    mmcls2timm.py), the decoder and the data preprocessor, as mmpretrain's benchmark configs ignore them (mff.md §8).
+    encoder_only keeps just the timm encoder, dropping MFF's `proj_*` (and the stray `proj_blocks.*`
+    of open-mmlab/mmselfsup tools/model_converters/mmcls2timm.py), the decoder and the data
+    preprocessor: mmpretrain's configs/mff/benchmarks load `backbone.` non-strictly, ignoring them.
     """
     out = {mmpretrain_key_to_timm(k): v for k, v in sd.items() if not k.startswith('data_preprocessor.')}
     if encoder_only:
@@ -849,7 +855,7 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-# Encoder key maps and resizing (interop.md §2-6): one path from any supported file to a ViT/Swin classifier.
+# Encoder key maps and resizing: one path from any supported file to a ViT/Swin classifier.
 
 REBUILT_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')  # rebuilt from (grid, window)
 
@@ -875,8 +881,8 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix=1, antialias=False):
 
 
 def swin_to_timm(sd):
-    """Microsoft Swin keys -> timm >= 0.9 (interop.md §3): `layers.{s}.downsample` -> `layers.{s+1}.downsample`,
-    `head.` -> `head.fc.`, rebuilt buffers dropped."""
+    """Microsoft Swin keys -> timm >= 0.9 (timm models/swin_transformer.py:checkpoint_filter_fn):
+    `layers.{s}.downsample` -> `layers.{s+1}.downsample`, `head.` -> `head.fc.`, buffers dropped."""
     import re
     out = {}
     for k, v in sd.items():
@@ -906,8 +912,9 @@ def timm_to_swin(sd):
 
 
 def permute_merge(sd, order=(0, 2, 1, 3)):
-    """Reorder the four C-wide chunks of every PatchMerging (`downsample.norm.*` rows, `downsample.reduction.weight`
-    input columns): LocalMIM pre-training concatenates TL,TR,BL,BR, standard Swin TL,BL,TR,BR (localmim.md §4)."""
+    """Reorder the four C-wide chunks of every PatchMerging (`downsample.norm.*` rows, the input
+    columns of `downsample.reduction.weight`): LocalMIM pre-training concatenates TL,TR,BL,BR
+    (Haoqing-Wang/LocalMIM Swin/models_mim.py:PatchMerging), standard Swin TL,BL,TR,BR."""
     out = dict(sd)
     for k, v in sd.items():
         if k.endswith(('downsample.norm.weight', 'downsample.norm.bias')):
@@ -918,8 +925,8 @@ def permute_merge(sd, order=(0, 2, 1, 3)):
 
 
 def vit_layer_id(name, depth):
-    """MAE/BEiT layer id (interop.md §8): cls_token, pos_embed, patch_embed (and mask_token) 0; blocks.i -> i+1;
-    everything else (norm, fc_norm, head) depth+1."""
+    """MAE/BEiT layer id (mae util/lr_decay.py:get_layer_id_for_vit; SimMIM adds mask_token):
+    cls_token, pos_embed, patch_embed, mask_token 0; blocks.i -> i+1; the rest depth+1."""
     if name in ('cls_token', 'pos_embed', 'mask_token') or name.startswith('patch_embed'):
         return 0
     if name.startswith('blocks.'):
@@ -985,7 +992,7 @@ def key_summary(keys, limit=12):
 
 def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geometric', fresh=('fc_norm', 'head'),
                  level_norm=True, log=print):
-    """Load the encoder of any supported checkpoint (ours or an official release, interop.md §6) into `model`.
+    """Load the encoder of any supported checkpoint (ours or an official release) into `model`.
 
     `model` is a common.VisionTransformer or common.SwinTransformer classifier. Steps: pick the state dict (the
     teacher's with teacher=True); strip `module.`/`_orig_mod.`, then `encoder.` (FastMIM/LocalMIM Swin) or map
@@ -998,7 +1005,7 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
     import re
     sd = strip_prefix(pick_state_dict(obj, teacher))
     tried = ['module.', '_orig_mod.']
-    if any(k.startswith('backbone.') for k in sd):  # mmpretrain (MFF): rename first (mff.md §8)
+    if any(k.startswith('backbone.') for k in sd):  # mmpretrain (MFF): rename first
         sd = mmpretrain_vit_to_timm(sd)
         tried.append('backbone. (mmpretrain names)')
     if any(k.startswith('encoder.') for k in sd):  # FastMIM/LocalMIM Swin, SimMIM: the encoder sits under `encoder.`
@@ -1064,7 +1071,7 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
 # ----------------------------------------------------------------------------- data
 
 def sample_key(seed, epoch, index):
-    """The int64 key of one sample in one epoch: seeds its crop, flip and mask noise (STYLE "Data and randomness")."""
+    """The int64 key of one sample in one epoch: seeds its crop, flip and mask noise."""
     return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
