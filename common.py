@@ -1,12 +1,10 @@
 """Shared parts of mimkit: the models every method builds on, then the runner that trains them.
 
-The model half reads top to bottom and needs only torch and einops:
-    transformer layers -> ViT -> Swin -> HOG -> masking -> the MAE baseline.
-The runner half (from the banner "the runner" on) is what the scripts share to train them:
-    checkpoints and key maps -> data -> pictures -> command line -> distributed and the entry
-    -> the method <-> loop contract and the train loop -> benchmarks.
-A copier who needs only a model can stop reading at the banner: nothing above it uses anything below.
-"""
+The model half needs only torch and einops: transformer layers -> ViT -> Swin -> HOG -> masking ->
+the MAE baseline; a copier who needs only a model can stop at the banner "the runner" (only
+MaskedAutoencoderViT.picture calls below it, for pixel_picture). The runner half: checkpoints and
+key maps -> data -> pictures -> command line -> distributed and the entry -> the method <-> loop
+contract and the train loop -> benchmarks."""
 import contextlib
 import math
 
@@ -33,10 +31,10 @@ SWIN_PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- transformer layers
+# --------------------------------------------------------------------- transformer layers
 
 def drop_path(x, p, training):
-    """Stochastic depth: zero whole samples of a residual branch with probability p, rescale the rest."""
+    """Stochastic depth: zero whole samples of a residual branch with probability p, rescale."""
     if p == 0.0 or not training:
         return x
     keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype) >= p
@@ -44,7 +42,7 @@ def drop_path(x, p, training):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, through F.scaled_dot_product_attention."""
+    """Multi-head self-attention, fused qkv projection, through F.scaled_dot_product_attention."""
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -53,7 +51,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn_mask=None):
-        """x (B, L, D) -> (B, L, D); attn_mask is added to the logits (broadcast to (B, nH, L, L))."""
+        """x (B, L, D) -> (B, L, D); attn_mask, added to the logits, broadcasts to (B, nH, L, L)."""
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, nH, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nH, L, d)
@@ -102,7 +100,7 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-# ----------------------------------------------------------------------------- ViT
+# --------------------------------------------------------------------- ViT
 
 def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True):
     """Fixed 2-D sin-cos table (1+G*G or G*G, D), cls row 0: the first D/2 channels encode the
@@ -137,46 +135,48 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with timm/MAE key names and a fixed sin-cos pos-embed; runs on all tokens or on kept tokens only.
+    """ViT, timm/MAE keys, sin-cos pos-embed (frozen unless learnable_pos), on all or kept tokens;
+    global_pool 'token' (cls after `norm`), 'avg' (patch mean -> `fc_norm`) or '' (no head)."""
 
-    global_pool: 'token' (cls after `norm`), 'avg' (mean of patch tokens -> `fc_norm`, no `norm`) or '' (no head).
-    The pos-embed is frozen (pre-training) unless learnable_pos=True (fine-tuning).
-    """
-
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 drop_path=0.0, global_pool='', num_classes=0, learnable_pos=False):
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, drop_path=0.0, global_pool='', num_classes=0, learnable_pos=False):
         super().__init__()
         check_divisible(img_size, patch_size, 'patch')
         self.patch_size, self.embed_dim, self.global_pool = patch_size, embed_dim, global_pool
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.grid = img_size // patch_size
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=learnable_pos)
-        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth rule (timm)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None],
+                                      requires_grad=learnable_pos)
+        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear in depth (timm)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i])
+                                     for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool != 'avg' else nn.Identity()
         if global_pool == 'avg':
             self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if num_classes:
             self.head = nn.Linear(embed_dim, num_classes)
         self.apply(init_weights)
-        w = self.patch_embed.proj.weight  # xavier on the (D, 3*p*p) view, conv bias left at PyTorch's default (MAE)
+        w = self.patch_embed.proj.weight  # xavier on the (D, 3*p*p) view, bias at its default (MAE)
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
 
     def set_resolution(self, img_size):
-        """Recompute the frozen sin-cos table for a new input size (FastMIM-P); a learnable table is not touched."""
+        """Recompute the frozen sin-cos table for a new input size (FastMIM-P)."""
         check_divisible(img_size, self.patch_size, 'patch')
         self.grid = img_size // self.patch_size
-        assert not self.pos_embed.requires_grad, 'resize a learnable pos-embed with resize_pos_embed instead'
-        self.pos_embed.data = sincos_pos_embed(self.embed_dim, self.grid)[None].to(self.pos_embed.device)
+        assert not self.pos_embed.requires_grad, (
+            'resize a learnable pos-embed with resize_pos_embed instead')
+        self.pos_embed.data = (sincos_pos_embed(self.embed_dim, self.grid)[None]
+                               .to(self.pos_embed.device))
 
     def embed(self, imgs, ids_keep=None):
-        """imgs (B, 3, H, W) -> tokens with pos-embed (B, 1+K, D); ids_keep (B, K) keeps those tokens (MAE)."""
+        """imgs (B, 3, H, W) -> tokens with pos-embed (B, 1+K, D), only those in ids_keep (B, K)."""
         x = self.patch_embed(imgs)  # (B, L, D)
         assert x.shape[1] == self.pos_embed.shape[1] - 1, (
             f'input has {x.shape[1]} patches but the pos-embed has {self.pos_embed.shape[1] - 1}; '
-            f'image size {imgs.shape[-1]} differs from the model size {self.grid * self.patch_size}')
+            f'image size {imgs.shape[-1]} differs from the model size '
+            f'{self.grid * self.patch_size}')
         x = x + self.pos_embed[:, 1:]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
@@ -191,7 +191,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, imgs):
-        """Classification: imgs (B, 3, H, W) -> logits (B, classes) (or pooled features when there is no head)."""
+        """imgs (B, 3, H, W) -> logits (B, classes), or the pooled features when there's no head."""
         x = self.forward_features(imgs)
         x = self.fc_norm(x[:, 1:].mean(1)) if self.global_pool == 'avg' else x[:, 0]
         return self.head(x) if hasattr(self, 'head') else x
@@ -202,11 +202,11 @@ def check_divisible(res, size, what, hint=None):
     if res % size:
         lo, hi = res // size * size, (res // size + 1) * size
         near = hi if (hi - res) < (res - lo) or lo == 0 else lo
-        raise ValueError(f'res {res} is not divisible by {what} {size}; use a multiple of {size} such as {near}'
-                         + (f' ({hint})' if hint else ''))
+        raise ValueError(f'res {res} is not divisible by {what} {size}; use a multiple of {size} '
+                         f'such as {near}' + (f' ({hint})' if hint else ''))
 
 
-# ----------------------------------------------------------------------------- Swin (windowed, Microsoft key layout)
+# --------------------------------------------------------------------- Swin
 def window_partition(x, w):
     """(B, H, W, C) -> (B*nW, w*w, C), windows in raster order."""
     B, H, W, C = x.shape
@@ -215,21 +215,22 @@ def window_partition(x, w):
 
 
 def window_reverse(windows, w, H, W):
-    """(B*nW, w*w, C) -> (B, H, W, C); inverse of window_partition."""
+    """(B*nW, w*w, C) -> (B, H/w, w, W/w, w, C) -> (B, H, W, C); inverse of window_partition."""
     C = windows.shape[-1]
-    x = windows.view(-1, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5)  # (B, H/w, w, W/w, w, C)
+    x = windows.view(-1, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, H, W, C)
 
 
 def relative_position_index(w):
-    """(w*w, w*w) index into the ((2w-1)^2, nH) bias table: (dy + w-1) * (2w-1) + (dx + w-1) (Swin Sec. 3.2)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing='ij')).flatten(1)  # (2, w*w)
+    """(w*w, w*w) index into the ((2w-1)^2, nH) table, (dy+w-1)(2w-1) + dx+w-1 (Swin Sec. 3.2)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w),
+                                        indexing='ij')).flatten(1)  # (2, w*w)
     rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
     return (rel[0] + w - 1) * (2 * w - 1) + rel[1] + w - 1
 
 
 def shifted_window_mask(H, W, w, shift):
-    """(nW, w*w, w*w) additive mask: -100 between tokens that the cyclic shift brought from different regions."""
+    """(nW, w*w, w*w) additive mask, -100 between tokens from different pre-shift regions."""
     region = torch.zeros(1, H, W, 1)
     n = 0
     for hs in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
@@ -241,12 +242,13 @@ def shifted_window_mask(H, W, w, shift):
 
 
 class WindowAttention(nn.Module):
-    """Window self-attention with a learned relative-position bias, through F.scaled_dot_product_attention."""
+    """Window self-attention with a learned relative-position bias, through SDPA."""
 
     def __init__(self, dim, window, num_heads):
         super().__init__()
         self.num_heads, self.window = num_heads, window
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer('relative_position_index', relative_position_index(window))
         self.qkv = nn.Linear(dim, dim * 3)
@@ -255,24 +257,27 @@ class WindowAttention(nn.Module):
     def bias(self):
         """The relative-position bias (nH, N, N) gathered from the table."""
         N = self.window ** 2
-        return self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        return (self.relative_position_bias_table[self.relative_position_index.view(-1)]
+                .view(N, N, -1).permute(2, 0, 1))  # (nH, N, N)
 
     def forward(self, x, mask=None):
         """x (B*nW, N, C), mask (nW, N, N) or None -> (B*nW, N, C)."""
         BW, N, C = x.shape
-        qkv = self.qkv(x).view(BW, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (BW, nH, N, d)
+        qkv = (self.qkv(x).view(BW, N, 3, self.num_heads, C // self.num_heads)
+               .permute(2, 0, 3, 1, 4))  # 3 x (BW, nH, N, d)
         bias = self.bias().to(x.dtype)  # (nH, N, N)
         if mask is None:
             out = F.scaled_dot_product_attention(*qkv, attn_mask=bias)  # (BW, nH, N, d)
-        else:  # split windows from the batch so the per-window mask broadcasts: (B, nW, nH, N, d)
+        else:  # q, k, v (B, nW, nH, N, d): windows apart from the batch, so the mask broadcasts
             nW = mask.shape[0]
             q, k, v = (t.view(BW // nW, nW, self.num_heads, N, -1) for t in qkv)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(x.dtype) + bias)
+            out = F.scaled_dot_product_attention(q, k, v,
+                                                 attn_mask=mask[:, None].to(x.dtype) + bias)
         return self.proj(out.reshape(BW, self.num_heads, N, -1).transpose(1, 2).reshape(BW, N, C))
 
 
 class SwinBlock(nn.Module):
-    """Swin block: (shifted) window attention + MLP, pre-norm; `attn_mask` is stored only in shifted blocks."""
+    """Swin block: (shifted) window attention + MLP, pre-norm; `attn_mask` only when shifted."""
 
     def __init__(self, dim, num_heads, window, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
@@ -284,12 +289,12 @@ class SwinBlock(nn.Module):
         self.register_buffer('attn_mask', None)
 
     def configure(self, grid, window, shift):
-        """Set the block's grid, window and shift; rebuild index and mask, resize the bias table in place."""
+        """Set grid, window and shift; rebuild index and mask, resize the bias table in place."""
         self.grid, self.shift = grid, shift
         attn, dev = self.attn, self.attn.relative_position_bias_table.device
         if window != attn.window:
-            attn.relative_position_bias_table.data = resize_rel_pos_table(attn.relative_position_bias_table.data,
-                                                                          2 * window - 1)
+            attn.relative_position_bias_table.data = resize_rel_pos_table(
+                attn.relative_position_bias_table.data, 2 * window - 1)
             attn.window = window
             attn.relative_position_index = relative_position_index(window).to(dev)
         self.attn_mask = shifted_window_mask(grid, grid, window, shift).to(dev) if shift else None
@@ -301,7 +306,8 @@ class SwinBlock(nn.Module):
         h = self.norm1(x).view(B, G, G, C)
         if s:  # cyclic shift (Swin Sec. 3.2)
             h = torch.roll(h, (-s, -s), dims=(1, 2))
-        h = window_reverse(self.attn(window_partition(h, w), self.attn_mask), w, G, G)  # (B, G, G, C)
+        h = window_reverse(self.attn(window_partition(h, w), self.attn_mask),
+                           w, G, G)  # (B, G, G, C)
         if s:
             h = torch.roll(h, (s, s), dims=(1, 2))
         x = x + drop_path(h.reshape(B, L, C), self.drop_path, self.training)
@@ -309,10 +315,8 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbours concatenated -> LayerNorm(4C) -> Linear(4C, 2C): (B, G*G, C) -> (B, G*G/4, 2C).
-
-    `offsets` is the concatenation order as (row, column) offsets; Swin's is TL, BL, TR, BR.
-    """
+    """2x2 neighbours concatenated in `offsets` (row, column) order, Swin's TL, BL, TR, BR ->
+    LayerNorm(4C) -> Linear(4C, 2C): (B, G*G, C) -> (B, G*G/4, 2C)."""
 
     offsets = ((0, 0), (1, 0), (0, 1), (1, 1))
 
@@ -330,7 +334,7 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """One stage: blocks, then (except the last stage) a PatchMerging `downsample` — the official layout."""
+    """One stage: its blocks, then (except in the last stage) a PatchMerging `downsample`."""
 
     def __init__(self, dim, depth, num_heads, window, mlp_ratio, dpr, downsample):
         super().__init__()
@@ -353,20 +357,17 @@ class SwinPatchEmbed(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Swin-v1 (Liu et al. 2021) in the original Microsoft key layout, at any resolution its grids allow.
+    """Swin-v1 (Liu et al. 2021) with the keys of microsoft/Swin-Transformer
+    models/swin_transformer.py; as in its SwinTransformerBlock, a stage whose grid is not larger
+    than the window uses window = grid and no shift."""
 
-    Keys: `patch_embed.{proj,norm}`, `layers.{s}.blocks.{b}.{norm1, attn.{qkv, proj, relative_position_bias_table,
-    relative_position_index}, norm2, mlp}`, `layers.{s}.blocks.{b}.attn_mask` (shifted blocks only),
-    `layers.{s}.downsample` (end of stages 0..S-2), `norm`, optional `head`. Window clamp of the original code: a
-    stage whose grid is not larger than the window uses window = grid and no shift.
-    """
-
-    def __init__(self, img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                 window_size=7, mlp_ratio=4.0, drop_path=0.0, num_classes=0):
+    def __init__(self, img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2),
+                 num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0, drop_path=0.0,
+                 num_classes=0):
         super().__init__()
         self.patch_size, self.depths = patch_size, tuple(depths)
         self.patch_embed = SwinPatchEmbed(patch_size, embed_dim)
-        dpr = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear stochastic depth
+        dpr = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear
         self.layers = nn.ModuleList([
             SwinStage(embed_dim * 2 ** s, depths[s], num_heads[s], window_size, mlp_ratio,
                       dpr[sum(depths[:s]):sum(depths[:s + 1])], s < len(depths) - 1)
@@ -380,34 +381,35 @@ class SwinTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.set_resolution(img_size, window_size)
-        for m in self.modules():  # a table the window clamp resized is drawn afresh at its final size (official)
+        for m in self.modules():  # the official code draws tables at the clamped window size
             if isinstance(m, WindowAttention):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
     def set_resolution(self, img_size, window_size):
-        """(Re)configure every stage for an input size and window; tables resize in place when the window changes."""
+        """(Re)configure every stage for an input size and window; tables resize in place."""
         stride = self.patch_size * 2 ** (len(self.depths) - 1)
         check_divisible(img_size, stride, 'the Swin output stride',
                         f'patch {self.patch_size} x {len(self.depths) - 1} patch merges')
         self.img_size, self.window_size = img_size, window_size
         for s, stage in enumerate(self.layers):
             G = img_size // self.patch_size // 2 ** s
-            w, shift = (G, 0) if G <= window_size else (window_size, window_size // 2)  # official window clamp
+            w, shift = (G, 0) if G <= window_size else (window_size, window_size // 2)  # clamp
             if G % w:
                 good = [v for v in range(2, window_size + 1) if all(
-                    (img_size // self.patch_size // 2 ** t) % v == 0 or img_size // self.patch_size // 2 ** t <= v
+                    (img_size // self.patch_size // 2 ** t) % v == 0
+                    or img_size // self.patch_size // 2 ** t <= v
                     for t in range(len(self.depths)))]
-                raise ValueError(f'window {window_size} does not divide stage grid {G} at res {img_size}; '
-                                 f'use --window-size {good[-1] if good else 1}')
+                raise ValueError(f'window {window_size} does not divide stage grid {G} at res '
+                                 f'{img_size}; use --window-size {good[-1] if good else 1}')
             for b, blk in enumerate(stage.blocks):
                 blk.configure(G, w, shift if b % 2 else 0)
 
     def forward_features(self, imgs, stages=False, final_norm=True):
-        """imgs (B, 3, H, W) -> final tokens after `norm` (B, L, C); stages=True also returns each stage's output
-        before its downsample, [(B, G_s*G_s, C_s)]; final_norm=False skips `norm`."""
+        """imgs (B, 3, H, W) -> final tokens after `norm` (B, L, C); stages=True also returns each
+        stage's output before its downsample, [(B, G_s*G_s, C_s)]; final_norm=False skips `norm`."""
         if imgs.shape[-1] != self.img_size or imgs.shape[-2] != self.img_size:
-            raise ValueError(f'input {tuple(imgs.shape[-2:])} differs from the model size {self.img_size}; '
-                             f'call set_resolution first')
+            raise ValueError(f'input {tuple(imgs.shape[-2:])} differs from the model size '
+                             f'{self.img_size}; call set_resolution first')
         x = self.patch_embed(imgs)  # (B, L, C)
         outs = []
         for s, stage in enumerate(self.layers):
@@ -421,39 +423,38 @@ class SwinTransformer(nn.Module):
         return (x, outs) if stages else x
 
     def forward(self, imgs):
-        """Classification: the normed final tokens, average-pooled -> head (or the pooled features)."""
+        """Classification: the normed final tokens, average-pooled -> head (or pooled features)."""
         x = self.forward_features(imgs).mean(1)  # (B, C)
         return self.head(x) if self.head is not None else x
 
 
 def resize_rel_pos_table(table, new_side, mode='bicubic', num_heads=None):
-    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH); also its AdamW moments.
-
-    'bicubic': F.interpolate of the (nH, side, side) grid, align_corners=False (FastMIM's
-    `interpolate` mode; timm layers/pos_embed_rel.py:resize_rel_pos_bias_table_simple).
-    'geometric': BEiT's stretched offsets, piecewise-linear, torch only (microsoft/SimMIM
-    utils.py:remap_pretrained_keys_swin; FastMIM's `simmim` mode, ggjy/FastMIM.pytorch
-    util/pos_embed.py:remap_pretrained_keys_swin).
-    A same-size call returns a clone. Clamp an `exp_avg_sq` at 0 after a bicubic resize (it can overshoot).
-    """
+    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH): 'bicubic' (FastMIM's
+    `interpolate`; timm layers/pos_embed_rel.py:resize_rel_pos_bias_table_simple) or 'geometric',
+    BEiT's stretched offsets, piecewise-linear (FastMIM's `simmim`; remap_pretrained_keys_swin in
+    microsoft/SimMIM utils.py and ggjy/FastMIM.pytorch util/pos_embed.py), torch only."""
     if table.dim() != 2:
-        raise ValueError(f'a relative-position table is 2-D ((2w-1)^2, heads), got shape {tuple(table.shape)}')
+        raise ValueError(f'a relative-position table is 2-D ((2w-1)^2, heads), got shape '
+                         f'{tuple(table.shape)}')
     L, nH = table.shape
     side = math.isqrt(L)
     if side * side != L or side % 2 == 0:
-        raise ValueError(f'a relative-position table has (2w-1)^2 rows, got {L}; is this the right tensor?')
+        raise ValueError(f'a relative-position table has (2w-1)^2 rows, got {L}; is this the right '
+                         f'tensor?')
     if num_heads is not None and num_heads != nH:
-        raise ValueError(f'the table has {nH} heads but the model has {num_heads}; a head count cannot be resized')
+        raise ValueError(f'the table has {nH} heads but the model has {num_heads}; a head count '
+                         f'cannot be resized')
     if not isinstance(new_side, int) or new_side < 1 or new_side % 2 == 0:
         raise ValueError(f'new side must be 2w-1 for a window w >= 1 (odd), got {new_side!r}')
     if new_side == side:
         return table.clone()
     grid = table.float().t().reshape(1, nH, side, side)  # (1, nH, S, S): rows dy, columns dx
     if mode == 'bicubic':
-        out = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)  # (1, nH, S', S')
+        out = F.interpolate(grid, size=(new_side, new_side), mode='bicubic',
+                            align_corners=False)  # (1, nH, S', S')
     elif mode == 'geometric':
-        targets = torch.arange(new_side, dtype=torch.float64) - new_side // 2  # integer offsets -t..t
-        Wm = linear_weights(geometric_offsets(side, new_side), targets).to(grid)  # (S', S), same on both axes
+        targets = torch.arange(new_side, dtype=torch.float64) - new_side // 2  # offsets -t..t
+        Wm = linear_weights(geometric_offsets(side, new_side), targets).to(grid)  # (S', S)
         out = torch.einsum('ia,nhab,jb->nhij', Wm, grid, Wm)  # (1, nH, S', S')
     else:
         raise ValueError(f"unknown table resize mode {mode!r}; use 'bicubic' or 'geometric'")
@@ -461,9 +462,9 @@ def resize_rel_pos_table(table, new_side, mode='bicubic', num_heads=None):
 
 
 def geometric_offsets(src, dst):
-    """BEiT/SimMIM source offsets (src,): 0, ±1, ±(1+q), …, q found by bisection so the last reaches dst//2."""
+    """BEiT/SimMIM source offsets (src,): 0, ±1, ±(1+q), …, q by bisection so the last is dst//2."""
     k, reach = src // 2, dst // 2
-    lo, hi = 0.5, 2.0  # FastMIM util/pos_embed.py bracket (BEiT/SimMIM/timm use 1.01-1.5: q capped at 1.5)
+    lo, hi = 0.5, 2.0  # FastMIM's bracket; BEiT, SimMIM and timm search 1.01-1.5 (q <= 1.5)
     while hi - lo > 1e-6:
         q = (lo + hi) / 2
         if sum(q ** i for i in range(k)) > reach:
@@ -475,10 +476,10 @@ def geometric_offsets(src, dst):
 
 
 def linear_weights(nodes, targets):
-    """(len(targets), len(nodes)) piecewise-linear weights; targets beyond the end nodes take the end value."""
-    right = torch.searchsorted(nodes, targets).clamp(1, len(nodes) - 1)  # (T,) index of the node at/after target
+    """(len(targets), len(nodes)) piecewise-linear weights; targets past an end take its value."""
+    right = torch.searchsorted(nodes, targets).clamp(1, len(nodes) - 1)  # (T,) next node index
     x0, x1 = nodes[right - 1], nodes[right]
-    a = ((targets - x0) / (x1 - x0)).clamp(0.0, 1.0)  # clamp = nearest-value extrapolation (interp2d, timm)
+    a = ((targets - x0) / (x1 - x0)).clamp(0.0, 1.0)  # clamp: nearest-value extrapolation
     W = torch.zeros(len(targets), len(nodes), dtype=nodes.dtype)
     rows = torch.arange(len(targets))
     W[rows, right - 1] = 1.0 - a
@@ -486,30 +487,23 @@ def linear_weights(nodes, targets):
     return W  # (T, S)
 
 
-# ----------------------------------------------------------------------------- HOG
+# --------------------------------------------------------------------- HOG
 
 def sobel(imgs):
-    """Per-colour image gradients: imgs (B, C, H, W) -> gx, gy (B, C, H, W) each, fp32, no grad.
-
-    Reflect pad 1, then the 3x3 Sobel kernels as one grouped convolution (a cross-correlation:
-    gx = left - right, gy = top - bottom), the layer of MaskFeat, FastMIM, LocalMIM and mmpretrain.
-    """
+    """Per-colour gradients imgs (B, C, H, W) -> gx, gy (B, C, H, W), fp32: reflect pad, 3x3 Sobel
+    cross-correlation (gx = left - right, gy = top - bottom), as MaskFeat, FastMIM, LocalMIM."""
     with torch.no_grad(), autocast_off(imgs.device):
         x = imgs.float()
         C = x.shape[1]
         kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
-        weight = torch.stack([kx, kx.t()])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3): gx, gy per colour
+        weight = torch.stack([kx, kx.t()])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
         g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, groups=C)  # (B, 2C, H, W)
-        return g[:, 0::2], g[:, 1::2]
+        return g[:, 0::2], g[:, 1::2]  # gx, gy per colour
 
 
 def hog_from_gradients(gx, gy, nbins=9, cell=8, pool='sum', normalize=True):
-    """Histograms of oriented gradients: gx, gy (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32.
-
-    Magnitude sqrt(gx^2 + gy^2), unsigned angle atan2(gx, gy) (this argument order in FastMIM, LocalMIM
-    and mmpretrain) into nbins bins by floor-mod, hard assignment, summed (or averaged) over each cell,
-    optionally L2-normalised per colour and cell; channel = colour * nbins + bin.
-    """
+    """HOG: gx, gy (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), channel colour*nbins + bin, fp32;
+    hard bins of unsigned atan2(gx, gy) (FastMIM, LocalMIM, mmpretrain), per-cell sum, L2 norm."""
     with torch.no_grad(), autocast_off(gx.device):
         B, C, H, W = gx.shape
         mag = torch.sqrt(gx * gx + gy * gy)
@@ -526,7 +520,7 @@ def hog_from_gradients(gx, gy, nbins=9, cell=8, pool='sum', normalize=True):
 
 
 def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True):
-    """Per-colour HOG as convolutions: imgs (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32, no grad."""
+    """Per-colour HOG: imgs (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32, no grad."""
     return hog_from_gradients(*sobel(imgs), nbins, cell, pool, normalize)
 
 
@@ -538,48 +532,49 @@ def autocast_off(device):
 
 
 def per_token(feat, u):
-    """Lay a cell map out per token: (B, C, G*u, G*u) -> (B, G*G, C*u*u), feature index c*u*u + dy*u + dx."""
+    """A cell map per token: (B, C, G*u, G*u) -> (B, G*G, C*u*u), feature c*u*u + dy*u + dx."""
     return rearrange(feat, 'b c (gh dy) (gw dx) -> b (gh gw) (c dy dx)', dy=u, dx=u)
 
 
-# ----------------------------------------------------------------------------- masking
+# --------------------------------------------------------------------- masking
 
 def sample_noise(B, n, device, keys=None):
-    """U[0,1) noise (B, n): row i from a generator seeded by keys[i] (per-sample randomness) or one torch.rand."""
+    """U[0,1) noise (B, n): row i from a generator seeded by keys[i], else one torch.rand."""
     if keys is None:
         return torch.rand(B, n, device=device)
     g = torch.Generator()
     rows = []
-    for k in keys.tolist():  # one generator per sample (not per token): the mask depends on the sample only
+    for k in keys.tolist():  # one generator per sample, so the mask depends on the sample only
         g.manual_seed((int(k) * 0x9E3779B97F4A7C15 + 1) % (1 << 63))
         rows.append(torch.rand(n, generator=g))
     return torch.stack(rows).to(device, non_blocking=True)
 
 
 def random_masking(noise, mask_ratio):
-    """MAE masking from noise (B, L): the int(L(1-r)) smallest are kept -> ids_keep (B, K), mask (B, L) bool, ids_restore."""
+    """MAE masking: of noise (B, L) the int(L(1-r)) smallest kept -> ids_keep, mask, ids_restore."""
     B, L = noise.shape
     len_keep = int(L * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)  # (B, L) ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
-    mask = torch.arange(L, device=noise.device)[None].expand(B, L) >= len_keep  # (B, L) in shuffled order
+    mask = torch.arange(L, device=noise.device)[None].expand(B, L) >= len_keep  # (B, L) shuffled
     return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore
 
 
 def ids_from_mask(mask):
-    """A given bool mask (B, L), True = masked -> (ids_keep, mask, ids_restore); visible tokens in ascending order."""
+    """A bool mask (B, L), True = masked -> (ids_keep, mask, ids_restore), kept ids ascending."""
     counts = mask.sum(1)
     if (counts != counts[0]).any():
-        raise ValueError(f'every row of the mask needs the same masked count, got {counts.tolist()}')
-    ids_shuffle = torch.argsort(mask.int(), dim=1, stable=True)  # (B, L): visible first, then masked, each ascending
+        raise ValueError(f'every row of the mask needs the same masked count, got '
+                         f'{counts.tolist()}')
+    ids_shuffle = torch.argsort(mask.int(), dim=1, stable=True)  # (B, L): visible, then masked
     len_keep = mask.shape[1] - int(counts[0])
     return ids_shuffle[:, :len_keep], mask, torch.argsort(ids_shuffle, dim=1)
 
 
 def block_mask(noise, m0, mask_ratio):
-    """FastMIM/SimMIM block mask: noise (B, m0*m0) -> (B, m0, m0) bool; the int(m0^2 (1-r)) smallest stay visible."""
+    """FastMIM/SimMIM block mask: noise (B, m0*m0) -> (B, m0, m0) bool, int(m0^2 (1-r)) visible."""
     len_keep = int(m0 * m0 * (1 - mask_ratio))
-    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # (B, m0*m0): rank of each block's noise
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # (B, m0*m0): each block's rank
     return (rank >= len_keep).view(-1, m0, m0)
 
 
@@ -588,20 +583,21 @@ def upsample_mask(mask, factor):
     return mask.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
 
 
-# ----------------------------------------------------------------------------- MAE baseline
+# --------------------------------------------------------------------- MAE baseline
 
 def patchify(imgs, p):
-    """imgs (B, 3, H, W) -> (B, L, p*p*3), per patch ordered (pixel row, pixel col, channel) as MAE."""
+    """imgs (B, 3, H, W) -> (B, L, p*p*3), per patch ordered (pixel row, pixel col, channel)."""
     return rearrange(imgs, 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p)
 
 
 def unpatchify(x, p, H, W=None):
     """(B, L, p*p*3) -> imgs (B, 3, H, W); inverse of patchify."""
-    return rearrange(x, 'b (h w) (p1 p2 c) -> b c (h p1) (w p2)', h=H // p, w=(W or H) // p, p1=p, p2=p)
+    return rearrange(x, 'b (h w) (p1 p2 c) -> b c (h p1) (w p2)', h=H // p, w=(W or H) // p,
+                     p1=p, p2=p)
 
 
 def norm_pix(target, eps=1e-6):
-    """Standardise each patch (B, L, P) by its own mean and unbiased variance (MAE --norm_pix_loss)."""
+    """Standardise each patch (B, L, P) by its mean and unbiased variance (MAE --norm_pix_loss)."""
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE's torch.var default
     return (target - mean) / (var + eps) ** 0.5
@@ -614,35 +610,31 @@ def masked_mean(per_token_loss, mask):
 
 
 def fill_masked(x, mask_token, ids_restore):
-    """[cls, kept tokens] (B, 1+K, D) + a mask token (1, 1, D) for every dropped position -> [cls, all L tokens in
-    raster order] (B, 1+L, D), un-shuffled with ids_restore (B, L) (MAE's decoder input, before the pos-embed)."""
+    """[cls, kept] (B, 1+K, D) + mask_token (1, 1, D) -> MAE's decoder input (B, 1+L, D), raster."""
     B, L = ids_restore.shape
     x_ = torch.cat([x[:, 1:], mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)  # (B, L, D)
-    x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, D) raster order
+    x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, D)
     return torch.cat([x[:, :1], x_], dim=1)  # (B, 1+L, D)
 
 
 class MaskedAutoencoderViT(VisionTransformer):
-    """MAE (He et al. 2022): ViT encoder on the kept tokens, a light decoder with mask tokens, a
-    per-patch pixel loss (facebookresearch/mae models_mae.py:MaskedAutoencoderViT).
+    """MAE (He et al. 2022, keys of facebookresearch/mae models_mae.py): ViT encoder on the kept
+    tokens, light decoder, per-patch pixel loss. MFF and LocalMIM replace `forward_encoder`,
+    Efficient MAE decodes part of `decoder_input`, HPM runs a second `run_decoder` on it."""
 
-    Keys are the official MAE ones (encoder at top level, `mask_token`, `decoder_*`). The methods
-    built on it replace single steps: MFF and LocalMIM `forward_encoder`, Efficient MAE decodes a
-    subset of `decoder_input`, HPM runs a second decoder (`run_decoder`) on `decoder_input`.
-    """
-
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
-                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=True, mask_ratio=0.75,
-                 drop_path=0.0):
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_pix_loss=True, mask_ratio=0.75, drop_path=0.0):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path)
         check_ratio(mask_ratio, 'mask ratio')
         if decoder_embed_dim % decoder_num_heads or decoder_embed_dim % 4:
-            raise ValueError(f'--decoder-dim {decoder_embed_dim} must be divisible by --decoder-heads '
-                             f'{decoder_num_heads} and by 4 (sin-cos table)')
+            raise ValueError(f'--decoder-dim {decoder_embed_dim} must be divisible by '
+                             f'--decoder-heads {decoder_num_heads} and by 4 (sin-cos table)')
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid)[None], requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid)[None],
+                                              requires_grad=False)
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
@@ -655,22 +647,24 @@ class MaskedAutoencoderViT(VisionTransformer):
         """New input size: recompute both frozen sin-cos tables."""
         super().set_resolution(img_size)
         D = self.decoder_pos_embed.shape[-1]
-        self.decoder_pos_embed.data = sincos_pos_embed(D, self.grid)[None].to(self.decoder_pos_embed.device)
+        self.decoder_pos_embed.data = (sincos_pos_embed(D, self.grid)[None]
+                                       .to(self.decoder_pos_embed.device))
 
     def masking(self, imgs, mask=None, keys=None):
-        """Random masking (noise from the sample keys) or a given (B, L) bool mask -> ids_keep, mask, ids_restore."""
+        """Random (noise from the keys) or given (B, L) bool mask -> ids_keep, mask, ids_restore."""
         if mask is not None:
             return ids_from_mask(mask.to(imgs.device))
-        return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys), self.mask_ratio)
+        return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys),
+                              self.mask_ratio)
 
     def forward_encoder(self, imgs, ids_keep):
-        """Encoder on the kept tokens -> (B, 1+K, D) after the final norm (MFF and LocalMIM
-        replace it)."""
+        """Kept tokens -> encoder -> final norm: (B, 1+K, D); MFF and LocalMIM override it."""
         return self.forward_features(imgs, ids_keep)
 
     def decoder_input(self, latent, ids_restore):
-        """Latent (B, 1+K, D) -> decoder tokens (B, 1+L, Dd): embed, append mask tokens, un-shuffle, add pos-embed."""
-        return fill_masked(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
+        """Latent (B, 1+K, D) -> decoder tokens (B, 1+L, Dd): embed, fill, un-shuffle, pos-embed."""
+        return (fill_masked(self.decoder_embed(latent), self.mask_token, ids_restore)
+                + self.decoder_pos_embed)
 
     @staticmethod
     def run_decoder(x, blocks, norm, head):
@@ -695,7 +689,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         return ((pred.float() - target) ** 2).mean(dim=-1)
 
     def forward(self, imgs, mask=None, keys=None):
-        """imgs (B, 3, H, W) -> dict(loss, pred, target, mask); loss = mean MSE over the masked patches."""
+        """imgs (B, 3, H, W) -> dict(loss, pred, target, mask), loss = MSE on the masked patches."""
         ids_keep, mask, ids_restore = self.masking(imgs, mask, keys)
         latent = self.forward_encoder(imgs, ids_keep)
         pred = self.forward_decoder(latent, ids_restore)
@@ -710,7 +704,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         return f'mae: {L} patches per image, {keep} visible to the encoder, {L - keep} masked'
 
     def picture(self, imgs, out):
-        """input | masked | prediction (visible patches pasted back) for the first images, uint8 (3, H, W)."""
+        """input | masked | prediction (visible patches pasted back), uint8 (3, H, W)."""
         return pixel_picture(imgs, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)
 
 
