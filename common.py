@@ -714,9 +714,9 @@ def check_ratio(value, what, lo=0.0, hi=1.0):
         raise ValueError(f'{what} {value} is out of range; use a value in [{lo}, {hi})')
 
 
-# ============================================================================= the runner
-# Everything below trains the models above: checkpoint files, data, pictures, the command line, DDP and
-# the loop. Its imports live here, so that the model half above stands on its own.
+# ===================================================================== the runner
+# Everything below trains the models above: checkpoint files, data, pictures, the command line,
+# DDP and the loop. Its imports live here, so that the model half above stands on its own.
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -726,16 +726,15 @@ import time  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
-# ----------------------------------------------------------------------------- checkpoints and key maps
+# --------------------------------------------------------------------- checkpoints and key maps
 
 def load_file(path):
-    """torch.load a checkpoint safely (weights_only); files that pickle argparse.Namespace are allowed too."""
+    """weights_only torch.load that also allows argparse.Namespace (mae util/misc.py:save_model)."""
     if not os.path.isfile(path):
         raise ValueError(f'checkpoint {path} does not exist')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        # MAE-family files pickle argparse.Namespace (facebookresearch/mae util/misc.py:save_model)
         if 'Namespace' not in str(e):
             raise ValueError(f'cannot read checkpoint {path}: {e}') from None
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -743,10 +742,10 @@ def load_file(path):
 
 
 def pick_state_dict(obj, teacher=False):
-    """The state dict inside a loaded file: 'model' -> 'state_dict' -> ('ema_state_dict' | 'model_ema') -> itself."""
+    """The state dict in a file: 'model', 'state_dict' (teacher: 'ema_state_dict', 'model_ema')."""
     names = ('ema_state_dict', 'model_ema') if teacher else ('model', 'state_dict')
-    for name in names:
-        if isinstance(obj, dict) and isinstance(obj.get(name), dict):  # HPM stores a name string under 'model'
+    for name in names:  # HPM stores a name string under 'model'
+        if isinstance(obj, dict) and isinstance(obj.get(name), dict):
             return obj[name]
     if teacher:
         raise ValueError('no teacher weights (ema_state_dict / model_ema) in this checkpoint')
@@ -772,8 +771,9 @@ TIMM_ENCODER = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.', 'f
 
 
 def mmpretrain_key_to_timm(key):
-    """One mmpretrain key (`backbone.layers.3.ffn.layers.0.0.weight`, `neck.ln1.bias`, …) -> timm/MAE name."""
-    for prefix, stack, final_norm in (('backbone.', 'layers', 'norm'), ('neck.', 'decoder_blocks', 'decoder_norm')):
+    """One mmpretrain key (`backbone.layers.3.ffn.layers.0.0.weight`, …) -> timm/MAE name."""
+    for prefix, stack, final_norm in (('backbone.', 'layers', 'norm'),
+                                      ('neck.', 'decoder_blocks', 'decoder_norm')):
         if not key.startswith(prefix):
             continue
         k = key[len(prefix):].replace('patch_embed.projection.', 'patch_embed.proj.')
@@ -786,14 +786,14 @@ def mmpretrain_key_to_timm(key):
             return f'{"blocks" if prefix == "backbone." else stack}.{parts[1]}.{rest}'
         if k.startswith('ln1.'):  # outside the layers ln1 is the final norm
             return f'{final_norm}.{k[4:]}'
-        if k.startswith('ln2.') and prefix == 'backbone.':  # out_type='avg_featmap' pooled norm = timm fc_norm
+        if k.startswith('ln2.') and prefix == 'backbone.':  # out_type='avg_featmap': timm fc_norm
             return f'fc_norm.{k[4:]}'
-        return k  # cls_token, pos_embed, MFF's proj_layers / proj_weights, mask_token, decoder_embed, …
+        return k  # cls_token, pos_embed, MFF's proj_layers/proj_weights, mask_token, decoder_*
     return key
 
 
 def timm_key_to_mmpretrain(key):
-    """Inverse of mmpretrain_key_to_timm for an MAE-family model's keys (encoder -> backbone., decoder -> neck.)."""
+    """Inverse of mmpretrain_key_to_timm (MAE family): encoder -> backbone., decoder -> neck."""
     parts = key.split('.', 2)
     if parts[0] in ('blocks', 'decoder_blocks') and len(parts) == 3:
         rest = parts[2]
@@ -802,7 +802,8 @@ def timm_key_to_mmpretrain(key):
                 rest = old + rest[len(new):]
         return (f'backbone.layers.{parts[1]}.{rest}' if parts[0] == 'blocks'
                 else f'neck.decoder_blocks.{parts[1]}.{rest}')
-    for ours, theirs in (('norm.', 'backbone.ln1.'), ('fc_norm.', 'backbone.ln2.'), ('decoder_norm.', 'neck.ln1.'),
+    for ours, theirs in (('norm.', 'backbone.ln1.'), ('fc_norm.', 'backbone.ln2.'),
+                         ('decoder_norm.', 'neck.ln1.'),
                          ('patch_embed.proj.', 'backbone.patch_embed.projection.')):
         if key.startswith(ours):
             return theirs + key[len(ours):]
@@ -810,20 +811,18 @@ def timm_key_to_mmpretrain(key):
 
 
 def mmpretrain_vit_to_timm(sd, encoder_only=False):
-    """mmpretrain/mmselfsup ViT (+ MAE neck, MFF proj_*) state dict -> timm/MAE names.
-
-    encoder_only keeps just the timm encoder, dropping MFF's `proj_*` (and the stray `proj_blocks.*`
-    of open-mmlab/mmselfsup tools/model_converters/mmcls2timm.py), the decoder and the data
-    preprocessor: mmpretrain's configs/mff/benchmarks load `backbone.` non-strictly, ignoring them.
-    """
-    out = {mmpretrain_key_to_timm(k): v for k, v in sd.items() if not k.startswith('data_preprocessor.')}
+    """mmpretrain/mmselfsup ViT (+ MAE neck, MFF proj_*) keys -> timm/MAE, timm names unchanged;
+    encoder_only keeps the encoder alone, as mmpretrain's configs/mff/benchmarks load it (and drops
+    the stray `proj_blocks.*` of open-mmlab/mmselfsup tools/model_converters/mmcls2timm.py)."""
+    out = {mmpretrain_key_to_timm(k): v for k, v in sd.items()
+           if not k.startswith('data_preprocessor.')}
     if encoder_only:
         out = {k: v for k, v in out.items() if k.startswith(TIMM_ENCODER)}
     return out
 
 
 def timm_vit_to_mmpretrain(sd):
-    """Our MAE-family state dict (timm encoder, MAE decoder, MFF proj_*) -> mmpretrain names (backbone. / neck.)."""
+    """Our MAE-family state dict (timm encoder, MAE decoder, MFF proj_*) -> mmpretrain names."""
     return {timm_key_to_mmpretrain(k): v for k, v in sd.items()}
 
 
@@ -837,39 +836,38 @@ def load_model_state(model, sd, what='checkpoint'):
         def show(keys):
             return ', '.join(keys[:8]) + (f' … (+{len(keys) - 8})' if len(keys) > 8 else '')
         raise ValueError(f'{what} does not match this model (another method or size?): '
-                         f'missing {show(missing) or "none"}; unexpected {show(unexpected) or "none"}; '
-                         f'shape mismatch {show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]) or "none"}')
+                         f'missing {show(missing) or "none"}; '
+                         f'unexpected {show(unexpected) or "none"}; shape mismatch '
+                         f'''{show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                   for k in shapes]) or "none"}''')
     model.load_state_dict(sd, strict=True)
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a truncated file at `path`."""
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated `path`."""
     tmp = f'{path}.tmp'
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-# Encoder key maps and resizing: one path from any supported file to a ViT/Swin classifier.
-
-REBUILT_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')  # rebuilt from (grid, window)
+REBUILT_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')  # never loaded
 
 
 def resize_pos_embed(pos_embed, new_grid, num_prefix=1, antialias=False):
-    """Bicubic resize of an absolute pos-embed (1, n+G*G, D) -> (1, n+h*w, D); the n prefix rows (cls) are kept.
-
-    MAE `interpolate_pos_embed` (DeiT) with antialias=False; timm `resample_abs_pos_embed` with antialias=True
-    (matters when shrinking). Computed in fp32, returned in the input dtype; an identity resize returns a copy.
-    """
+    """Bicubic pos-embed resize (1, n+G*G, D) -> (1, n+h*w, D), n prefix rows kept: antialias=False
+    as mae util/pos_embed.py:interpolate_pos_embed, True as timm resample_abs_pos_embed."""
     h, w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     n = pos_embed.shape[1] - num_prefix
     G = math.isqrt(n)
     if G * G != n:
-        raise ValueError(f'pos_embed has {n} grid rows after {num_prefix} prefix rows, not a square grid')
+        raise ValueError(f'pos_embed has {n} grid rows after {num_prefix} prefix rows, not a '
+                         f'square grid')
     if (G, G) == (h, w):
         return pos_embed.clone()
     D = pos_embed.shape[-1]
     grid = pos_embed[:, num_prefix:].float().reshape(1, G, G, D).permute(0, 3, 1, 2)  # (1, D, G, G)
-    grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False, antialias=antialias)  # (1, D, h, w)
+    grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False,
+                         antialias=antialias)  # (1, D, h, w)
     grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, D).to(pos_embed.dtype)  # (1, h*w, D)
     return torch.cat([pos_embed[:, :num_prefix], grid], dim=1)
 
@@ -892,7 +890,7 @@ def swin_to_timm(sd):
 
 
 def timm_to_swin(sd):
-    """timm >= 0.9 Swin keys -> Microsoft layout (the inverse of swin_to_timm; buffers are rebuilt by the model)."""
+    """timm >= 0.9 Swin keys -> Microsoft layout, inverse of swin_to_timm (buffers are rebuilt)."""
     import re
     out = {}
     for k, v in sd.items():
@@ -906,9 +904,8 @@ def timm_to_swin(sd):
 
 
 def permute_merge(sd, order=(0, 2, 1, 3)):
-    """Reorder the four C-wide chunks of every PatchMerging (`downsample.norm.*` rows, the input
-    columns of `downsample.reduction.weight`): LocalMIM pre-training concatenates TL,TR,BL,BR
-    (Haoqing-Wang/LocalMIM Swin/models_mim.py:PatchMerging), standard Swin TL,BL,TR,BR."""
+    """Reorder the four C-wide chunks of every PatchMerging: LocalMIM pre-training concatenates
+    TL,TR,BL,BR (Haoqing-Wang/LocalMIM Swin/models_mim.py:PatchMerging), Swin TL,BL,TR,BR."""
     out = dict(sd)
     for k, v in sd.items():
         if k.endswith(('downsample.norm.weight', 'downsample.norm.bias')):
@@ -929,8 +926,8 @@ def vit_layer_id(name, depth):
 
 
 def swin_layer_id(name, depths):
-    """Original-layout Swin layer id (SimMIM get_swin_layer = FastMIM/LocalMIM lr_decay): patch_embed 0; block b of
-    stage s -> sum(depths[:s]) + b + 1; stage s's downsample -> sum(depths[:s+1]); the rest sum(depths) + 1."""
+    """Swin layer id as microsoft/SimMIM optimizer.py:get_swin_layer (FastMIM, LocalMIM alike):
+    block b of stage s -> sum(depths[:s]) + b + 1, its downsample the id of its last block."""
     if name == 'mask_token' or name.startswith('patch_embed'):
         return 0
     if name.startswith('layers.'):
@@ -943,11 +940,8 @@ def swin_layer_id(name, depths):
 
 
 def layer_decay_groups(model, weight_decay, no_decay, layer_id, decay, num_layers=None):
-    """AdamW groups `layer_{id}_{decay|no_decay}` with `lr_scale` = decay^(num_layers - id) (MAE util/lr_decay.py).
-
-    no_decay(name, param) -> bool; layer_id(name) -> int; num_layers defaults to the largest id (the head's).
-    Frozen parameters are left out; groups keep the order in which their first parameter appears.
-    """
+    """AdamW groups `layer_{id}_{decay|no_decay}`, lr_scale decay^(num_layers - id), num_layers
+    by default the top id (facebookresearch/mae util/lr_decay.py:param_groups_lrd)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ids = {n: layer_id(n) for n, _ in named}
     top = max(ids.values()) if num_layers is None else num_layers
@@ -963,7 +957,7 @@ def layer_decay_groups(model, weight_decay, no_decay, layer_id, decay, num_layer
 
 
 def key_summary(keys, limit=12):
-    """Keys for a log line: all of them when few, else grouped by the prefix before the first index with counts."""
+    """Keys for a log line: all when few, else grouped by the prefix before the first index."""
     import re
     keys = sorted(keys)
     if len(keys) <= limit:
@@ -984,98 +978,99 @@ def key_summary(keys, limit=12):
     return ', '.join(parts) + f' [{len(keys)} keys]'
 
 
-def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geometric', fresh=('fc_norm', 'head'),
-                 level_norm=True, log=print):
-    """Load the encoder of any supported checkpoint (ours or an official release) into `model`.
-
-    `model` is a common.VisionTransformer or common.SwinTransformer classifier. Steps: pick the state dict (the
-    teacher's with teacher=True); strip `module.`/`_orig_mod.`, then `encoder.` (FastMIM/LocalMIM Swin) or map
-    mmpretrain names (`backbone.`, MFF); timm-layout Swin -> Microsoft layout; optional LocalMIM merge permutation;
-    LocalMIM's last per-level norm `norm.{k}` serves as `norm` when level_norm (linear probe, k-NN); rebuilt buffers
-    and a head of another shape are dropped; pos-embed and relative tables resized when shapes differ. Keys of the
-    model under a `fresh` prefix (and rebuilt buffers) may be missing; any other missing key is an error.
-    Returns (missing, unexpected) and prints both.
-    """
+def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geometric',
+                 fresh=('fc_norm', 'head'), level_norm=True, log=print):
+    """Load the encoder of any supported checkpoint (ours or official) into a ViT/Swin classifier;
+    only keys under `fresh` (and rebuilt buffers) may be missing -> (missing, unexpected)."""
     import re
     sd = strip_prefix(pick_state_dict(obj, teacher))
     tried = ['module.', '_orig_mod.']
     if any(k.startswith('backbone.') for k in sd):  # mmpretrain (MFF): rename first
         sd = mmpretrain_vit_to_timm(sd)
         tried.append('backbone. (mmpretrain names)')
-    if any(k.startswith('encoder.') for k in sd):  # FastMIM/LocalMIM Swin, SimMIM: the encoder sits under `encoder.`
+    if any(k.startswith('encoder.') for k in sd):  # FastMIM/LocalMIM Swin, SimMIM
         sd = {k[len('encoder.'):] if k.startswith('encoder.') else k: v for k, v in sd.items()}
         tried.append('encoder.')
     own = model.state_dict()
     if isinstance(model, SwinTransformer):
         if any(k.startswith('head.fc.') for k in sd) or (
-                'layers.1.downsample.reduction.weight' in sd and 'layers.0.downsample.reduction.weight' not in sd):
+                'layers.1.downsample.reduction.weight' in sd
+                and 'layers.0.downsample.reduction.weight' not in sd):
             sd = timm_to_swin(sd)
             tried.append('timm Swin layout')
         if merge_permute:
             sd = permute_merge(sd)
-        if 'norm.weight' in own and 'norm.weight' not in sd and 'fc_norm.weight' in sd:  # FastMIM fine-tuned Swin:
-            sd['norm.weight'], sd['norm.bias'] = sd.pop('fc_norm.weight'), sd.pop('fc_norm.bias')  # fc_norm, pool
-    if level_norm and 'norm.weight' in own and 'norm.weight' not in sd:  # LocalMIM: no final norm, per-level ones
+        # a FastMIM fine-tuned Swin pools into `fc_norm`
+        if 'norm.weight' in own and 'norm.weight' not in sd and 'fc_norm.weight' in sd:
+            sd['norm.weight'], sd['norm.bias'] = sd.pop('fc_norm.weight'), sd.pop('fc_norm.bias')
+    if level_norm and 'norm.weight' in own and 'norm.weight' not in sd:
         levels = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r'norm\.(\d+)\.weight', k)))
-        if levels:
-            sd['norm.weight'], sd['norm.bias'] = sd.pop(f'norm.{levels[-1]}.weight'), sd.pop(f'norm.{levels[-1]}.bias')
-            log(f'norm: the last per-level norm norm.{levels[-1]} of the checkpoint serves as the final norm')
+        if levels:  # LocalMIM: no final norm, its last per-level one serves (linear probe, k-NN)
+            sd['norm.weight'], sd['norm.bias'] = (sd.pop(f'norm.{levels[-1]}.weight'),
+                                                  sd.pop(f'norm.{levels[-1]}.bias'))
+            log(f'norm: the last per-level norm norm.{levels[-1]} of the checkpoint serves as the '
+                f'final norm')
     sd = {k: v for k, v in sd.items() if not k.endswith(REBUILT_BUFFERS)}
-    if 'pos_embed' in sd and 'pos_embed' in own and sd['pos_embed'].shape != own['pos_embed'].shape:
-        old, new = math.isqrt(sd['pos_embed'].shape[1] - 1), math.isqrt(own['pos_embed'].shape[1] - 1)
-        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], new, antialias=new < old)  # antialias when shrinking
-        log(f'pos_embed resized {old}x{old} -> {new}x{new} (bicubic{", antialias" if new < old else ""})')
+    if ('pos_embed' in sd and 'pos_embed' in own
+            and sd['pos_embed'].shape != own['pos_embed'].shape):
+        old, new = (math.isqrt(sd['pos_embed'].shape[1] - 1),
+                    math.isqrt(own['pos_embed'].shape[1] - 1))
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], new, antialias=new < old)
+        log(f'pos_embed resized {old}x{old} -> {new}x{new} '
+            f'(bicubic{", antialias" if new < old else ""})')
     resized = []
     for k in [k for k in sd if k.endswith('relative_position_bias_table') and k in own]:
         if sd[k].shape != own[k].shape:
             if sd[k].shape[1] != own[k].shape[1]:
-                raise ValueError(f'{k} has {sd[k].shape[1]} heads in the checkpoint but {own[k].shape[1]} in the '
-                                 f'model; a head count cannot be resized (wrong --model?)')
+                raise ValueError(f'{k} has {sd[k].shape[1]} heads in the checkpoint but '
+                                 f'{own[k].shape[1]} in the model; a head count cannot be resized '
+                                 f'(wrong --model?)')
             src = math.isqrt(sd[k].shape[0])
             sd[k] = resize_rel_pos_table(sd[k], math.isqrt(own[k].shape[0]), table_mode)
             resized.append(src)
     if resized:
-        side = math.isqrt(own[next(k for k in own if k.endswith('relative_position_bias_table'))].shape[0])
-        log(f'{len(resized)} relative-position tables resized ({table_mode}), e.g. {resized[0]}x{resized[0]} -> '
-            f'{side}x{side}')
-    for k in ('head.weight', 'head.bias'):  # MAE main_finetune: a head of another shape is dropped
+        side = math.isqrt(
+            own[next(k for k in own if k.endswith('relative_position_bias_table'))].shape[0])
+        log(f'{len(resized)} relative-position tables resized ({table_mode}), e.g. '
+            f'{resized[0]}x{resized[0]} -> {side}x{side}')
+    for k in ('head.weight', 'head.bias'):
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
-            log(f'{k} {tuple(sd[k].shape)} dropped (the model has {tuple(own[k].shape) if k in own else "none"})')
-            del sd[k]
+            log(f'{k} {tuple(sd[k].shape)} dropped (the model has '
+                f'{tuple(own[k].shape) if k in own else "none"})')
+            del sd[k]  # as facebookresearch/mae main_finetune.py
     shapes = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items()
               if k in own and v.shape != own[k].shape]
     if shapes:
-        raise ValueError(f'checkpoint does not match this model (wrong --model or size?): {"; ".join(shapes[:6])}')
+        raise ValueError(f'checkpoint does not match this model (wrong --model or size?): '
+                         f'{"; ".join(shapes[:6])}')
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     allowed = tuple(p + '.' for p in fresh)
     bad = [k for k in missing if not k.startswith(allowed) and not k.endswith(REBUILT_BUFFERS)]
     if bad:
-        raise ValueError(f'checkpoint lacks encoder keys {key_summary(bad)} (prefixes tried: {", ".join(tried)}); '
-                         f'is it an encoder of this --model?')
+        raise ValueError(f'checkpoint lacks encoder keys {key_summary(bad)} (prefixes tried: '
+                         f'{", ".join(tried)}); is it an encoder of this --model?')
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     rebuilt = [k for k in missing if k.endswith(REBUILT_BUFFERS)]
     log(f'loaded {len(sd) - len(unexpected)} tensors; missing (fresh): '
-        f'{key_summary([k for k in missing if k not in rebuilt])}' + (f' (+{len(rebuilt)} rebuilt buffers)' if rebuilt
-                                                                      else '')
+        f'{key_summary([k for k in missing if k not in rebuilt])}'
+        + (f' (+{len(rebuilt)} rebuilt buffers)' if rebuilt else '')
         + f'; unexpected (ignored): {key_summary(unexpected)}')
     return missing, unexpected
 
 
-# ----------------------------------------------------------------------------- data
+# --------------------------------------------------------------------- data
 
 def sample_key(seed, epoch, index):
-    """The int64 key of one sample in one epoch: seeds its crop, flip and mask noise."""
+    """The int64 key of one sample in one epoch: seeds its crop, flip and mask noise on any rank."""
     return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """Built-in data: 10 classes (5 shapes x solid/striped) on gradient backgrounds, uint8 (3, res, res), no files.
+    """Built-in data: 10 classes (5 shapes x solid/striped) as uint8 (3, res, res), no files."""
 
-    Image i of a split is generated from a generator seeded by (seed, split, i): deterministic, made on the fly.
-    """
-
-    classes = [f'{s}_{t}' for t in ('solid', 'striped') for s in ('disk', 'square', 'triangle', 'ring', 'cross')]
+    classes = [f'{s}_{t}' for t in ('solid', 'striped')
+               for s in ('disk', 'square', 'triangle', 'ring', 'cross')]
 
     def __init__(self, split='train', n=None, res=64, seed=0):
         self.split, self.res, self.seed = split, res, seed
@@ -1087,13 +1082,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         """-> (uint8 image (3, res, res), label)."""
-        g = torch.Generator().manual_seed((self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i)
+        g = torch.Generator().manual_seed(
+            (self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i)
         u = lambda *s: torch.rand(s, generator=g)  # noqa: E731
         label, R = self.targets[i], self.res
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R), indexing='ij')  # (R, R)
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R),
+                                indexing='ij')  # (R, R)
         a = u(1) * 2 * math.pi
         t = ((xx * a.cos() + yy * a.sin()) * 0.5 + 0.5).clamp(0, 1)  # background gradient
-        img = u(3, 1, 1) * (1 - t) + u(3, 1, 1) * t + 0.04 * torch.randn(3, R, R, generator=g)  # (3, R, R)
+        img = (u(3, 1, 1) * (1 - t) + u(3, 1, 1) * t
+               + 0.04 * torch.randn(3, R, R, generator=g))  # (3, R, R)
         cx, cy, s, phi = u(1) * 0.8 - 0.4, u(1) * 0.8 - 0.4, 0.3 + 0.3 * u(1), u(1) * math.pi
         px, py = xx - cx, yy - cy
         x1, y1 = px * phi.cos() + py * phi.sin(), -px * phi.sin() + py * phi.cos()  # shape frame
@@ -1102,9 +1100,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
                  torch.maximum(x1.abs(), y1.abs()) < 0.8 * s,
                  (y1 > -0.5 * s) & (y1 < s) & (x1.abs() < (s - y1) / 3 ** 0.5),
                  (r < s) & (r > 0.6 * s),
-                 ((x1.abs() < 0.3 * s) & (y1.abs() < s)) | ((y1.abs() < 0.3 * s) & (x1.abs() < s))][label % 5]
+                 ((x1.abs() < 0.3 * s) & (y1.abs() < s))
+                 | ((y1.abs() < 0.3 * s) & (x1.abs() < s))][label % 5]
         fg = u(3, 1, 1).expand(3, R, R)
-        if label >= 5:  # striped texture: alternate with a second colour along the shape's x axis
+        if label >= 5:  # striped: alternate with a second colour along the shape's x axis
             fg = torch.where(torch.sin(x1 * (12 + 8 * u(1))) > 0, fg, u(3, 1, 1).expand(3, R, R))
         img = torch.where(shape[None], fg, img)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
@@ -1121,7 +1120,7 @@ def read_image(path):
 
 
 def image_folder(root, split=None):
-    """ImageFolder at <root>/<split> (or <root>/train, else <root> itself); a clear error when there are no images."""
+    """ImageFolder at <root>/<split> (or <root>/train, else <root>); a clear error if no images."""
     from torchvision import datasets
     if not os.path.isdir(root):
         raise ValueError(f'--data-path {root} does not exist')
@@ -1132,14 +1131,16 @@ def image_folder(root, split=None):
     try:
         return datasets.ImageFolder(path, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f'no images found in {path} ({e}); expected class folders of images') from None
+        raise ValueError(f'no images found in {path} ({e}); expected class folders of '
+                         f'images') from None
 
 
 def pretrain_transform(res, scale=(0.2, 1.0)):
-    """RandomResizedCrop(res, scale, bicubic) + flip + ImageNet normalisation (MAE/FastMIM pre-training)."""
+    """RandomResizedCrop(res, scale, bicubic) + flip + ImageNet normalisation (MAE, FastMIM)."""
     from torchvision.transforms import InterpolationMode, v2
     return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+                       v2.RandomResizedCrop(res, scale=tuple(scale),
+                                            interpolation=InterpolationMode.BICUBIC),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -1147,13 +1148,14 @@ def pretrain_transform(res, scale=(0.2, 1.0)):
 def eval_transform(res, crop_pct=0.875):
     """Resize(res/0.875, bicubic) + centre crop + ImageNet normalisation (256 -> 224 at res 224)."""
     from torchvision.transforms import InterpolationMode, v2
-    return v2.Compose([v2.ToImage(), v2.Resize(int(res / crop_pct), interpolation=InterpolationMode.BICUBIC),
+    return v2.Compose([v2.ToImage(),
+                       v2.Resize(int(res / crop_pct), interpolation=InterpolationMode.BICUBIC),
                        v2.CenterCrop(res), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class KeyedDataset(torch.utils.data.Dataset):
-    """Wraps a dataset; item (epoch, i) -> (image, label, key), the transform drawn from a generator seeded by the key."""
+    """Item (epoch, i) of a dataset -> (image, label, key), the transform seeded by the key."""
 
     def __init__(self, base, transform, seed, skip_bad=False):
         self.base, self.transform, self.seed, self.skip_bad = base, transform, seed, skip_bad
@@ -1165,7 +1167,7 @@ class KeyedDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         epoch, i = item
         key = sample_key(self.seed, epoch, i)
-        for j in range(len(self.base)):  # with --skip-bad-images an unreadable file is replaced by the next one
+        for j in range(len(self.base)):  # --skip-bad-images: the next file replaces a bad one
             try:
                 img, label = self.base[(i + j) % len(self.base)]
                 break
@@ -1174,14 +1176,14 @@ class KeyedDataset(torch.utils.data.Dataset):
                     raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
                 self.bad += 1
                 sys.stderr.write(f'warning: skipped {e} ({self.bad} skipped by this worker)\n')
-        with torch.random.fork_rng(devices=[]):  # the crop and flip depend on the sample, not the process
+        with torch.random.fork_rng(devices=[]):  # crop and flip: per sample, not per process
             torch.manual_seed(key % (1 << 63))
             img = self.transform(img)
         return img, label, key
 
 
 class StepSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (in every mode, world 1 too) that yields (epoch, index) and can start mid-epoch."""
+    """DistributedSampler (also at world 1) that yields (epoch, index) and can start mid-epoch."""
 
     def __init__(self, dataset, num_replicas, rank, seed):
         super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
@@ -1195,8 +1197,7 @@ class StepSampler(torch.utils.data.DistributedSampler):
 
 
 def pretrain_dataset(args, transform=None):
-    """The training set of a pre-training run: ImageFolder at --data-path, else the built-in
-    SyntheticShapes; items (image, label, key), cropped by `transform` (default: RandomResizedCrop)."""
+    """(image, label, key) items of ImageFolder at --data-path, else of SyntheticShapes."""
     if args.data_path:
         base = image_folder(args.data_path)
     else:
@@ -1206,13 +1207,13 @@ def pretrain_dataset(args, transform=None):
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device):
-    """DataLoader with the house settings: drop_last, pinned memory on CUDA, persistent workers when any."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       pin_memory=device.type == 'cuda', drop_last=True,
-                                       persistent_workers=num_workers > 0)
+    """DataLoader: drop_last, pinned memory on CUDA, persistent workers when there are any."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       num_workers=num_workers, pin_memory=device.type == 'cuda',
+                                       drop_last=True, persistent_workers=num_workers > 0)
 
 
-# ----------------------------------------------------------------------------- pictures
+# --------------------------------------------------------------------- pictures
 
 def denormalize(imgs):
     """ImageNet-normalised (B, 3, H, W) -> [0, 1]."""
@@ -1222,10 +1223,10 @@ def denormalize(imgs):
 
 
 def grid_picture(columns, gray=0.5):
-    """Columns of (B, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid: a row per image, a column per kind."""
+    """Columns of (B, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid, a row per image."""
     from torchvision.utils import make_grid
     cols = [c.float().cpu().clamp(0, 1) for c in columns]
-    stack = torch.stack(cols, dim=1).flatten(0, 1)  # (B*K, 3, H, W) image-major, so each row is one image
+    stack = torch.stack(cols, dim=1).flatten(0, 1)  # (B*K, 3, H, W) image-major: a row per image
     if stack.shape[-2] < 128:  # small images are enlarged (nearest) so a person can read them
         stack = F.interpolate(stack, scale_factor=math.ceil(128 / stack.shape[-2]), mode='nearest')
     grid = make_grid(stack, nrow=len(cols), padding=2, pad_value=gray)
@@ -1233,45 +1234,44 @@ def grid_picture(columns, gray=0.5):
 
 
 def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
-    """input | masked | prediction for pixel-predicting ViT models (pred (B, L, p*p*3), mask (B, L))."""
+    """input | masked | prediction of a pixel-predicting ViT (pred (B, L, p*p*3), mask (B, L))."""
     return grid_picture(pixel_columns(imgs, pred, mask, p, norm_pix_loss))
 
 
 def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
-    """The columns of pixel_picture, [input, masked, prediction] (B, 3, H, W) in [0, 1], for adding more."""
+    """pixel_picture's columns [input, masked, prediction], (B, 3, H, W) in [0, 1] each."""
     target = patchify(imgs.float(), p)
     pred = pred.float()
-    if norm_pix_loss:  # undo the per-patch standardisation with the true patch statistics (MAE visualisation)
+    if norm_pix_loss:  # undo the per-patch standardisation with the true statistics (MAE demo)
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
     m = mask[..., None].float()
     H, W = imgs.shape[-2:]
     masked = unpatchify(target * (1 - m), p, H, W)
     recon = unpatchify(target * (1 - m) + pred * m, p, H, W)
-    masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0, torch.zeros_like(masked) - 10, masked)
+    masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0,
+                         torch.zeros_like(masked) - 10, masked)
     return [denormalize(imgs), denormalize(masked), denormalize(recon)]
 
 
 def hot_colours(v):
-    """Values in [0, 1] (B, 1, H, W) -> 'hot' colours, black -> red -> yellow -> white (B, 3, H, W)."""
+    """[0, 1] values (B, 1, H, W) -> 'hot' colours (B, 3, H, W): black, red, yellow, white."""
     return torch.cat([3 * v, 3 * v - 1, 3 * v - 2], dim=1).clamp(0, 1)
 
 
 def hog_glyphs(h, nbins, cell=8, size=None):
-    """HOG (B, C*nbins, Hc, Wc) -> white-on-black orientation glyphs (B, 3, Hc*size, Wc*size) in [0, 1].
-
-    Each cell draws one line per bin along the edge direction (perpendicular to the gradient), brightness
-    proportional to that bin's magnitude summed over colours and normalised per image.
-    """
+    """HOG (B, C*nbins, Hc, Wc) -> glyphs (B, 3, Hc*size, Wc*size) in [0, 1], a line per bin."""
     size = size or cell
     B, _, Hc, Wc = h.shape
     mag = h.float().view(B, -1, nbins, Hc, Wc).sum(1)  # (B, nbins, Hc, Wc)
     mag = mag / mag.flatten(1).amax(1).clamp(min=1e-12).view(B, 1, 1, 1)
-    theta = (torch.arange(nbins, device=h.device) + 0.5) * math.pi / nbins  # bin centres of atan2(gx, gy)
+    theta = (torch.arange(nbins, device=h.device) + 0.5) * math.pi / nbins  # atan2(gx, gy) bins
     c = torch.arange(size, device=h.device, dtype=torch.float32) - (size - 1) / 2
     yy, xx = torch.meshgrid(c, c, indexing='ij')
-    dist = (xx[None] * theta.sin()[:, None, None] + yy[None] * theta.cos()[:, None, None]).abs()  # to the edge line
-    stencil = (1 - dist).clamp(0, 1) * ((xx ** 2 + yy ** 2) <= (size / 2) ** 2)  # (nbins, size, size)
-    img = torch.einsum('bkij,kyx->biyjx', mag, stencil).reshape(B, 1, Hc * size, Wc * size)  # (B, 1, H, W)
+    # distance to each bin's edge line, then a round stencil: (nbins, size, size)
+    dist = (xx[None] * theta.sin()[:, None, None] + yy[None] * theta.cos()[:, None, None]).abs()
+    stencil = (1 - dist).clamp(0, 1) * ((xx ** 2 + yy ** 2) <= (size / 2) ** 2)
+    img = (torch.einsum('bkij,kyx->biyjx', mag, stencil)
+           .reshape(B, 1, Hc * size, Wc * size))  # (B, 1, H, W)
     return img.clamp(0, 1).expand(-1, 3, -1, -1)
 
 
@@ -1282,9 +1282,10 @@ def write_png(picture, path):
 
 
 def picture_batch(args, n=8):
-    """A fixed batch for the pictures: the first n images of the built-in val split (or of --data-path), centre crop."""
+    """The picture batch: the first n images of the built-in val split (or --data-path), centred."""
     tf = eval_transform(args.res, crop_pct=1.0)
-    base = image_folder(args.data_path) if args.data_path else SyntheticShapes('val', n, args.res, args.seed)
+    base = (image_folder(args.data_path) if args.data_path
+            else SyntheticShapes('val', n, args.res, args.seed))
     imgs = []
     for i in range(len(base)):
         with contextlib.suppress(ValueError):  # an unreadable file is not worth a picture
@@ -1299,14 +1300,15 @@ def save_picture(model, args, device, path):
     imgs, keys = picture_batch(args)
     was = model.training
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(args.precision, device) or torch.float32,
-                                         enabled=autocast_dtype(args.precision, device) is not None):
+    with torch.no_grad(), torch.autocast(
+            device.type, dtype=autocast_dtype(args.precision, device) or torch.float32,
+            enabled=autocast_dtype(args.precision, device) is not None):
         imgs = imgs.to(device)
         write_png(model.picture(imgs, model(imgs, keys=keys)), path)
     model.train(was)
 
 
-# ----------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------- command line
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line `error: …` on stderr and exit code 2 (no usage dump)."""
@@ -1318,25 +1320,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # Official launch and logging flags: accepted and ignored with a note (we always auto-resume).
-LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp',
-                'opt_level', 'auto_resume', 'start_epoch')
+LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
+                'dist_on_itp', 'opt_level', 'auto_resume', 'start_epoch')
 
 
 def pretrain_parser(method, doc, decoder=(), norm_pix=False,
                     norm_pix_help='standardise each target patch (MAE --norm_pix_loss)'):
-    """The flags every pre-training script shares, each also under the official repos' spelling.
-
-    decoder: which of --decoder-dim/--decoder-depth/--decoder-heads the method has, e.g. ('dim',
-    'depth'); norm_pix: False = no --norm-pix-loss flag, else its default (True, or None when the
-    method decides after parsing).
-    """
+    """The flags all pre-training scripts share, also in official spellings; decoder: which of
+    --decoder-{dim,depth,heads} exist; norm_pix: False = no --norm-pix-loss, else its default."""
     p = ArgumentParser(prog=f'{method}.py', description=doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(method=method)
     a = p.add_argument
-    a('--model', help='model preset (official names accepted, e.g. mim_vit_base, mae_vit_base_patch16)')
+    a('--model',
+      help='model preset (official names accepted, e.g. mim_vit_base, mae_vit_base_patch16)')
     a('--res', '--input_size', '--input-size', dest='res', type=int, help='input resolution')
-    a('--mask-ratio', '--mask_ratio', dest='mask_ratio', type=float, help='fraction of masked patches')
+    a('--mask-ratio', '--mask_ratio', dest='mask_ratio', type=float,
+      help='fraction of masked patches')
     a('--epochs', type=int, help='pre-training epochs')
     a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float,
       help='linear warm-up epochs')
@@ -1352,7 +1352,8 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
       help='gradient accumulation steps (default 1)')
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
       help='clip the global grad norm (none by default)')
-    names = {'dim': ('--decoder-dim', '--decoder_embed_dim'), 'depth': ('--decoder-depth', '--decoder_depth'),
+    names = {'dim': ('--decoder-dim', '--decoder_embed_dim'),
+             'depth': ('--decoder-depth', '--decoder_depth'),
              'heads': ('--decoder-heads', '--decoder_num_heads')}
     for part in decoder:
         a(*names[part], dest=f'decoder_{part}', type=int,
@@ -1360,14 +1361,16 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     if norm_pix is not False:
         a('--norm-pix-loss', '--norm_pix_loss', dest='norm_pix_loss', default=norm_pix,
           action=argparse.BooleanOptionalAction, help=norm_pix_help)
-    a('--data-path', '--data_path', dest='data_path', help='ImageFolder root (<root>/train used when '
-      'present); none = built-in SyntheticShapes and the CPU smoke preset')
+    a('--data-path', '--data_path', dest='data_path',
+      help='ImageFolder root (<root>/train used when present); none = built-in SyntheticShapes '
+      'and the CPU smoke preset')
     a('--synthetic-size', dest='synthetic_size', type=int, default=2048,
       help='images in the built-in data')
     a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.2, 1.0),
       help='RandomResizedCrop scale range')
     a('--output-dir', '--output_dir', dest='output_dir', help=f'default output/{method}_<model>')
-    a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth when present)')
+    a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth '
+      'when present)')
     a('--seed', type=int, default=0, help='seed of the per-sample randomness')
     a('--num-workers', '--num_workers', dest='num_workers', type=int,
       help='data loader workers (default 8)')
@@ -1376,7 +1379,8 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     a('--compile', action='store_true', help='torch.compile the model')
     a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
     a('--save-freq', '--save_ckpt_freq', '--save_freq', dest='save_freq', type=int,
-      help='epochs between kept checkpoints (default 20; checkpoint-last.pth is written every epoch)')
+      help='epochs between kept checkpoints (default 20; checkpoint-last.pth is written every '
+      'epoch)')
     a('--max-steps', dest='max_steps', type=int,
       help='stop (with a checkpoint) after this many optimizer steps')
     a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
@@ -1392,16 +1396,17 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     return p
 
 
-# MAE's recipe per --model (official pre-training commands: decoder 8 blocks x 512, 16 heads; 512 per GPU x 8 =
-# 4096; 800 epochs, 40 warm-up); vit_tiny/vit_small are ours, for CPUs. hpm.py and efficient_mae.py train with it.
+# MAE's recipe per --model (official commands: decoder 8 x 512-d, 16 heads; 512 per GPU x 8; 800
+# epochs, 40 warm-up); vit_tiny/small are ours, for CPUs. hpm.py and efficient_mae.py use it.
 MAE_DEFAULTS = {
-    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100, warmup_epochs=5),
+    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
+                     warmup_epochs=5),
     'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
                       warmup_epochs=40),
     'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
                      warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b
-    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                      warmup_epochs=40),  # the large factory (HPM's pretrain_large.sh trains ViT-B: not copied)
+    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
+                      epochs=800, warmup_epochs=40),  # not HPM's pretrain_large.sh (a ViT-B)
     'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
                      warmup_epochs=40),
 }
@@ -1410,21 +1415,20 @@ MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b
              'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
 
 
-# Flags that set the length and pace of a run: the smoke preset's values win over the per-model table's
-# even under an explicit --model, so `python fastmim.py --model swin_tiny` stays a short CPU run.
+# Length and pace of a run: the smoke preset's values win even under an explicit --model.
 RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', 'save_freq',
                     'num_workers')
 
 
 def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base'):
-    """Fill unset flags: the smoke preset without --data-path, then the per-model table; explicit
-    flags win."""
+    """Fill unset flags: the smoke preset without --data-path, then the per-model table."""
     ignored = [f for f in LAUNCH_FLAGS if getattr(args, f, None) is not None]
     if ignored:
-        print0(f'note: official launch/logging flags ignored: {", ".join("--" + f for f in ignored)}')
+        print0(f'note: official launch/logging flags ignored: '
+               f'{", ".join("--" + f for f in ignored)}')
     for f in LAUNCH_FLAGS:
         delattr(args, f)
-    chosen = args.model is not None  # an explicit --model keeps its own architecture under the smoke preset
+    chosen = args.model is not None  # an explicit --model keeps its architecture in the smoke run
     default = smoke['model'] if args.data_path is None else default_model
     args.model = (model_names or {}).get(args.model, args.model or default)
     if args.model not in table:
@@ -1444,8 +1448,7 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
 
 
 def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
-    """Parse a pre-training command line, fill the presets (apply_defaults), then each still-unset flag
-    from `fallback` (e.g. res=128); check --data-path; output_dir defaults to output/<method>_<model>."""
+    """Parse, fill the presets (apply_defaults), then unset flags from `fallback` (e.g. res=128)."""
     args = p.parse_args(argv)
     try:
         apply_defaults(args, table, smoke, model_names)
@@ -1460,13 +1463,10 @@ def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
     return args
 
 
-# ----------------------------------------------------------------------------- distributed and the entry
+# --------------------------------------------------------------------- distributed and the entry
 
 def setup_distributed():
-    """DDP iff RANK, LOCAL_RANK and WORLD_SIZE are set (torchrun): nccl on CUDA, gloo on CPU.
-
-    -> (rank, world size, device).
-    """
+    """DDP iff RANK, LOCAL_RANK, WORLD_SIZE are set (torchrun), nccl/gloo -> rank, world, device."""
     cuda = torch.cuda.is_available()
     if not all(k in os.environ for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')):
         return 0, 1, torch.device('cuda' if cuda else 'cpu')
@@ -1487,8 +1487,7 @@ def print0(*args, **kwargs):
 
 
 def run_main(fn, argv):
-    """Run a script's main: a user error (ValueError) is one line `error: …` and exit 2; a non-finite
-    loss exits 1; the process group is shut down however the run ends."""
+    """Run a main: a ValueError is one line `error: …`, exit 2; NonFiniteLoss exits 1; ends DDP."""
     try:
         return fn(argv)
     except (ValueError, NonFiniteLoss) as e:
@@ -1500,8 +1499,7 @@ def run_main(fn, argv):
 
 
 def launch(argv, get_args, build_model, make_dataset=None):
-    """The main() of every pre-training script: parse, build the model (the same initial weights on
-    every rank and every run), train (on make_dataset(args), default pretrain_dataset)."""
+    """main() of a pre-training script: parse, build the model (the same on every rank), train."""
     def pretrain(argv):
         args = get_args(argv)
         torch.manual_seed(args.seed)
@@ -1509,47 +1507,54 @@ def launch(argv, get_args, build_model, make_dataset=None):
     return run_main(pretrain, argv)
 
 
-# ----------------------------------------------------------------------------- the method <-> loop contract
+# --------------------------------------------------------------------- the method <-> loop contract
 #
-# train(model, args) runs any nn.Module that keeps this contract: the five methods, and finetune.py's classifier.
+# train(model, args) runs any nn.Module that keeps this contract: the five methods, and
+# finetune.py's classifier.
 #
-#   model(imgs, keys=keys) -> dict      Required. imgs (B, 3, H, W) normalised, keys (B,) int64: one key per
-#                                       sample, which seeds its mask noise. 'loss' (0-d) is what is optimised;
-#                                       every other 0-d tensor (or list of them, logged as name_0, name_1, ...)
-#                                       is averaged over the log interval into log.jsonl; other entries are for
-#                                       picture(). A model whose `takes_labels` is True also gets labels=(B,).
+#   model(imgs, keys=keys) -> dict      Required. imgs (B, 3, H, W) normalised, keys (B,) int64: one
+#                                       key per sample, which seeds its mask noise. 'loss' (0-d) is
+#                                       what is optimised; every other 0-d tensor (or list of them,
+#                                       logged as name_0, name_1, ...) is averaged over the log
+#                                       interval into log.jsonl; other entries are for picture(). A
+#                                       model whose `takes_labels` is True also gets labels=(B,).
 #
 # Optional hooks, called when the model has them (what happens without one in brackets):
-#   no_weight_decay(name, param) -> bool    the tensors AdamW does not decay     [1-D tensors and biases]
-#   make_optimizer(args, fused) -> optim    its own optimiser; the loop sets each group's lr every step,
-#                                           times the group's 'lr_scale'      [AdamW (0.9, 0.95), 2 groups]
-#   on_epoch(epoch) -> int | None           at the start of every epoch, also the one a resume lands in;
-#                                           an int is a new input resolution: the loop rebuilds the data,
-#                                           resizes the AdamW moments of resized tables, re-wraps DDP and
-#                                           compile (FastMIM-P)                                 [nothing]
-#   after_step()                            after every optimizer step, not every micro-step   [nothing]
-#   evaluate(epoch) -> dict                 after each completed epoch and at --max-steps; the numbers
-#                                           go to log.jsonl; 'best': True also writes
-#                                           checkpoint-best.pth                                 [nothing]
-#   picture(imgs, out) -> uint8 (3, H, W)   drawn with every checkpoint on 8 fixed images   [no picture]
-#   extra_state() -> dict                   more top-level checkpoint entries, e.g. 'model_ema' [none]
-#   load_extra_state(checkpoint)            reads them back on resume                        [nothing]
-#   describe() -> str                       one line printed under the config               [nothing]
+#   no_weight_decay(name, param) -> bool    the tensors AdamW does not decay
+#                                                                           [1-D tensors and biases]
+#   make_optimizer(args, fused) -> optim    its own optimiser; the loop sets each group's lr every
+#                                           step, times the group's 'lr_scale'
+#                                                                      [AdamW (0.9, 0.95), 2 groups]
+#   on_epoch(epoch) -> int | None           at the start of every epoch, also the one a resume lands
+#                                           in; an int is a new input resolution: the loop rebuilds
+#                                           the data, resizes the AdamW moments of resized tables,
+#                                           re-wraps DDP and compile (FastMIM-P)           [nothing]
+#   after_step()                            after every optimizer step, not every micro-step
+#                                                                                          [nothing]
+#   evaluate(epoch) -> dict                 after each completed epoch and at --max-steps; the
+#                                           numbers go to log.jsonl; 'best': True also writes
+#                                           checkpoint-best.pth                            [nothing]
+#   picture(imgs, out) -> uint8 (3, H, W)   drawn with every checkpoint on 8 fixed images
+#                                                                                       [no picture]
+#   extra_state() -> dict                   more top-level checkpoint entries, e.g. 'model_ema'
+#                                                                                             [none]
+#   load_extra_state(checkpoint)            reads them back on resume                      [nothing]
+#   describe() -> str                       one line printed under the config              [nothing]
 #
-# train() returns the model, with `model.run_end` = dict(step, total, reason) where reason is 'done',
-# 'max_steps', 'signal' or 'already_finished'.
+# train() returns the model, with `model.run_end` = dict(step, total, reason) where reason is
+# 'done', 'max_steps', 'signal' or 'already_finished'.
 
 class NonFiniteLoss(RuntimeError):
     """Raised when a step's loss is NaN or inf."""
 
 
 def default_no_decay(name, param):
-    """timm-0.3.2 `add_weight_decay` rule of MAE, FastMIM and HPM: no decay for 1-D tensors and biases."""
+    """No decay for 1-D tensors and biases (timm 0.3.2 add_weight_decay, as MAE, FastMIM, HPM)."""
     return param.ndim <= 1 or name.endswith('.bias')
 
 
 def param_groups(model, weight_decay, no_decay=default_no_decay):
-    """Two AdamW groups (decay / no decay) over the trainable parameters; frozen tables are left out."""
+    """Two AdamW groups (decay / no decay) of the trainable parameters; frozen tables left out."""
     decay, skip = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -1558,7 +1563,7 @@ def param_groups(model, weight_decay, no_decay=default_no_decay):
 
 
 def make_optimizer(model, args, fused):
-    """The model's make_optimizer hook, else AdamW (0.9, 0.95) with the model's weight-decay rule (MAE)."""
+    """The model's make_optimizer hook, else MAE's AdamW (0.9, 0.95) with the model's decay rule."""
     if hasattr(model, 'make_optimizer'):
         return model.make_optimizer(args, fused)
     no_decay = getattr(model, 'no_weight_decay', default_no_decay)
@@ -1567,8 +1572,7 @@ def make_optimizer(model, args, fused):
 
 
 def lr_at(epoch, args):
-    """Per-iteration lr as a pure function of the fractional epoch: linear warm-up from 0, half-cosine
-    to min_lr (MAE util/lr_sched.py:adjust_learning_rate)."""
+    """Lr at a fractional epoch: linear warm-up, half-cosine to min_lr (mae util/lr_sched.py)."""
     if epoch < args.warmup_epochs:
         return args.lr * epoch / args.warmup_epochs
     t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-12)
@@ -1583,31 +1587,31 @@ def autocast_dtype(precision, device):
 
 
 def resize_optimizer_state(model, optimizer):
-    """After an in-place resize of relative-position tables, resize their AdamW moments the same way
-    (FastMIM-P)."""
+    """Resize the AdamW moments of relative-position tables resized in place (FastMIM-P)."""
     for name, p in model.named_parameters():
         state = optimizer.state.get(p, {})
         for k, v in list(state.items()):
             if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
-                assert 'relative_position_bias_table' in name, f'cannot resize the optimizer state of {name}'
+                assert 'relative_position_bias_table' in name, (
+                    f'cannot resize the optimizer state of {name}')
                 v = resize_rel_pos_table(v, math.isqrt(p.shape[0]))
-                # bicubic can overshoot below 0, which a second moment must not
-                state[k] = v.clamp(min=0) if k == 'exp_avg_sq' else v
+                state[k] = v.clamp(min=0) if k == 'exp_avg_sq' else v  # bicubic may undershoot
 
 
 def logged_scalars(out):
-    """The 0-d tensors of a forward's output dict (lists as name_0, name_1, …), detached, fixed order."""
+    """The 0-d tensors of a forward's output (lists as name_0, name_1, …), detached, fixed order."""
     items = {}
     for k, v in out.items():
         if torch.is_tensor(v) and v.dim() == 0:
             items[k] = v.detach().float()
-        elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) and t.dim() == 0 for t in v):
+        elif (isinstance(v, (list, tuple)) and v
+              and all(torch.is_tensor(t) and t.dim() == 0 for t in v)):
             items.update({f'{k}_{i}': t.detach().float() for i, t in enumerate(v)})
     return items
 
 
 def optimizer_step(optimizer, scaler, params, clip_grad=None):
-    """Unscale and clip the global grad norm (when asked), step through the GradScaler, zero the grads."""
+    """Unscale and clip the global grad norm (if asked), step through the GradScaler, zero grads."""
     if clip_grad:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
@@ -1617,31 +1621,29 @@ def optimizer_step(optimizer, scaler, params, clip_grad=None):
 
 
 def step_plan(n_images, args, world):
-    """-> (effective batch, optimizer steps per epoch) with drop_last per rank; sets
-    args.lr = blr * effective batch / 256 unless --lr is given."""
+    """-> (effective batch, optimizer steps per epoch); unset args.lr = blr * batch / 256."""
     per_step = args.batch_size * args.accum_iter * world
     steps_per_epoch = n_images // world // args.batch_size // args.accum_iter
     if steps_per_epoch == 0:
-        raise ValueError(f'{n_images} images are fewer than one step needs (batch {args.batch_size} x '
-                         f'accum {args.accum_iter} x world {world} = {per_step}); lower --batch-size or '
-                         f'add images')
+        raise ValueError(f'{n_images} images are fewer than one step needs (batch '
+                         f'{args.batch_size} x accum {args.accum_iter} x world {world} = '
+                         f'{per_step}); lower --batch-size or add images')
     if args.lr is None:
         args.lr = args.blr * per_step / 256
     return per_step, steps_per_epoch
 
 
 def catch_preemption():
-    """SIGTERM / SIGUSR1 (cluster preemption) append to a list instead of killing the process ->
-    (list, restore): the loop finishes its step, saves checkpoint-last.pth and exits 0;
-    restore() puts the old handlers back."""
+    """SIGTERM/SIGUSR1 append to a list (the loop saves, exits 0) -> (list, restore handlers)."""
     import signal
     hit = []
-    old = {sig: signal.signal(sig, lambda *_: hit.append(1)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {sig: signal.signal(sig, lambda *_: hit.append(1))
+           for sig in (signal.SIGTERM, signal.SIGUSR1)}
     return hit, lambda: [signal.signal(sig, h) for sig, h in old.items()]
 
 
 def wrap(model, args, world, device):
-    """The module the steps call: DDP across processes (when world > 1), then torch.compile (--compile)."""
+    """The module the steps call: DDP when world > 1, then torch.compile with --compile."""
     wrapped = model
     if world > 1:
         ids = [device.index] if device.type == 'cuda' else None
@@ -1661,11 +1663,7 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
 
 
 def train(model, args, make_dataset=None):
-    """Train `model` (the contract above) on CPU, one GPU or under torchrun: data, optimiser, lr schedule,
-    accumulation, DDP, AMP, logging, checkpoints, pictures, exact resume, preemption and the NaN guard.
-
-    make_dataset(args) -> a dataset of (image, label, key) items (KeyedDataset); default pretrain_dataset.
-    """
+    """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
     make_dataset = make_dataset or pretrain_dataset
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
@@ -1688,7 +1686,7 @@ def train(model, args, make_dataset=None):
     resume = args.resume or (last_path if os.path.isfile(last_path) else None)
     if resume:
         ckpt = load_file(resume)
-        if hasattr(model, 'on_epoch'):  # bring resolution-dependent shapes to the saved epoch (FastMIM-P)
+        if hasattr(model, 'on_epoch'):  # shapes at the saved epoch's resolution (FastMIM-P)
             model.on_epoch(ckpt['epoch'])
             if getattr(model, 'res', args.res) != args.res:  # and the crops with them
                 args.res = model.res
@@ -1707,13 +1705,12 @@ def train(model, args, make_dataset=None):
         print0(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
                f'lr {lr_at(step / steps_per_epoch, args):.3g}')
 
-    # ---- what this run is
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         print0(f'config: {json.dumps(vars(args), default=str)}')
         if not args.data_path:
-            print0(f'no --data-path: built-in SyntheticShapes data ({len(dataset)} images, 10 classes) '
-                   f'and smoke preset')
+            print0(f'no --data-path: built-in SyntheticShapes data ({len(dataset)} images, '
+                   f'10 classes) and smoke preset')
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print0(f'device {device}, world {world}, effective batch {per_step} ({args.batch_size} x '
                f'{args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x {per_step}/256), '
@@ -1722,8 +1719,8 @@ def train(model, args, make_dataset=None):
             print0(model.describe())
     model.run_end = dict(step=step, total=total, reason='already_finished')
     if step >= total:
-        print0(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir or more '
-               f'--epochs')
+        print0(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir '
+               f'or more --epochs')
         return model
 
     def save(epoch, keep, path=last_path):
@@ -1752,7 +1749,7 @@ def train(model, args, make_dataset=None):
         loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
         while step < total:
             epoch = step // steps_per_epoch
-            out = None  # drop the last graph: a table resized in place needs a fresh autograd accumulator
+            out = None  # drop the graph: a table resized in place needs a fresh accumulator
             new_res = model.on_epoch(epoch) if hasattr(model, 'on_epoch') else None
             if loader is None or (new_res and new_res != args.res):
                 if new_res and new_res != args.res:  # FastMIM-P: new crops, moments, DDP, compile
@@ -1781,7 +1778,8 @@ def train(model, args, make_dataset=None):
                 final = micro == args.accum_iter - 1
                 sync = contextlib.nullcontext() if final or world == 1 else wrapped.no_sync()
                 with sync:
-                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    with torch.autocast(device.type, dtype=amp or torch.float32,
+                                        enabled=amp is not None):
                         out = wrapped(imgs, **inputs)
                     scaler.scale(out['loss'] / args.accum_iter).backward()
                 for k, v in logged_scalars(out).items():
@@ -1806,9 +1804,10 @@ def train(model, args, make_dataset=None):
                         sums, n_sum = {}, 0
                         continue
                     good = last_path if os.path.isfile(last_path) else 'none yet'
-                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of {args.method}: '
-                                        f'{terms}; last good checkpoint: {good} (resume from it with a '
-                                        f'lower --blr, or pass --skip-nonfinite K)')
+                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of '
+                                        f'{args.method}: {terms}; last good checkpoint: {good} '
+                                        f'(resume from it with a lower --blr, or pass '
+                                        f'--skip-nonfinite K)')
                 optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
                 if hasattr(model, 'after_step'):
                     model.after_step()
@@ -1832,8 +1831,8 @@ def train(model, args, make_dataset=None):
                 if stopping:  # preemption: save the step, skip the evaluation, exit 0
                     save(epoch, keep=False)
                     bar.close()
-                    print0(f'stopped by a signal at step {step}: {last_path} saved; run the same command '
-                           f'to continue')
+                    print0(f'stopped by a signal at step {step}: {last_path} saved; run the same '
+                           f'command to continue')
                     return end('signal')
                 at_max = bool(args.max_steps and step >= args.max_steps)
                 if at_max or step % steps_per_epoch == 0:
@@ -1846,9 +1845,9 @@ def train(model, args, make_dataset=None):
                     log.write(json.dumps({'step': step, 'epoch': round(step / steps_per_epoch, 4),
                                           **metrics}) + '\n')
                     log.flush()
-            # MAE/LocalMIM keep epochs 0, f, 2f, … and the last
-            keep = bool(args.save_freq) and not at_max and (epoch % args.save_freq == 0 or step == total)
-            save(epoch, keep)
+            keep = bool(args.save_freq) and not at_max and (epoch % args.save_freq == 0
+                                                            or step == total)
+            save(epoch, keep)  # kept: epochs 0, f, 2f, … and the last, as MAE and LocalMIM
             if at_max:
                 bar.close()
                 return end('max_steps')
@@ -1862,7 +1861,7 @@ def train(model, args, make_dataset=None):
 
 
 def plain_data(obj):
-    """Only plain data (str/int/float/bool/None/list/dict), so checkpoints load with weights_only=True."""
+    """Only plain data (str, int, float, bool, None, list, dict): loads with weights_only=True."""
     if isinstance(obj, dict):
         return {str(k): plain_data(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -1870,10 +1869,10 @@ def plain_data(obj):
     return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
 
 
-# ----------------------------------------------------------------------------- benchmarks
+# --------------------------------------------------------------------- benchmarks
 
 def count_flops(model, imgs, **kw):
-    """Forward + backward FLOPs of one training step on `imgs` (attention counted: SDPA's math backend)."""
+    """Forward + backward FLOPs of a training step on `imgs`, attention included (SDPA math)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -1891,13 +1890,13 @@ def peak_memory_mb(device):
 
 
 def benchmark(model, args, device, warmup=2):
-    """--benchmark N: time N training steps on synthetic batches (no data loading) and print one JSON line."""
+    """--benchmark N: time N training steps on synthetic batches (no data), print one JSON line."""
     model = model.to(device)
     amp = autocast_dtype(args.precision, device)
     imgs = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
     keys = torch.arange(args.batch_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
-                            fused=device.type == 'cuda')
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            betas=(0.9, 0.95), fused=device.type == 'cuda')
     net = torch.compile(model) if args.compile else model
     times = []
     inputs = dict(keys=keys)
@@ -1929,8 +1928,7 @@ def benchmark(model, args, device, warmup=2):
 
 
 def benchmark_data(args, device, make_dataset=pretrain_dataset):
-    """--benchmark-data N: time N batches of the input pipeline alone (decode, crop, flip,
-    normalise)."""
+    """--benchmark-data N: time N batches of the input pipeline alone (decode, crop, normalise)."""
     dataset = make_dataset(args)
     sampler = StepSampler(dataset, 1, 0, args.seed)
     loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
@@ -1942,8 +1940,9 @@ def benchmark_data(args, device, make_dataset=pretrain_dataset):
         else:
             n += imgs.shape[0]
     rate = n / (time.perf_counter() - t0)
-    row = {'method': args.method, 'res': args.res, 'batch': args.batch_size, 'workers': args.num_workers,
-           'img_per_s': round(rate, 1), 'img_per_s_per_worker': round(rate / max(args.num_workers, 1), 1),
+    row = {'method': args.method, 'res': args.res, 'batch': args.batch_size,
+           'workers': args.num_workers, 'img_per_s': round(rate, 1),
+           'img_per_s_per_worker': round(rate / max(args.num_workers, 1), 1),
            'data': args.data_path or 'SyntheticShapes'}
     print(json.dumps(row))
     return row
