@@ -1,10 +1,10 @@
 """Shared parts of mimkit: the models every method builds on, then the runner that trains them.
 
-The model half needs only torch and einops: transformer layers -> ViT -> Swin -> HOG -> masking ->
-the MAE baseline; a copier who needs only a model can stop at the banner "the runner" (only
-MaskedAutoencoderViT.picture calls below it, for pixel_picture). The runner half: checkpoints and
-key maps -> data -> pictures -> command line -> distributed and the entry -> the method <-> loop
-contract and the train loop -> benchmarks."""
+The model half needs only torch and einops (torchvision for a picture's grid): transformer layers
+-> ViT -> Swin -> HOG -> masking -> pictures (what the models draw) -> the MAE baseline. Nothing in
+it uses the runner, so a copier who needs only a model can stop at the banner "the runner". The
+runner half: checkpoints and key maps -> data -> pictures on disk -> command line -> distributed
+and the entry -> the method <-> loop contract and the train loop -> benchmarks."""
 import contextlib
 import math
 
@@ -98,6 +98,21 @@ def init_weights(module):
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def check_divisible(res, size, what, hint=None):
+    """Raise a ValueError that says what to change when `size` does not divide `res`."""
+    if res % size:
+        lo, hi = res // size * size, (res // size + 1) * size
+        near = hi if (hi - res) < (res - lo) or lo == 0 else lo
+        raise ValueError(f'res {res} is not divisible by {what} {size}; use a multiple of {size} '
+                         f'such as {near}' + (f' ({hint})' if hint else ''))
+
+
+def check_ratio(value, what, lo=0.0, hi=1.0):
+    """Raise a ValueError unless lo <= value < hi."""
+    if not lo <= value < hi:
+        raise ValueError(f'{what} {value} is out of range; use a value in [{lo}, {hi})')
 
 
 # --------------------------------------------------------------------- ViT
@@ -197,15 +212,6 @@ class VisionTransformer(nn.Module):
         return self.head(x) if hasattr(self, 'head') else x
 
 
-def check_divisible(res, size, what, hint=None):
-    """Raise a ValueError that says what to change when `size` does not divide `res`."""
-    if res % size:
-        lo, hi = res // size * size, (res // size + 1) * size
-        near = hi if (hi - res) < (res - lo) or lo == 0 else lo
-        raise ValueError(f'res {res} is not divisible by {what} {size}; use a multiple of {size} '
-                         f'such as {near}' + (f' ({hint})' if hint else ''))
-
-
 # --------------------------------------------------------------------- Swin
 def window_partition(x, w):
     """(B, H, W, C) -> (B*nW, w*w, C), windows in raster order."""
@@ -239,6 +245,65 @@ def shifted_window_mask(H, W, w, shift):
             n += 1
     r = window_partition(region, w).squeeze(-1)  # (nW, N)
     return (r[:, None, :] != r[:, :, None]).float() * -100.0  # (nW, N, N)
+
+
+def resize_rel_pos_table(table, new_side, mode='bicubic', num_heads=None):
+    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH): 'bicubic' (FastMIM's
+    `interpolate`; timm layers/pos_embed_rel.py:resize_rel_pos_bias_table_simple) or 'geometric',
+    BEiT's stretched offsets, piecewise-linear (FastMIM's `simmim`; remap_pretrained_keys_swin in
+    microsoft/SimMIM utils.py and ggjy/FastMIM.pytorch util/pos_embed.py), torch only."""
+    if table.dim() != 2:
+        raise ValueError(f'a relative-position table is 2-D ((2w-1)^2, heads), got shape '
+                         f'{tuple(table.shape)}')
+    L, nH = table.shape
+    side = math.isqrt(L)
+    if side * side != L or side % 2 == 0:
+        raise ValueError(f'a relative-position table has (2w-1)^2 rows, got {L}; is this the right '
+                         f'tensor?')
+    if num_heads is not None and num_heads != nH:
+        raise ValueError(f'the table has {nH} heads but the model has {num_heads}; a head count '
+                         f'cannot be resized')
+    if not isinstance(new_side, int) or new_side < 1 or new_side % 2 == 0:
+        raise ValueError(f'new side must be 2w-1 for a window w >= 1 (odd), got {new_side!r}')
+    if new_side == side:
+        return table.clone()
+    grid = table.float().t().reshape(1, nH, side, side)  # (1, nH, S, S): rows dy, columns dx
+    if mode == 'bicubic':
+        out = F.interpolate(grid, size=(new_side, new_side), mode='bicubic',
+                            align_corners=False)  # (1, nH, S', S')
+    elif mode == 'geometric':
+        targets = torch.arange(new_side, dtype=torch.float64) - new_side // 2  # offsets -t..t
+        Wm = linear_weights(geometric_offsets(side, new_side), targets).to(grid)  # (S', S)
+        out = torch.einsum('ia,nhab,jb->nhij', Wm, grid, Wm)  # (1, nH, S', S')
+    else:
+        raise ValueError(f"unknown table resize mode {mode!r}; use 'bicubic' or 'geometric'")
+    return out.reshape(nH, new_side * new_side).t().contiguous().to(table.dtype)  # (S'*S', nH)
+
+
+def geometric_offsets(src, dst):
+    """BEiT/SimMIM source offsets (src,): 0, ±1, ±(1+q), …, q by bisection so the last is dst//2."""
+    k, reach = src // 2, dst // 2
+    lo, hi = 0.5, 2.0  # FastMIM's bracket; BEiT, SimMIM and timm search 1.01-1.5 (q <= 1.5)
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2
+        if sum(q ** i for i in range(k)) > reach:
+            hi = q
+        else:
+            lo = q
+    pos = [sum(q ** i for i in range(n + 1)) for n in range(k)]  # 1, 1+q, 1+q+q^2, …
+    return torch.tensor([-p for p in reversed(pos)] + [0.0] + pos, dtype=torch.float64)
+
+
+def linear_weights(nodes, targets):
+    """(len(targets), len(nodes)) piecewise-linear weights; targets past an end take its value."""
+    right = torch.searchsorted(nodes, targets).clamp(1, len(nodes) - 1)  # (T,) next node index
+    x0, x1 = nodes[right - 1], nodes[right]
+    a = ((targets - x0) / (x1 - x0)).clamp(0.0, 1.0)  # clamp: nearest-value extrapolation
+    W = torch.zeros(len(targets), len(nodes), dtype=nodes.dtype)
+    rows = torch.arange(len(targets))
+    W[rows, right - 1] = 1.0 - a
+    W[rows, right] = a
+    return W  # (T, S)
 
 
 class WindowAttention(nn.Module):
@@ -428,66 +493,14 @@ class SwinTransformer(nn.Module):
         return self.head(x) if self.head is not None else x
 
 
-def resize_rel_pos_table(table, new_side, mode='bicubic', num_heads=None):
-    """Resize a relative-position table ((2w-1)^2, nH) -> (new_side^2, nH): 'bicubic' (FastMIM's
-    `interpolate`; timm layers/pos_embed_rel.py:resize_rel_pos_bias_table_simple) or 'geometric',
-    BEiT's stretched offsets, piecewise-linear (FastMIM's `simmim`; remap_pretrained_keys_swin in
-    microsoft/SimMIM utils.py and ggjy/FastMIM.pytorch util/pos_embed.py), torch only."""
-    if table.dim() != 2:
-        raise ValueError(f'a relative-position table is 2-D ((2w-1)^2, heads), got shape '
-                         f'{tuple(table.shape)}')
-    L, nH = table.shape
-    side = math.isqrt(L)
-    if side * side != L or side % 2 == 0:
-        raise ValueError(f'a relative-position table has (2w-1)^2 rows, got {L}; is this the right '
-                         f'tensor?')
-    if num_heads is not None and num_heads != nH:
-        raise ValueError(f'the table has {nH} heads but the model has {num_heads}; a head count '
-                         f'cannot be resized')
-    if not isinstance(new_side, int) or new_side < 1 or new_side % 2 == 0:
-        raise ValueError(f'new side must be 2w-1 for a window w >= 1 (odd), got {new_side!r}')
-    if new_side == side:
-        return table.clone()
-    grid = table.float().t().reshape(1, nH, side, side)  # (1, nH, S, S): rows dy, columns dx
-    if mode == 'bicubic':
-        out = F.interpolate(grid, size=(new_side, new_side), mode='bicubic',
-                            align_corners=False)  # (1, nH, S', S')
-    elif mode == 'geometric':
-        targets = torch.arange(new_side, dtype=torch.float64) - new_side // 2  # offsets -t..t
-        Wm = linear_weights(geometric_offsets(side, new_side), targets).to(grid)  # (S', S)
-        out = torch.einsum('ia,nhab,jb->nhij', Wm, grid, Wm)  # (1, nH, S', S')
-    else:
-        raise ValueError(f"unknown table resize mode {mode!r}; use 'bicubic' or 'geometric'")
-    return out.reshape(nH, new_side * new_side).t().contiguous().to(table.dtype)  # (S'*S', nH)
-
-
-def geometric_offsets(src, dst):
-    """BEiT/SimMIM source offsets (src,): 0, ±1, ±(1+q), …, q by bisection so the last is dst//2."""
-    k, reach = src // 2, dst // 2
-    lo, hi = 0.5, 2.0  # FastMIM's bracket; BEiT, SimMIM and timm search 1.01-1.5 (q <= 1.5)
-    while hi - lo > 1e-6:
-        q = (lo + hi) / 2
-        if sum(q ** i for i in range(k)) > reach:
-            hi = q
-        else:
-            lo = q
-    pos = [sum(q ** i for i in range(n + 1)) for n in range(k)]  # 1, 1+q, 1+q+q^2, …
-    return torch.tensor([-p for p in reversed(pos)] + [0.0] + pos, dtype=torch.float64)
-
-
-def linear_weights(nodes, targets):
-    """(len(targets), len(nodes)) piecewise-linear weights; targets past an end take its value."""
-    right = torch.searchsorted(nodes, targets).clamp(1, len(nodes) - 1)  # (T,) next node index
-    x0, x1 = nodes[right - 1], nodes[right]
-    a = ((targets - x0) / (x1 - x0)).clamp(0.0, 1.0)  # clamp: nearest-value extrapolation
-    W = torch.zeros(len(targets), len(nodes), dtype=nodes.dtype)
-    rows = torch.arange(len(targets))
-    W[rows, right - 1] = 1.0 - a
-    W[rows, right] = a
-    return W  # (T, S)
-
-
 # --------------------------------------------------------------------- HOG
+
+def autocast_off(device):
+    """A context that turns autocast off on `device` (targets such as HOG are computed in fp32)."""
+    if device.type in ('cpu', 'cuda'):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. 'meta', where FLOPs are counted
+
 
 def sobel(imgs):
     """Per-colour gradients imgs (B, C, H, W) -> gx, gy (B, C, H, W), fp32: reflect pad, 3x3 Sobel
@@ -522,18 +535,6 @@ def hog_from_gradients(gx, gy, nbins=9, cell=8, pool='sum', normalize=True):
 def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True):
     """Per-colour HOG: imgs (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), fp32, no grad."""
     return hog_from_gradients(*sobel(imgs), nbins, cell, pool, normalize)
-
-
-def autocast_off(device):
-    """A context that turns autocast off on `device` (targets such as HOG are computed in fp32)."""
-    if device.type in ('cpu', 'cuda'):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()  # e.g. 'meta', where FLOPs are counted
-
-
-def per_token(feat, u):
-    """A cell map per token: (B, C, G*u, G*u) -> (B, G*G, C*u*u), feature c*u*u + dy*u + dx."""
-    return rearrange(feat, 'b c (gh dy) (gw dx) -> b (gh gw) (c dy dx)', dy=u, dx=u)
 
 
 # --------------------------------------------------------------------- masking
@@ -571,16 +572,71 @@ def ids_from_mask(mask):
     return ids_shuffle[:, :len_keep], mask, torch.argsort(ids_shuffle, dim=1)
 
 
-def block_mask(noise, m0, mask_ratio):
-    """FastMIM/SimMIM block mask: noise (B, m0*m0) -> (B, m0, m0) bool, int(m0^2 (1-r)) visible."""
-    len_keep = int(m0 * m0 * (1 - mask_ratio))
-    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # (B, m0*m0): each block's rank
-    return (rank >= len_keep).view(-1, m0, m0)
-
-
 def upsample_mask(mask, factor):
     """Nearest upsampling of a grid mask (B, g, g) -> (B, g*factor, g*factor)."""
     return mask.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+
+
+# --------------------------------------------------------------------- what the models draw
+
+def denormalize(imgs):
+    """ImageNet-normalised (B, 3, H, W) -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    return (imgs.float() * std + mean).clamp(0, 1)
+
+
+def grid_picture(columns, gray=0.5):
+    """Columns of (B, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid, a row per image."""
+    from torchvision.utils import make_grid
+    cols = [c.float().cpu().clamp(0, 1) for c in columns]
+    stack = torch.stack(cols, dim=1).flatten(0, 1)  # (B*K, 3, H, W) image-major: a row per image
+    if stack.shape[-2] < 128:  # small images are enlarged (nearest) so a person can read them
+        stack = F.interpolate(stack, scale_factor=math.ceil(128 / stack.shape[-2]), mode='nearest')
+    grid = make_grid(stack, nrow=len(cols), padding=2, pad_value=gray)
+    return (grid * 255).round().to(torch.uint8)
+
+
+def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
+    """pixel_picture's columns [input, masked, prediction], (B, 3, H, W) in [0, 1] each."""
+    target = patchify(imgs.float(), p)
+    pred = pred.float()
+    if norm_pix_loss:  # undo the per-patch standardisation with the true statistics (MAE demo)
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    m = mask[..., None].float()
+    H, W = imgs.shape[-2:]
+    masked = unpatchify(target * (1 - m), p, H, W)
+    recon = unpatchify(target * (1 - m) + pred * m, p, H, W)
+    masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0,
+                         torch.zeros_like(masked) - 10, masked)
+    return [denormalize(imgs), denormalize(masked), denormalize(recon)]
+
+
+def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
+    """input | masked | prediction of a pixel-predicting ViT (pred (B, L, p*p*3), mask (B, L))."""
+    return grid_picture(pixel_columns(imgs, pred, mask, p, norm_pix_loss))
+
+
+def hot_colours(v):
+    """[0, 1] values (B, 1, H, W) -> 'hot' colours (B, 3, H, W): black, red, yellow, white."""
+    return torch.cat([3 * v, 3 * v - 1, 3 * v - 2], dim=1).clamp(0, 1)
+
+
+def hog_glyphs(h, nbins, cell=8, size=None):
+    """HOG (B, C*nbins, Hc, Wc) -> glyphs (B, 3, Hc*size, Wc*size) in [0, 1], a line per bin."""
+    size = size or cell
+    B, _, Hc, Wc = h.shape
+    mag = h.float().view(B, -1, nbins, Hc, Wc).sum(1)  # (B, nbins, Hc, Wc)
+    mag = mag / mag.flatten(1).amax(1).clamp(min=1e-12).view(B, 1, 1, 1)
+    theta = (torch.arange(nbins, device=h.device) + 0.5) * math.pi / nbins  # atan2(gx, gy) bins
+    c = torch.arange(size, device=h.device, dtype=torch.float32) - (size - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing='ij')
+    # distance to each bin's edge line, then a round stencil: (nbins, size, size)
+    dist = (xx[None] * theta.sin()[:, None, None] + yy[None] * theta.cos()[:, None, None]).abs()
+    stencil = (1 - dist).clamp(0, 1) * ((xx ** 2 + yy ** 2) <= (size / 2) ** 2)
+    img = (torch.einsum('bkij,kyx->biyjx', mag, stencil)
+           .reshape(B, 1, Hc * size, Wc * size))  # (B, 1, H, W)
+    return img.clamp(0, 1).expand(-1, 3, -1, -1)
 
 
 # --------------------------------------------------------------------- MAE baseline
@@ -706,12 +762,6 @@ class MaskedAutoencoderViT(VisionTransformer):
     def picture(self, imgs, out):
         """input | masked | prediction (visible patches pasted back), uint8 (3, H, W)."""
         return pixel_picture(imgs, out['pred'], out['mask'], self.patch_size, self.norm_pix_loss)
-
-
-def check_ratio(value, what, lo=0.0, hi=1.0):
-    """Raise a ValueError unless lo <= value < hi."""
-    if not lo <= value < hi:
-        raise ValueError(f'{what} {value} is out of range; use a value in [{lo}, {hi})')
 
 
 # ===================================================================== the runner
@@ -1213,67 +1263,7 @@ def make_loader(dataset, batch_size, sampler, num_workers, device):
                                        drop_last=True, persistent_workers=num_workers > 0)
 
 
-# --------------------------------------------------------------------- pictures
-
-def denormalize(imgs):
-    """ImageNet-normalised (B, 3, H, W) -> [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-    return (imgs.float() * std + mean).clamp(0, 1)
-
-
-def grid_picture(columns, gray=0.5):
-    """Columns of (B, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid, a row per image."""
-    from torchvision.utils import make_grid
-    cols = [c.float().cpu().clamp(0, 1) for c in columns]
-    stack = torch.stack(cols, dim=1).flatten(0, 1)  # (B*K, 3, H, W) image-major: a row per image
-    if stack.shape[-2] < 128:  # small images are enlarged (nearest) so a person can read them
-        stack = F.interpolate(stack, scale_factor=math.ceil(128 / stack.shape[-2]), mode='nearest')
-    grid = make_grid(stack, nrow=len(cols), padding=2, pad_value=gray)
-    return (grid * 255).round().to(torch.uint8)
-
-
-def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
-    """input | masked | prediction of a pixel-predicting ViT (pred (B, L, p*p*3), mask (B, L))."""
-    return grid_picture(pixel_columns(imgs, pred, mask, p, norm_pix_loss))
-
-
-def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
-    """pixel_picture's columns [input, masked, prediction], (B, 3, H, W) in [0, 1] each."""
-    target = patchify(imgs.float(), p)
-    pred = pred.float()
-    if norm_pix_loss:  # undo the per-patch standardisation with the true statistics (MAE demo)
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-    m = mask[..., None].float()
-    H, W = imgs.shape[-2:]
-    masked = unpatchify(target * (1 - m), p, H, W)
-    recon = unpatchify(target * (1 - m) + pred * m, p, H, W)
-    masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0,
-                         torch.zeros_like(masked) - 10, masked)
-    return [denormalize(imgs), denormalize(masked), denormalize(recon)]
-
-
-def hot_colours(v):
-    """[0, 1] values (B, 1, H, W) -> 'hot' colours (B, 3, H, W): black, red, yellow, white."""
-    return torch.cat([3 * v, 3 * v - 1, 3 * v - 2], dim=1).clamp(0, 1)
-
-
-def hog_glyphs(h, nbins, cell=8, size=None):
-    """HOG (B, C*nbins, Hc, Wc) -> glyphs (B, 3, Hc*size, Wc*size) in [0, 1], a line per bin."""
-    size = size or cell
-    B, _, Hc, Wc = h.shape
-    mag = h.float().view(B, -1, nbins, Hc, Wc).sum(1)  # (B, nbins, Hc, Wc)
-    mag = mag / mag.flatten(1).amax(1).clamp(min=1e-12).view(B, 1, 1, 1)
-    theta = (torch.arange(nbins, device=h.device) + 0.5) * math.pi / nbins  # atan2(gx, gy) bins
-    c = torch.arange(size, device=h.device, dtype=torch.float32) - (size - 1) / 2
-    yy, xx = torch.meshgrid(c, c, indexing='ij')
-    # distance to each bin's edge line, then a round stencil: (nbins, size, size)
-    dist = (xx[None] * theta.sin()[:, None, None] + yy[None] * theta.cos()[:, None, None]).abs()
-    stencil = (1 - dist).clamp(0, 1) * ((xx ** 2 + yy ** 2) <= (size / 2) ** 2)
-    img = (torch.einsum('bkij,kyx->biyjx', mag, stencil)
-           .reshape(B, 1, Hc * size, Wc * size))  # (B, 1, H, W)
-    return img.clamp(0, 1).expand(-1, 3, -1, -1)
-
+# --------------------------------------------------------------------- pictures on disk
 
 def write_png(picture, path):
     """Save a uint8 (3, H, W) tensor as PNG with Pillow."""

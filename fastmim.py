@@ -58,9 +58,9 @@ import torch.nn as nn
 from einops import rearrange
 
 from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
-                    block_mask, check_ratio, denormalize, grid_picture, hog, hog_glyphs,
+                    check_ratio, denormalize, grid_picture, hog, hog_glyphs,
                     init_weights, launch, masked_mean, norm_pix, parse_pretrain, patchify,
-                    per_token, pick_state_dict, pretrain_parser, sample_noise, strip_prefix,
+                    pick_state_dict, pretrain_parser, sample_noise, strip_prefix,
                     unpatchify, upsample_mask)
 
 # Per-model defaults. vit_base, swin_base: the official README commands. vit_large, swin_large: the
@@ -94,6 +94,18 @@ HOG_CELL, HOG_BINS = 8, 9  # FastMIM Sec. 4.1 "Prediction Target": 9 bins, 8x8 c
 # ----------------------------------------------------------------------------- the method
 # What the ViT and the Swin variant share, as plain functions: the block mask, the painted input,
 # the decoder, the HOG / pixel target and the loss. The two models below call them in forward.
+
+def block_mask(noise, m0, mask_ratio):
+    """FastMIM/SimMIM block mask: noise (B, m0*m0) -> (B, m0, m0) bool, int(m0^2 (1-r)) visible."""
+    len_keep = int(m0 * m0 * (1 - mask_ratio))
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # (B, m0*m0): each block's rank
+    return (rank >= len_keep).view(-1, m0, m0)
+
+
+def per_token(feat, u):
+    """A cell map per token: (B, C, G*u, G*u) -> (B, G*G, C*u*u), feature c*u*u + dy*u + dx."""
+    return rearrange(feat, 'b c (gh dy) (gw dx) -> b (gh gw) (c dy dx)', dy=u, dx=u)
+
 
 def check_sizes(stride, res, mask_size, mask_ratio, target):
     """Raise a ValueError that says what to change when the sizes do not fit together."""

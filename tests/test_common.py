@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import fastmim
 
 
 # ----------------------------------------------------------------------------- HOG
@@ -82,7 +83,7 @@ def test_normalised_hog_energy_is_one_ninth():
 def test_per_token_layout(u):
     G, C = 2, 3
     feat = torch.arange(C * (G * u) ** 2, dtype=torch.float32).view(1, C, G * u, G * u)
-    t = common.per_token(feat, u)
+    t = fastmim.per_token(feat, u)
     for i in range(G):
         for j in range(G):
             for c in range(C):
@@ -95,13 +96,13 @@ def test_per_token_layout(u):
 
 def test_block_mask_counts_rule_and_per_image():
     noise = torch.rand(4, 64)
-    m = common.block_mask(noise, 8, 0.75)
+    m = fastmim.block_mask(noise, 8, 0.75)
     assert m.shape == (4, 8, 8) and (m.flatten(1).sum(1) == 48).all()
     visible = (~m).flatten(1)
     for b in range(4):  # visible = the 16 smallest noise values of the row
         assert set(visible[b].nonzero().flatten().tolist()) == set(noise[b].argsort()[:16].tolist())
     assert not torch.equal(m[0], m[1])
-    assert (common.block_mask(torch.rand(3, 16), 4, 0.75).flatten(1).sum(1) == 12).all()
+    assert (fastmim.block_mask(torch.rand(3, 16), 4, 0.75).flatten(1).sum(1) == 12).all()
     up = common.upsample_mask(m, 16)
     assert up.shape == (4, 128, 128) and torch.equal(up[:, ::16, ::16], m)
 
