@@ -426,3 +426,79 @@ def test_finetune_loaders_take_our_checkpoints():
                                                                              'norm.bias', 'norm.weight']
     assert {k.split('.')[0] for k in unexpected} == {'decoder', 'hog_enc', 'norm'}
     assert torch.equal(swin.layers[2].downsample.reduction.weight, s.encoder.layers[2].downsample.reduction.weight)
+
+
+# ---------------------------------------------------------------- Swin and HOG: no avoidable work
+
+def padded_block(blk, x, index, inverse, bias_index, pad):
+    """The former localmim.visible_block, as a reference: qkv and proj on every padded slot."""
+    B, N, C = x.shape
+    attn, (nW, M) = blk.attn, index.shape
+    h = blk.norm1(x)
+    h = torch.cat([h, h.new_zeros(B, 1, C)], dim=1)[:, index.flatten()]  # (B, nW*M, C), pads 0
+    nH = attn.num_heads
+    qkv = attn.qkv(h).view(B, nW, M, 3, nH, -1).permute(3, 0, 1, 4, 2, 5)  # 3 x (B, nW, nH, M, d)
+    qkv = qkv.reshape(3, B, nW * nH, M, -1)  # 3 x (B, nW*nH, M, d)
+    bias = attn.relative_position_bias_table[bias_index].permute(0, 3, 1, 2)  # (nW, nH, M, M)
+    bias = bias.masked_fill(pad[:, None, None], float('-inf')).to(qkv.dtype)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                         attn_mask=bias.reshape(nW * nH, M, M))
+    out = out.view(B, nW, nH, M, -1).transpose(2, 3).reshape(B, nW * M, C)  # (B, nW*M, C)
+    x = x + attn.proj(out)[:, inverse]  # (B, N, C)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def test_swin_visible_only_linears_equal_the_padded_slot_path(monkeypatch):
+    torch.manual_seed(0)
+    m = tiny_swin()  # official quirks on
+    imgs = torch.randn(2, 3, 128, 128)
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[[0, 2, 5, 6, 7, 9, 12, 15]] = True
+    mask = mask.view(1, 4, 4).expand(2, 4, 4)
+    vis = (~mask[0]).flatten().nonzero().squeeze(1)
+    pads = [lm.window_groups(m.attention_coords(vis, s), 4, shift)[3].sum().item()
+            for s in range(3) for shift in (0, 2)]
+    assert pads[1] > 0 and pads[2] > 0  # windows hold different visible counts: padded slots
+    runs = []
+    for block in (lm.visible_block, padded_block):
+        monkeypatch.setattr(lm, 'visible_block', block)
+        out = m(imgs, mask)
+        out['loss'].backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        runs.append((out, grads))
+        m.zero_grad(set_to_none=True)
+    (new, new_grads), (old, old_grads) = runs
+    # the same GEMMs over fewer rows (the padded rows added exact zeros to the weight gradients)
+    # may block their sums differently: fp32 round-off, ~1e-8 here at gradients up to ~0.4; a
+    # padded slot leaking into a window would move predictions and gradients by ~1e-2
+    for a, b in zip(new['pred'], old['pred']):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(new['loss'], old['loss'], rtol=1e-6)
+    assert new_grads.keys() == old_grads.keys()
+    for k in new_grads:
+        assert torch.allclose(new_grads[k], old_grads[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_swin_encoder_flops_are_linear_layers_on_visible_tokens_only():
+    """Forward FLOPs of the encoder, by hand: per block 24 N C^2 (qkv 3, proj 1, MLP 8: C^2 per
+    token, 2 FLOPs per multiply-add) plus 4 nW M^2 C of attention over the padded windows."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    m = tiny_swin()
+    vis = torch.tensor([1, 3, 4, 8, 10, 11, 13, 14])
+    visible = padded = 2 * 32 * 32 * 8 * 3 * 4 * 4  # batch 1: patch embedding, G0 = 32, C = 8
+    for s, stage in enumerate(m.encoder.layers):
+        coords, C = m.attention_coords(vis, s), 8 << s
+        N = len(coords)
+        for blk in stage.blocks:
+            nW, M = lm.window_groups(coords, blk.attn.window, blk.shift)[0].shape
+            attn = 4 * nW * M * M * C  # q k^T and weights @ v
+            visible += 24 * N * C * C + attn
+            padded += 2 * (4 * nW * M + 8 * N) * C * C + attn  # qkv and proj on nW*M slots
+        if stage.downsample is not None:
+            visible += 4 * N * C * C  # N/4 tokens, 4C -> 2C
+            padded += 4 * N * C * C
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as count:
+        m.forward_encoder(torch.randn(1, 3, 128, 128), vis)
+    assert count.get_total_flops() == visible and padded > 1.1 * visible
+
