@@ -770,6 +770,7 @@ class MaskedAutoencoderViT(VisionTransformer):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -1341,7 +1342,7 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     a('--accum-iter', '--accum_iter', dest='accum_iter', type=int,
       help='gradient accumulation steps (default 1)')
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
-      help='clip the global grad norm (none by default)')
+      help='clip the global grad norm (none by default; 0 or below: none)')
     names = {'dim': ('--decoder-dim', '--decoder_embed_dim'),
              'depth': ('--decoder-depth', '--decoder_depth'),
              'heads': ('--decoder-heads', '--decoder_num_heads')}
@@ -1447,10 +1448,74 @@ def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
     for k, v in fallback.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.data_path and not os.path.isdir(args.data_path):
-        p.error(f'--data-path {args.data_path} does not exist')
     args.output_dir = args.output_dir or f'output/{args.method}_{args.model}'
+    try:
+        check_run_args(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def positive(v):
+    """True for a number > 0."""
+    return v > 0
+
+
+# The numbers every training script checks before it prints or writes anything:
+# flag -> (test, what to use instead). A flag left unset (None) is not checked.
+NUMBER_RULES = {
+    'res': (positive, 'a positive resolution such as 224'),
+    'mask_ratio': (lambda v: 0 < v < 1, 'a fraction in (0, 1) such as 0.75'),
+    'epochs': (lambda v: v >= 1, '1 or more epochs'),
+    'warmup_epochs': (lambda v: v >= 0, '0 or more epochs'),
+    'blr': (positive, 'a positive base lr such as 1.5e-4'),
+    'lr': (positive, 'a positive lr, or leave it out to use --blr'),
+    'min_lr': (lambda v: v >= 0, '0 or a positive lr'),
+    'weight_decay': (lambda v: v >= 0, '0 or more'),
+    'batch_size': (lambda v: v >= 1, '1 or more images per process'),
+    'accum_iter': (lambda v: v >= 1, '1 or more micro-steps per optimizer step'),
+    'synthetic_size': (lambda v: v >= 1, '1 or more images'),
+    'seed': (lambda v: v >= 0, '0 or more'),
+    'num_workers': (lambda v: v >= 0, '0 (load in the main process) or more workers'),
+    'log_freq': (lambda v: v >= 1, '1 or more steps'),
+    'save_freq': (lambda v: v >= 1, '1 or more epochs'),
+    'max_steps': (lambda v: v >= 1, '1 or more steps, or leave it out'),
+    'skip_nonfinite': (lambda v: v >= 0, '0 or more steps'),
+    'benchmark': (lambda v: v >= 0, '0 or more steps'),
+    'benchmark_data': (lambda v: v >= 0, '0 or more batches'),
+    'decoder_dim': (positive, 'a positive width'),
+    'decoder_depth': (lambda v: v >= 0, '0 or more blocks'),
+    'decoder_heads': (positive, 'a positive head count'),
+    'rrc_scale': (lambda v: 0 < v[0] <= v[1] <= 1, 'two fractions MIN MAX with 0 < MIN <= MAX <= 1'),
+}
+
+
+def check_run_args(args, rules=NUMBER_RULES):
+    """Refuse a bad number, a --data-path that is no folder, an output folder nobody can write.
+
+    --clip-grad 0 or below means no clipping (a common spelling of "off").
+    """
+    for name, (ok, use) in rules.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            shown = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise ValueError(f'--{name.replace("_", "-")} {shown} is out of range; use {use}')
+    if getattr(args, 'clip_grad', None) is not None and args.clip_grad <= 0:
+        args.clip_grad = None
+    if args.data_path and not os.path.exists(args.data_path):
+        raise ValueError(f'--data-path {args.data_path} does not exist')
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise ValueError(f'--data-path {args.data_path} is a file; give the folder that holds the '
+                         f'class folders (or their train/ folder)')
+    folder = os.path.abspath(args.output_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'--output-dir {args.output_dir} cannot be written ({folder} is not a '
+                         f'writable folder); choose another --output-dir')
+    if getattr(args, 'precision', None) == 'fp16' and not torch.cuda.is_available():
+        print0('note: --precision fp16 on a CPU runs through slow fp16 kernels (about 6x slower '
+               'here); fp32 (auto) is the fast path on CPUs')
 
 
 # --------------------------------------------------------------------- distributed and the entry
@@ -1652,6 +1717,75 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
     return state
 
 
+# The arguments that make a run what it is: a resume with other values is refused (the saved step
+# would mean another place in another schedule). More --epochs, another --blr, --max-steps: allowed.
+RUN_DEFINING = ('method', 'mode', 'model', 'batch_size', 'accum_iter', 'mask_ratio', 'seed',
+                'data_path', 'synthetic_size', 'res_schedule')
+
+
+def check_same_run(ckpt, args, path, steps_per_epoch):
+    """Refuse a --resume file that is not a training checkpoint, or one saved by another run."""
+    if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'step', 'epoch'} <= set(ckpt):
+        raise ValueError(f'{path} is not a training checkpoint (no model, optimizer, step and epoch); '
+                         f'start from its weights with finetune.py --ckpt, or use another '
+                         f'--output-dir')
+    saved = ckpt.get('args') or {}
+    names = RUN_DEFINING + (() if getattr(args, 'res_schedule', None) else ('res',))
+    diffs = [f'--{k.replace("_", "-")} {saved[k]} -> {plain_data(getattr(args, k, None))}'
+             for k in names if k in saved and saved[k] != plain_data(getattr(args, k, None))]
+    if ckpt.get('steps_per_epoch', steps_per_epoch) != steps_per_epoch:
+        diffs.append(f'steps per epoch {ckpt["steps_per_epoch"]} -> {steps_per_epoch} (another '
+                     f'batch, accumulation, process count or data)')
+    if diffs:
+        raise ValueError(f'{path} was saved by another run ({"; ".join(diffs)}); resume with the '
+                         f'same arguments, or use a new --output-dir')
+
+
+class RunLog:
+    """<out_dir>/log.jsonl of one run, which holds <out_dir>/.lock while it is open.
+
+    On resume the rows a crashed run wrote after its last checkpoint are dropped (they are trained
+    again); a 'start' row names the run, every row carries its id, an 'end' row says how it ended.
+    """
+
+    def __init__(self, out_dir, step, args, resume):
+        import fcntl
+        self.lock = open(os.path.join(out_dir, '.lock'), 'a+')
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.close()
+            raise ValueError(f'another run is writing to {out_dir}; wait for it to end or use '
+                             f'another --output-dir') from None
+        self.path = os.path.join(out_dir, 'log.jsonl')
+        self.run = f'{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
+        if resume and os.path.isfile(self.path):
+            with open(self.path) as f:
+                lines = [line for line in f if line.strip()]
+            kept = [line for line in lines if json.loads(line).get('step', 0) <= step
+                    or 'event' in json.loads(line)]
+            if len(kept) < len(lines):
+                with open(self.path + '.tmp', 'w') as f:
+                    f.writelines(kept)
+                os.replace(self.path + '.tmp', self.path)
+        self.file = open(self.path, 'a')
+        self.write({'event': 'start', 'step': step, 'method': args.method, 'model': args.model,
+                    'resumed_from': resume})
+
+    def write(self, row):
+        """Append one row (with the run id) and flush it."""
+        self.file.write(json.dumps({**row, 'run': self.run}) + '\n')
+        self.file.flush()
+
+    def close(self, reason, step, checkpoint):
+        """The 'end' row, then release the file and the lock (a second call does nothing)."""
+        if self.file.closed:
+            return
+        self.write({'event': 'end', 'reason': reason, 'step': step, 'checkpoint': checkpoint})
+        self.file.close()
+        self.lock.close()
+
+
 def train(model, args, make_dataset=None):
     """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
     make_dataset = make_dataset or pretrain_dataset
@@ -1676,6 +1810,7 @@ def train(model, args, make_dataset=None):
     resume = args.resume or (last_path if os.path.isfile(last_path) else None)
     if resume:
         ckpt = load_file(resume)
+        check_same_run(ckpt, args, resume, steps_per_epoch)
         if hasattr(model, 'on_epoch'):  # shapes at the saved epoch's resolution (FastMIM-P)
             model.on_epoch(ckpt['epoch'])
             if getattr(model, 'res', args.res) != args.res:  # and the crops with them
@@ -1708,34 +1843,66 @@ def train(model, args, make_dataset=None):
         if hasattr(model, 'describe'):
             print0(model.describe())
     model.run_end = dict(step=step, total=total, reason='already_finished')
-    if step >= total:
-        print0(f'already finished at epoch {args.epochs} ({last_path}): use a new --output-dir '
-               f'or more --epochs')
+    if step >= total or (args.max_steps and step >= args.max_steps):
+        if step >= total:
+            print0(f'already finished at epoch {args.epochs} ({last_path}): use a new '
+                   f'--output-dir or more --epochs')
+        else:
+            print0(f'already at --max-steps {args.max_steps} ({last_path}): raise it, or leave '
+                   f'it out to train to the end')
         return model
 
     def save(epoch, keep, path=last_path):
         """Rank 0 writes the checkpoint (and the picture); every rank waits for it."""
         if rank == 0:
             state = checkpoint_state(model, optimizer, scaler, epoch, step, args)
+            state['steps_per_epoch'] = steps_per_epoch
             save_atomic(state, path)
             if keep:
                 save_atomic(state, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
             if hasattr(model, 'picture') and path == last_path:
-                name = f'picture-{epoch}.png' if keep else 'picture-last.png'
-                save_picture(model, args, device, os.path.join(out_dir, name))
+                picture = os.path.join(out_dir, 'picture-last.png')
+                save_picture(model, args, device, picture)
+                if keep:
+                    shutil.copyfile(picture, os.path.join(out_dir, f'picture-{epoch}.png'))
         if world > 1:
             dist.barrier()  # no rank runs ahead (or shuts the group down) while rank 0 writes
 
+    def log_interval():
+        """One log.jsonl row: the means of the logged scalars since the last row (all ranks)."""
+        nonlocal sums, n_sum, t_log
+        if n_sum == 0:
+            return
+        names = sorted(sums)
+        vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
+        if world > 1:
+            dist.all_reduce(vals)
+            vals /= world
+        seconds = time.time() - t_log
+        row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
+               'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2)}
+        row.update({k: float(v) for k, v in zip(names, vals.tolist())})
+        if log:
+            log.write(row)
+            bar.set_postfix(loss=f'{row["loss"]:.4f}')
+        sums, n_sum, t_log = {}, 0, time.time()
+
     def end(reason):
+        """Close the run: the last partial interval, an 'end' row, the model's run_end."""
+        log_interval()
+        bar.close()
+        if log:
+            log.close(reason, step, last_path)
         model.run_end = dict(step=step, total=total, reason=reason)
         return model
 
+    log = RunLog(out_dir, step, args, resume) if rank == 0 else None
     signalled, restore_signals = catch_preemption()
-    log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if rank == 0 else None
     try:
         from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, disable=rank != 0, desc=args.method, mininterval=2)
-        skipped = 0
+        bar = tqdm(total=min(total, args.max_steps or total), initial=step, disable=rank != 0,
+                   desc=args.method, mininterval=2)
+        skipped, lr = 0, 0.0
         loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
         while step < total:
             epoch = step // steps_per_epoch
@@ -1804,23 +1971,9 @@ def train(model, args, make_dataset=None):
                 step += 1
                 bar.update(1)
                 if step % args.log_freq == 0 or step == total:
-                    names = sorted(sums)
-                    vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
-                    if world > 1:
-                        dist.all_reduce(vals)
-                        vals /= world
-                    seconds = time.time() - t_log
-                    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
-                           'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2)}
-                    row.update({k: float(v) for k, v in zip(names, vals.tolist())})
-                    if log:
-                        log.write(json.dumps(row) + '\n')
-                        log.flush()
-                        bar.set_postfix(loss=f'{row["loss"]:.4f}')
-                    sums, n_sum, t_log = {}, 0, time.time()
+                    log_interval()
                 if stopping:  # preemption: save the step, skip the evaluation, exit 0
                     save(epoch, keep=False)
-                    bar.close()
                     print0(f'stopped by a signal at step {step}: {last_path} saved; run the same '
                            f'command to continue')
                     return end('signal')
@@ -1832,22 +1985,18 @@ def train(model, args, make_dataset=None):
                 if metrics.pop('best', False):
                     save(epoch, keep=False, path=os.path.join(out_dir, 'checkpoint-best.pth'))
                 if log:
-                    log.write(json.dumps({'step': step, 'epoch': round(step / steps_per_epoch, 4),
-                                          **metrics}) + '\n')
-                    log.flush()
+                    log.write({'step': step, 'epoch': round(step / steps_per_epoch, 4), **metrics})
             keep = bool(args.save_freq) and not at_max and (epoch % args.save_freq == 0
                                                             or step == total)
             save(epoch, keep)  # kept: epochs 0, f, 2f, … and the last, as MAE and LocalMIM
             if at_max:
-                bar.close()
                 return end('max_steps')
-        bar.close()
         print0(f'done: {step} steps, checkpoints and pictures in {out_dir}')
         return end('done')
     finally:
         restore_signals()  # also when the run ends with an error (in-process callers)
         if log:
-            log.close()
+            log.close('error', step, last_path)
 
 
 def plain_data(obj):

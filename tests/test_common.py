@@ -1,4 +1,5 @@
 """common.py: HOG by hand and against a per-bin oracle, masking rules, sin-cos values, attention, schedule."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -11,6 +12,12 @@ import fastmim
 
 
 # ----------------------------------------------------------------------------- HOG
+
+
+def log_rows(path):
+    """The rows of a log.jsonl without the run's 'start' and 'end' events."""
+    rows = [json.loads(line) for line in open(path)]
+    return [r for r in rows if 'event' not in r]
 
 def hog_oracle(imgs, nbins=9, cell=8, normalize=False):
     """Straightforward per-bin HOG (the test oracle for common.hog): one masked sum per bin and channel."""

@@ -1,5 +1,4 @@
 """Two-process torchrun (gloo, CPU) equals one process at the same global batch; only rank 0 writes."""
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import torch
 
 import fastmim
 import hpm
+from test_common import log_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['--num-workers', '0', '--synthetic-size', '64', '--res', '32', '--epochs', '1', '--warmup-epochs', '1',
@@ -24,7 +24,7 @@ def torchrun(script, out, *argv, nproc=2):
 
 
 def losses(out):
-    return [json.loads(line)['loss'] for line in open(out / 'log.jsonl')]
+    return [r['loss'] for r in log_rows(out / 'log.jsonl')]
 
 
 @pytest.mark.parametrize('module,extra', [(fastmim, []), (hpm, ['--epochs', '2', '--max-steps', '6'])])

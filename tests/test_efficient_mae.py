@@ -1,6 +1,5 @@
 """efficient_mae.py: the four difficulty metrics on the spec's 4x4 example and closed forms, DFL weights, decoder
 masking (counts, ties, shorter decoder), reduction to MAE bit for bit, learning, a run of main, CLI errors."""
-import json
 import math
 
 import pytest
@@ -9,6 +8,7 @@ from PIL import Image
 
 import common
 import efficient_mae as em
+from test_common import log_rows
 
 
 def tiny(**kw):
@@ -231,7 +231,7 @@ def test_main_run_writes_log_checkpoint_picture_and_reads_official_flags(tmp_pat
     em.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '32', '--batch-size', '8',
              '--res', '64', '--epochs', '2', '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32',
              '--decoder-depth', '1', '--decoder-heads', '2', '--p2dist-samples', '4', '--max-steps', '3'])
-    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    rows = log_rows(out / 'log.jsonl')
     assert [r['step'] for r in rows] == [1, 2, 3] and all(math.isfinite(r['loss']) for r in rows)
     assert 'loss_unweighted' in rows[0]
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)

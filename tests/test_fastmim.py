@@ -7,6 +7,7 @@ import torch
 
 import common
 import fastmim
+from test_common import log_rows
 
 
 def tiny_vit(**kw):
@@ -132,7 +133,7 @@ def run(tmp_path, *extra, name='run'):
     out = tmp_path / name
     fastmim.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '64', '--batch-size', '16',
                   '--res', '32', '--epochs', '2', '--warmup-epochs', '1', '--log-freq', '1', *extra])
-    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    rows = log_rows(out / 'log.jsonl')
     return out, rows
 
 

@@ -2,7 +2,6 @@
 teacher, learning, official checkpoints, runs and resume with the teacher, CLI.
 Feature targets: DINO and CLIP towers from their key layouts (CLIP against a hand computation), the
 2 - 2 cos loss by hand, checkpoints and official keys, a run, the errors."""
-import json
 import math
 
 import pytest
@@ -11,7 +10,7 @@ from einops import rearrange
 
 import common
 import hpm
-from test_common import fixed_mask
+from test_common import fixed_mask, log_rows
 
 
 def tiny(cls=hpm.HPM, **kw):
@@ -269,7 +268,7 @@ def run(tmp_path, *extra, name='run'):
     hpm.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '64', '--batch-size', '16',
               '--res', '32', '--epochs', '2', '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32',
               '--decoder-depth', '1', '--decoder-heads', '2', *extra])
-    return out, [json.loads(line) for line in open(out / 'log.jsonl')]
+    return out, log_rows(out / 'log.jsonl')
 
 
 def test_resume_with_teacher_equals_uninterrupted(tmp_path):

@@ -1,6 +1,5 @@
 """localmim.py: level geometry, HOG targets by hand, per-level weights, Swin on visible tokens against a dense
 reference and against the standard Swin, the quirks, learning, official keys, runs and the command line."""
-import json
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 import common
 import finetune
 import localmim as lm
-from test_common import hog_oracle
+from test_common import hog_oracle, log_rows
 
 
 def tiny_vit(**kw):
@@ -370,7 +369,7 @@ def test_run_writes_per_level_logs_checkpoints_and_pictures(tmp_path):
     lm.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '32', '--batch-size', '16',
              '--res', '64', '--epochs', '2', '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32',
              '--decoder-heads', '2', '--save-freq', '1'])
-    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    rows = log_rows(out / 'log.jsonl')
     assert len(rows) == 4 and all(math.isclose(r['loss'], sum(r[f'loss_per_level_{k}'] for k in range(4)),
                                                rel_tol=1e-5) for r in rows)
     ckpt = torch.load(out / 'checkpoint-1.pth', weights_only=True)

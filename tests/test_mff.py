@@ -1,7 +1,6 @@
 """mff.py: one index equals MAE, fusion by hand, presets, detach, truncated lists, PixMIM target and crop, key map,
 sin-cos layout, weight-decay groups, learning, a run with logged weights and picture, CLI."""
 import argparse
-import json
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import mff
-from test_common import fixed_mask
+from test_common import fixed_mask, log_rows
 
 MEAN = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
@@ -285,7 +284,7 @@ def test_run_logs_fusion_weights_draws_them_and_saves_a_loadable_checkpoint(tmp_
     model = mff.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '32', '--batch-size', '8',
                       '--res', '32', '--epochs', '1', '--log-freq', '1', '--max-steps', '2', '--decoder-dim', '32',
                       '--decoder-depth', '1', '--decoder-heads', '2', '--fuse-layers', 'L4', '--target', 'lowfreq'])
-    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    rows = log_rows(out / 'log.jsonl')
     assert [r['step'] for r in rows] == [1, 2]
     for r in rows:
         w = [r[f'fusion_weights_{k}'] for k in range(4)]

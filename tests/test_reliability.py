@@ -1,5 +1,4 @@
 """Preemption, atomic checkpoints, the NaN guard and bad input: nothing already saved is lost."""
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import efficient_mae
 import fastmim
 import localmim
 import mff
+from test_common import log_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--model', 'vit_tiny', '--num-workers', '0', '--res', '32', '--batch-size', '16', '--warmup-epochs', '1', '--log-freq', '1',
@@ -26,7 +26,7 @@ def run(out, *argv):
 
 
 def rows(out):
-    return [json.loads(line) for line in open(out / 'log.jsonl')]
+    return log_rows(out / 'log.jsonl')
 
 
 def test_sigterm_saves_and_the_same_command_continues(tmp_path):
@@ -36,7 +36,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / 'log.jsonl'
     deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
         time.sleep(0.02)  # short: the run must still be going when the signal lands (~1 s left)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
