@@ -1171,7 +1171,10 @@ def read_image(path):
 
 
 def image_folder(root, split=None):
-    """ImageFolder at <root>/<split> (or <root>/train, else <root>); a clear error if no images."""
+    """ImageFolder at <root>/<split> (or <root>/train, else <root>); a clear error if no images.
+
+    An empty class folder among full ones is kept as a class with no images, and named.
+    """
     from torchvision import datasets
     if not os.path.isdir(root):
         raise ValueError(f'--data-path {root} does not exist')
@@ -1180,10 +1183,17 @@ def image_folder(root, split=None):
     else:
         path = os.path.join(root, 'train') if os.path.isdir(os.path.join(root, 'train')) else root
     try:
-        return datasets.ImageFolder(path, loader=read_image)
+        data = datasets.ImageFolder(path, loader=read_image, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
         raise ValueError(f'no images found in {path} ({e}); expected class folders of '
                          f'images') from None
+    if not data.samples:
+        raise ValueError(f'no images found in {path}; expected class folders of images '
+                         f'({", ".join(data.classes[:3]) or "no folders"} hold none)')
+    empty = sorted(set(data.classes) - {data.classes[t] for t in data.targets})
+    if empty:
+        print0(f'note: {len(empty)} class folder(s) of {path} hold no image: {", ".join(empty[:5])}')
+    return data
 
 
 def pretrain_transform(res, scale=(0.2, 1.0)):
@@ -1227,6 +1237,9 @@ class KeyedDataset(torch.utils.data.Dataset):
                     raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
                 self.bad += 1
                 sys.stderr.write(f'warning: skipped {e} ({self.bad} skipped by this worker)\n')
+        else:
+            raise ValueError(f'none of the {len(self.base)} images can be read; check the '
+                             f'--data-path folder')
         with torch.random.fork_rng(devices=[]):  # crop and flip: per sample, not per process
             torch.manual_seed(key % (1 << 63))
             img = self.transform(img)
@@ -1257,11 +1270,21 @@ def pretrain_dataset(args, transform=None):
     return KeyedDataset(base, transform, args.seed, args.skip_bad_images)
 
 
-def make_loader(dataset, batch_size, sampler, num_workers, device):
-    """DataLoader: drop_last, pinned memory on CUDA, persistent workers when there are any."""
+def ignore_preemption(worker_id=None):
+    """In a data worker: ignore SIGTERM/SIGUSR1, so that a signal to the whole process group
+    (schedulers send one) lets the main process finish its step and save; it ends the workers."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, device, drop_last=True):
+    """DataLoader: pinned memory on CUDA, persistent workers that leave preemption to the main
+    process."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, pin_memory=device.type == 'cuda',
-                                       drop_last=True, persistent_workers=num_workers > 0)
+                                       drop_last=drop_last, persistent_workers=num_workers > 0,
+                                       worker_init_fn=ignore_preemption if num_workers else None)
 
 
 # --------------------------------------------------------------------- pictures on disk
@@ -1498,7 +1521,8 @@ def check_run_args(args, rules=NUMBER_RULES):
     for name, (ok, use) in rules.items():
         value = getattr(args, name, None)
         if value is not None and not ok(value):
-            shown = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            shown = ' '.join(f'{v:g}' for v in value) if isinstance(value, (list, tuple)) \
+                else f'{value:g}'
             raise ValueError(f'--{name.replace("_", "-")} {shown} is out of range; use {use}')
     if getattr(args, 'clip_grad', None) is not None and args.clip_grad <= 0:
         args.clip_grad = None
@@ -1546,7 +1570,10 @@ def run_main(fn, argv):
     try:
         return fn(argv)
     except (ValueError, NonFiniteLoss) as e:
-        sys.stderr.write(f'error: {e}\n')
+        message = str(e).strip()
+        if 'Original Traceback' in message:  # raised in a data worker: its last line says it
+            message = message.splitlines()[-1].split(': ', 1)[-1]
+        sys.stderr.write(f'error: {message}\n')
         raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
     finally:
         if dist.is_initialized():
