@@ -1,28 +1,34 @@
-"""Downstream evaluation of every method's encoders: fine-tuning, linear probing, k-NN (ours and official releases).
+r"""Downstream evaluation of every method's encoders: fine-tuning, linear probing, k-NN.
 
-The transfer protocols the five papers report, on ViT and Swin encoders pre-trained by fastmim.py, hpm.py,
-localmim.py, mff.py or efficient_mae.py, or released by the official repositories (MAE, HPM, FastMIM ViT/Swin,
-LocalMIM ViT/Swin, MFF in mmpretrain names). The checkpoint's layout is detected, prefixes, decoders and method-only
-keys are stripped, names mapped, the pos-embed and Swin relative tables resized (common.load_encoder). Without
-`--ckpt` the encoder starts from random init: the baseline every table needs.
+The transfer protocols the five papers report, on ViT and Swin encoders pre-trained by fastmim.py,
+hpm.py, localmim.py, mff.py or efficient_mae.py, or released by the official repositories (MAE, HPM,
+FastMIM and LocalMIM ViT/Swin, MFF in mmpretrain names). The checkpoint's layout is detected,
+prefixes, decoders and method-only keys stripped, names mapped, the pos-embed and Swin relative
+tables resized (common.load_encoder). Without `--ckpt`: random init, the baseline.
 
-- finetune (MAE main_finetune.py and its descendants): AdamW (0.9, 0.999) with layer-wise lr decay, linear warm-up +
-  cosine per iteration, RandAugment(9, 0.5), mixup 0.8 / cutmix 1.0 with label smoothing 0.1, random erasing 0.25,
-  drop path, global average pooling + a fresh `fc_norm`, optional EMA, top-1/top-5 each epoch, best checkpoint kept.
-- linear (MAE main_linprobe.py): frozen encoder, cls token after the final norm (or `--pool avg`, or the block
-  `--probe-layer`), BatchNorm1d without affine + Linear; LARS blr 0.1 at batch 16384 (MAE, MFF) or SGD (HPM).
-- knn (DINO eval_knn.py): cosine similarity of L2-normalised features, vote weight exp(sim / 0.07), k 10/20/100/200;
-  features computed once (cached in the output dir) and gathered with their dataset indices under DDP.
-`--recipe` picks a method's published recipe (default: the one matching the checkpoint); explicit flags win. Every
-mode ends with the lines `top1 <percent>` and `top5 <percent>` and writes them to log.jsonl.
-`--export-timm OUT.pth` writes the encoder in timm key names (+ OUT.json with the timm.create_model kwargs) and exits.
+- finetune (facebookresearch/mae main_finetune.py and its descendants): AdamW (0.9, 0.999) with
+  layer-wise lr decay, linear warm-up + cosine per iteration, RandAugment(9, 0.5), mixup 0.8 /
+  cutmix 1.0 with label smoothing 0.1, random erasing 0.25, drop path, global average pooling + a
+  fresh `fc_norm`, optional EMA, top-1/top-5 each epoch, best checkpoint kept.
+- linear (MAE main_linprobe.py): frozen encoder, cls token after the final norm (or `--pool avg`,
+  or the block `--probe-layer`), BatchNorm1d without affine + Linear; LARS (MAE, MFF) or SGD (HPM).
+- knn (facebookresearch/dino eval_knn.py): cosine similarity of L2-normalised features, vote weight
+  exp(sim / 0.07), k 10/20/100/200; features computed once (cached in the output dir), gathered with
+  their dataset indices under DDP.
+`--recipe` picks a method's published recipe (default: the one matching the checkpoint); explicit
+flags win. Every mode ends with the lines `top1 <percent>` and `top5 <percent>` (also in log.jsonl).
+`--export-timm OUT.pth` writes the encoder in timm key names (+ OUT.json with the timm.create_model
+kwargs) and exits.
 
-    python finetune.py                                                   # CPU smoke run: random-init vit_tiny, 64 px
+    python finetune.py                                # CPU smoke run: random-init vit_tiny, 64 px
     python finetune.py --mode knn --ckpt output/fastmim_vit_tiny/checkpoint-last.pth --res 64
-    python finetune.py --ckpt mae_pretrain_vit_base.pth --data-path /data/imagenet                 # one GPU
-    torchrun --nproc_per_node 8 finetune.py --ckpt vit_base_fastmim_hog_800e_pretrain.pth --data-path /data/imagenet
-    torchrun --nproc_per_node 8 finetune.py --mode linear --ckpt hpm.pth --recipe hpm --data-path /data/imagenet
-    python finetune.py --ckpt swin_base_fastmim_hog_400e_pretrain.pth --model swin_base --export-timm swin_b.pth
+    python finetune.py --ckpt mae_pretrain_vit_base.pth --data-path /data/imagenet    # one GPU
+    torchrun --nproc_per_node 8 finetune.py --ckpt vit_base_fastmim_hog_800e_pretrain.pth \
+        --data-path /data/imagenet
+    torchrun --nproc_per_node 8 finetune.py --mode linear --ckpt hpm.pth --recipe hpm \
+        --data-path /data/imagenet
+    python finetune.py --ckpt swin_base_fastmim_hog_400e_pretrain.pth --model swin_base \
+        --export-timm swin_b.pth
 """
 import argparse
 import copy
@@ -37,49 +43,62 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser, KeyedDataset,
-                    SwinTransformer, SyntheticShapes, VisionTransformer, autocast_dtype, benchmark,
-                    eval_transform, image_folder, layer_decay_groups, load_encoder, load_file,
-                    mmpretrain_vit_to_timm, pick_state_dict, plain_data, print0, run_main, save_atomic,
-                    setup_distributed, strip_prefix, swin_layer_id, swin_to_timm, train, vit_layer_id)
+from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser,
+                    KeyedDataset, SwinTransformer, SyntheticShapes, VisionTransformer,
+                    autocast_dtype, benchmark, eval_transform, image_folder, layer_decay_groups,
+                    load_encoder, load_file, mmpretrain_vit_to_timm, pick_state_dict, plain_data,
+                    print0, run_main, save_atomic, setup_distributed, strip_prefix,
+                    swin_layer_id, swin_to_timm, train, vit_layer_id)
 
-# Defaults of each mode; recipes below override them. Per-process batches assume 8 processes (the papers' setting):
+# Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
 MODE_DEFAULTS = {
-    'finetune': dict(epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
-                     drop_path=0.1, batch_size=128, accum_iter=1, smoothing=0.1, mixup=0.8, cutmix=1.0, reprob=0.25,
-                     randaug=True, pool='avg', swin_head='norm', window_size=7, optimizer='adamw'),  # MAE FINETUNE.md
-    'linear': dict(epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0, weight_decay=0.0, batch_size=512, accum_iter=4,
-                   optimizer='lars', pool='cls', window_size=7, drop_path=0.0),  # MAE main_linprobe.py: 16384
-    'knn': dict(batch_size=128, pool='cls', window_size=7, nb_knn='10,20,100,200', temperature=0.07),  # DINO
+    'finetune': dict(  # facebookresearch/mae main_finetune.py; FINETUNE page, ViT-B command (1024)
+        epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
+        drop_path=0.1, batch_size=128, accum_iter=1, smoothing=0.1, mixup=0.8, cutmix=1.0,
+        reprob=0.25, randaug=True, pool='avg', swin_head='norm', window_size=7, optimizer='adamw'),
+    'linear': dict(  # MAE main_linprobe.py; FINETUNE page, linear probing: 512 x 32 GPUs = 16384
+        epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0, weight_decay=0.0, batch_size=512,
+        accum_iter=4, optimizer='lars', pool='cls', window_size=7, drop_path=0.0),
+    'knn': dict(batch_size=128, pool='cls', window_size=7, nb_knn='10,20,100,200',
+                temperature=0.07),  # facebookresearch/dino eval_knn.py
 }
-# Published recipes (specs: fastmim.md §2, hpm.md §10, localmim.md §2, mff.md §2, interop.md §8); keys 'all' <
-# family ('vit' / 'swin') < model name. Absolute lrs of the official commands are written as blr = lr x 256 / batch.
+# Published recipes; keys 'all' < family ('vit' / 'swin') < model name. Absolute lrs of the
+# official commands are written as blr = lr x 256 / effective batch.
 RECIPES = {
-    'mae': {'finetune': {'vit_large': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),  # MAE FINETUNE.md
-                         'vit_huge': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3),
-                         'swin': dict(blr=1e-3, layer_decay=0.8)}},  # MAE has no Swin: FastMIM's Swin-B recipe
-    'fastmim': {'finetune': {'vit': dict(blr=6e-4, layer_decay=0.70),  # README (paper 1e-3; FastMIM.pytorch#1)
-                             'swin': dict(blr=1e-3, layer_decay=0.8, swin_head='fc_norm'),
-                             'swin_large': dict(layer_decay=0.75, drop_path=0.3)}},  # paper
-    'hpm': {'finetune': {'vit': dict(layer_decay=0.8, batch_size=48),  # finetune_base.sh: 48 x 8 = 384
-                         'vit_large': dict(epochs=50, batch_size=64)},  # finetune_large.sh
-            'linear': {'all': dict(optimizer='sgd', blr=1e-3, epochs=100, batch_size=256, accum_iter=1)}},  # linprob.sh
-    'localmim': {'finetune': {'vit': dict(blr=5e-4, warmup_epochs=20, min_lr=1e-5),  # lr 2e-3 at 1024 (README)
-                              'vit_large': dict(epochs=50, warmup_epochs=5, blr=7.5e-4, layer_decay=0.75,
-                                                drop_path=0.2, batch_size=64, accum_iter=2),  # lr 3e-3 at 1024
-                              'swin': dict(blr=1e-3, layer_decay=0.9, warmup_epochs=20, min_lr=2.5e-7,
-                                           swin_head='pool_norm'),  # lr 4e-3 at 1024, norm after pooling
-                              'swin_large': dict(blr=2.5e-4, layer_decay=0.8, drop_path=0.3, window_size=14,
-                                                 batch_size=32, accum_iter=8)}},  # lr 2e-3 at 32 x 8 x 8
-    'mff': {'finetune': {'vit': dict(blr=5e-4, layer_decay=0.65)}},  # released config: lr 2e-3 at 1024
+    'mae': {'finetune': {  # facebookresearch/mae FINETUNE page: the ViT-L and ViT-H commands
+        'vit_large': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
+        'vit_huge': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3),
+        'swin': dict(blr=1e-3, layer_decay=0.8)}},  # MAE has no Swin: FastMIM's Swin-B command
+    'fastmim': {'finetune': {  # ggjy/FastMIM.pytorch README commands
+        'vit': dict(blr=6e-4, layer_decay=0.70),  # Tab. 12: 1e-3; 6e-4 wins in FastMIM.pytorch#1
+        'swin': dict(blr=1e-3, layer_decay=0.8, swin_head='fc_norm'),
+        'swin_large': dict(layer_decay=0.75, drop_path=0.3)}},  # no command: FastMIM Tab. 12
+    'hpm': {  # Haochen-Wang409/HPM scripts/
+        'finetune': {'vit': dict(layer_decay=0.8, batch_size=48),  # finetune_base.sh: 48 x 8
+                     'vit_large': dict(epochs=50, batch_size=64)},  # finetune_large.sh
+        'linear': {'all': dict(optimizer='sgd', blr=1e-3, epochs=100, batch_size=256,
+                               accum_iter=1)}},  # linprob.sh: 512 x 4 = 2048; main_linprob.py: SGD
+    'localmim': {'finetune': {  # Haoqing-Wang/LocalMIM ViT/README, Swin/README commands
+        'vit': dict(blr=5e-4, warmup_epochs=20, min_lr=1e-5),  # lr 2e-3 at 1024
+        'vit_large': dict(epochs=50, warmup_epochs=5, blr=7.5e-4, layer_decay=0.75, drop_path=0.2,
+                          batch_size=64, accum_iter=2),  # lr 3e-3 at 1024
+        # lr 4e-3 at 1024; warm-up and min lr: defaults of Swin/run_finetune.py
+        'swin': dict(blr=1e-3, layer_decay=0.9, warmup_epochs=20, min_lr=2.5e-7,
+                     swin_head='pool_norm'),
+        'swin_large': dict(blr=2.5e-4, layer_decay=0.8, drop_path=0.3, window_size=14,
+                           batch_size=32, accum_iter=8)}},  # lr 2e-3 at 32 x 8 x 8
+    # open-mmlab/mmpretrain configs/mff/benchmarks/vit-base-p16_8xb128-coslr-100e_in1k.py
+    'mff': {'finetune': {'vit': dict(blr=5e-4, layer_decay=0.65)}},  # lr 2e-3 at 1024
 }
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, accum_iter=1, epochs=4, warmup_epochs=1, window_size=4,
-             num_workers=2, log_freq=8)  # ours: a couple of minutes on 2 CPU cores
-METHOD_RECIPE = {'mae': 'mae', 'hpm': 'hpm', 'fastmim': 'fastmim', 'localmim': 'localmim', 'mff': 'mff',
-                 'efficient_mae': 'mae'}  # Efficient MAE fine-tunes with MAE's recipe (efficient_mae.md §2)
-LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem', 'dist_on_itp', 'dist_eval',
-                'nb_classes', 'experiment', 'opt_level')  # --nb_classes: the class count comes from the data
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, accum_iter=1, epochs=4, warmup_epochs=1,
+             window_size=4, num_workers=2, log_freq=8)  # ours: a couple of minutes on 2 CPU cores
+# Efficient MAE gives no ImageNet fine-tuning recipe (its supplement: ADE20K, COCO): MAE's
+METHOD_RECIPE = {'mae': 'mae', 'hpm': 'hpm', 'fastmim': 'fastmim', 'localmim': 'localmim',
+                 'mff': 'mff', 'efficient_mae': 'mae'}
+# official launch / logging flags, accepted and ignored (--nb_classes: the data gives the count)
+LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
+                'dist_on_itp', 'dist_eval', 'nb_classes', 'experiment', 'opt_level')
 TIMM_SWIN_WINDOW = 7  # timm names: swin_*_patch4_window7_224; other windows go to OUT.json
 
 
