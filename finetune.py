@@ -105,7 +105,7 @@ TIMM_SWIN_WINDOW = 7  # timm names: swin_*_patch4_window7_224; other windows go 
 # ----------------------------------------------------------------------------- models
 
 def model_config(args):
-    """Constructor arguments of the encoder: the preset, then --patch-size/--embed-dim/--depth/--num-heads overrides."""
+    """Constructor kwargs: the preset overridden by --patch-size/--embed-dim/--depth/--num-heads."""
     if args.model.startswith('vit'):
         cfg = dict(VIT_PRESETS[args.model])
         for k in ('patch_size', 'embed_dim', 'depth', 'num_heads'):
@@ -119,17 +119,17 @@ def model_config(args):
         if getattr(args, k) is not None:
             cfg[name] = tuple(int(v) for v in str(getattr(args, k)).split(','))
     if len(cfg['depths']) != len(cfg['num_heads']):
-        raise ValueError(f'Swin needs one depth and one head count per stage, got --depth {cfg["depths"]} and '
-                         f'--num-heads {cfg["num_heads"]}')
+        raise ValueError(f'Swin needs one depth and one head count per stage, got --depth '
+                         f'{cfg["depths"]} and --num-heads {cfg["num_heads"]}')
     return cfg
 
 
 class SwinClassifier(SwinTransformer):
     """Swin with the classifier head a method fine-tunes with (`--swin-head`).
 
-    'norm': final norm, then average pool (Swin, timm); 'fc_norm': a fresh fc_norm instead of the final
-    norm, then pool (ggjy/FastMIM.pytorch models/mim_swin_finetune.py); 'pool_norm': pool, then the norm
-    (Haoqing-Wang/LocalMIM Swin/models_swin.py:SwinTransformer.forward_features).
+    'norm': final norm, then average pool (Swin, timm); 'fc_norm': a fresh fc_norm instead of the
+    final norm, then pool (ggjy/FastMIM.pytorch mim_swin_finetune.py); 'pool_norm': pool, then the
+    norm (Haoqing-Wang/LocalMIM Swin/models_swin.py), each in SwinTransformer.forward_features.
     """
 
     def __init__(self, *args, head_norm='norm', **kwargs):
@@ -141,7 +141,7 @@ class SwinClassifier(SwinTransformer):
             self.norm, self.fc_norm = nn.Identity(), nn.LayerNorm(self.num_features)
 
     def forward(self, imgs):
-        """imgs (B, 3, H, W) -> logits (B, classes) (or the pooled features when there is no head)."""
+        """imgs (B, 3, H, W) -> logits (B, classes); the pooled features (B, C) without a head."""
         if self.head_norm == 'pool_norm':
             x = self.norm(self.forward_features(imgs, final_norm=False).mean(1))  # (B, C)
         elif self.head_norm == 'fc_norm':
@@ -162,8 +162,9 @@ def build_encoder(args, num_classes=0, pool='token', drop_path=0.0, swin_head='n
 
 
 def encoder_features(enc, imgs, pool='cls', layer=None):
-    """Frozen features (B, D): ViT cls token after the final norm, or the mean patch token through an affine-free
-    LayerNorm (MAE linprobe --global_pool: a fresh fc_norm), after block `layer` (1-based); Swin normed mean token."""
+    """Frozen features (B, D) after block `layer` (1-based): ViT cls token after the final norm, or
+    the mean patch token through an affine-free LayerNorm (MAE main_linprobe.py --global_pool: a
+    fresh fc_norm); Swin: the normed mean token."""
     if isinstance(enc, SwinTransformer):
         return enc.forward_features(imgs).mean(1)  # (B, C)
     x = enc.embed(imgs)  # (B, 1+L, D)
@@ -175,13 +176,14 @@ def encoder_features(enc, imgs, pool='cls', layer=None):
 
 
 class Probe(nn.Module):
-    """Linear probe (MAE main_linprobe.py): frozen encoder -> features -> BatchNorm1d(no affine, eps 1e-6) -> Linear."""
+    """Linear probe (MAE main_linprobe.py): frozen encoder -> BatchNorm1d (no affine) -> Linear."""
 
     def __init__(self, encoder, dim, num_classes, pool='cls', layer=None):
         super().__init__()
         self.encoder, self.pool, self.layer = encoder, pool, layer
         self.encoder.requires_grad_(False)
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6),
+                                  nn.Linear(dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)  # MoCo v3 / MAE linprobe init
         nn.init.zeros_(self.head[1].bias)
 
@@ -199,8 +201,8 @@ class Probe(nn.Module):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as in MoCo v3 / MAE util/lars.py: SGD momentum whose update of every >1-D tensor is weight-decayed and
-    scaled by trust * |w| / |update|; 1-D tensors (BatchNorm, biases) get a plain momentum step."""
+    """LARS of MAE util/lars.py (from MoCo v3): momentum SGD; every >1-D tensor's update is weight-
+    decayed and scaled by trust * |w| / |update|; 1-D tensors (BatchNorm, biases) are not."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -217,32 +219,38 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     d = d.add(p, alpha=g['weight_decay'])
                     w, u = torch.norm(p), torch.norm(d)
-                    d = d * torch.where((w > 0) & (u > 0), g['trust_coefficient'] * w / u, torch.ones_like(w))
+                    d = d * torch.where((w > 0) & (u > 0), g['trust_coefficient'] * w / u,
+                                        torch.ones_like(w))
                 mu = self.state[p].setdefault('mu', torch.zeros_like(p))
                 mu.mul_(g['momentum']).add_(d)
                 p.add_(mu, alpha=-g['lr'])
 
 
 def vit_no_decay(name, param):
-    """MAE fine-tuning: no weight decay for 1-D tensors, biases and the no_weight_decay() names pos_embed, cls_token."""
+    """No weight decay in MAE fine-tuning: 1-D tensors, biases, pos_embed, cls_token."""
     return param.ndim <= 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
 
 
 def finetune_groups(model, args):
-    """Layer-decay AdamW groups (interop.md §8): the MAE rule for ViT, the original-layout rule for Swin."""
+    """Layer-decay AdamW groups: ViT as in MAE util/lr_decay.py:param_groups_lrd, original-layout
+    Swin as in ggjy/FastMIM.pytorch util/lr_decay.py:get_layer_id_for_swin."""
+
     if isinstance(model, SwinTransformer):
         depths = model.depths
-        return layer_decay_groups(model, args.weight_decay, vit_no_decay, partial(swin_layer_id, depths=depths),
-                                  args.layer_decay, num_layers=sum(depths) + 1)
+        return layer_decay_groups(model, args.weight_decay, vit_no_decay,
+                                  partial(swin_layer_id, depths=depths), args.layer_decay,
+                                  num_layers=sum(depths) + 1)
     depth = len(model.blocks)
-    return layer_decay_groups(model, args.weight_decay, vit_no_decay, partial(vit_layer_id, depth=depth),
-                              args.layer_decay, num_layers=depth + 1)
+    return layer_decay_groups(model, args.weight_decay, vit_no_decay,
+                              partial(vit_layer_id, depth=depth), args.layer_decay,
+                              num_layers=depth + 1)
+
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 def detect_recipe(obj, sd):
-    """The recipe of a checkpoint: `args.method` of ours, else the official layout told by its keys."""
+    """The recipe of a checkpoint: ours by its `args.method`, official ones by their keys."""
     a = obj.get('args') if isinstance(obj, dict) else None
     a = vars(a) if isinstance(a, argparse.Namespace) else a
     if isinstance(a, dict) and a.get('method') == 'finetune' and a.get('recipe') in RECIPES:
@@ -251,9 +259,10 @@ def detect_recipe(obj, sd):
         return METHOD_RECIPE[a['method']]
     if any('_losspred' in k for k in sd):
         return 'hpm'
-    if 'mask_token' in sd and tuple(sd['mask_token'].shape) == (1, 3, 1, 1):  # FastMIM's RGB mask colour
+    if 'mask_token' in sd and tuple(sd['mask_token'].shape) == (1, 3, 1, 1):  # FastMIM's RGB token
         return 'fastmim'
-    if any(k.startswith(('hog_enc.', 'decoder.0.')) or re.fullmatch(r'(encoder\.)?norm\.\d+\.weight', k) for k in sd):
+    if any(k.startswith(('hog_enc.', 'decoder.0.'))
+           or re.fullmatch(r'(encoder\.)?norm\.\d+\.weight', k) for k in sd):
         return 'localmim'
     if any('proj_weights' in k for k in sd):
         return 'mff'
@@ -265,17 +274,21 @@ def infer_model(sd):
     sd = mmpretrain_vit_to_timm(sd) if any(k.startswith('backbone.') for k in sd) else sd
     sd = {re.sub(r'^encoder\.', '', k): v for k, v in sd.items()}
     if 'patch_embed.proj.weight' in sd and 'cls_token' in sd:
-        D, depth = sd['cls_token'].shape[-1], len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
-        return next((n for n, c in VIT_PRESETS.items() if c['embed_dim'] == D and c['depth'] == depth), None)
+        D, depth = sd['cls_token'].shape[-1], len({k.split('.')[1] for k in sd
+                                                   if k.startswith('blocks.')})
+        return next((n for n, c in VIT_PRESETS.items()
+                     if c['embed_dim'] == D and c['depth'] == depth), None)
     if 'patch_embed.proj.weight' in sd and any(k.startswith('layers.') for k in sd):
         C = sd['patch_embed.proj.weight'].shape[0]
-        depths = tuple(len({k.split('.')[3] for k in sd if k.startswith(f'layers.{s}.blocks.')}) for s in range(4))
-        return next((n for n, c in SWIN_PRESETS.items() if c['embed_dim'] == C and tuple(c['depths']) == depths), None)
+        depths = tuple(len({k.split('.')[3] for k in sd if k.startswith(f'layers.{s}.blocks.')})
+                       for s in range(4))
+        return next((n for n, c in SWIN_PRESETS.items()
+                     if c['embed_dim'] == C and tuple(c['depths']) == depths), None)
     return None
 
 
 def plain_args(obj):
-    """The `args` of a checkpoint as a dict (ours: a dict; MAE family: an argparse.Namespace), else {}."""
+    """The `args` of a checkpoint as a dict (ours: a dict; MAE family: a Namespace), else {}."""
     a = obj.get('args') if isinstance(obj, dict) else None
     return vars(a) if isinstance(a, argparse.Namespace) else (a if isinstance(a, dict) else {})
 
@@ -283,12 +296,13 @@ def plain_args(obj):
 # ----------------------------------------------------------------------------- data
 
 def finetune_transform(res, randaug=True, reprob=0.25, scale=(0.08, 1.0)):
-    """timm create_transform(is_training) as MAE fine-tuning uses it: RandomResizedCrop(0.08-1, bicubic), flip,
-    RandAugment, normalise, random erasing (pixel mode)."""
+    """timm create_transform(is_training) as MAE fine-tuning uses it: RandomResizedCrop(0.08-1,
+    bicubic), flip, RandAugment, normalise, random erasing (pixel mode)."""
     from torchvision.transforms import InterpolationMode, v2
-    ops = [v2.ToImage(), v2.RandomResizedCrop(res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+    ops = [v2.ToImage(),
+           v2.RandomResizedCrop(res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
            v2.RandomHorizontalFlip()]
-    if randaug:  # rand-m9-mstd0.5-inc1 approximated: magnitude 9 of 10 bins, no magnitude noise (interop.md §10)
+    if randaug:  # ~ timm rand-m9-mstd0.5-inc1: magnitude 9 of 10 (11 bins), no magnitude noise
         fill = [round(255 * m) for m in IMAGENET_MEAN]  # timm fills with the mean pixel
         ops.append(v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
                                   interpolation=InterpolationMode.BILINEAR, fill=fill))
@@ -308,7 +322,7 @@ def linear_transform(res, scale=(0.08, 1.0)):
 
 
 class Indexed(torch.utils.data.Dataset):
-    """A share of a dataset with a fixed transform; items are (image, label, dataset index) (evaluation, k-NN)."""
+    """A share of a dataset with a fixed transform; items are (image, label, dataset index)."""
 
     def __init__(self, base, transform, indices):
         self.base, self.transform, self.indices = base, transform, list(indices)
@@ -322,27 +336,29 @@ class Indexed(torch.utils.data.Dataset):
 
 
 def splits(args):
-    """(train, val, number of classes): ImageFolder <data>/train and <data>/val, else the built-in SyntheticShapes."""
+    """(train, val, classes) from <data>/train and /val, else the built-in SyntheticShapes."""
     if args.data_path:
         train, val = image_folder(args.data_path, 'train'), image_folder(args.data_path, 'val')
         if train.classes != val.classes:
-            raise ValueError(f'{args.data_path}/train and /val have different class folders ({len(train.classes)} vs '
-                             f'{len(val.classes)}); they must match')
+            raise ValueError(f'{args.data_path}/train and /val have different class folders '
+                             f'({len(train.classes)} vs {len(val.classes)}); they must match')
         return train, val, len(train.classes)
     train = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
-    return train, SyntheticShapes('val', args.synthetic_val_size, args.res, args.seed), len(SyntheticShapes.classes)
+    return (train, SyntheticShapes('val', args.synthetic_val_size, args.res, args.seed),
+            len(SyntheticShapes.classes))
 
 
 def eval_loader(base, args, rank, world, device):
-    """Sequential loader over this rank's strided share of `base` (the whole set is covered once, no padding)."""
+    """Sequential loader over this rank's strided share of `base` (each image once, no padding)."""
     share = Indexed(base, eval_transform(args.res), range(rank, len(base), world))
-    return torch.utils.data.DataLoader(share, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+    return torch.utils.data.DataLoader(share, batch_size=args.batch_size, shuffle=False,
+                                       num_workers=args.num_workers,
                                        pin_memory=device.type == 'cuda', drop_last=False)
 
 
 def mix_batch(imgs, labels, num_classes, args):
-    """Mixup or CutMix (each with probability 0.5, one lambda per batch: timm Mixup mode 'batch') with label smoothing
-    applied by hand, y = (1 - s) y_mix + s / K (= timm's smooth-then-mix; interop.md §10) -> (imgs, (B, K))."""
+    """Mixup or CutMix (probability 0.5 each, one lambda per batch: timm Mixup mode 'batch'), then
+    smoothing by hand, y = (1 - s) y_mix + s / K (= timm's smooth-then-mix) -> (imgs, (B, K))."""
     from torchvision.transforms import v2
     ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
           ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
@@ -362,8 +378,10 @@ def evaluate(model, loader, device, amp, world):
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(imgs)
-        hit = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (B, 5)
-        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=device)]).double()
+        hit = (logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+               == labels[:, None])  # (B, 5)
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(),
+                               torch.tensor(len(labels), device=device)]).double()
     if world > 1:
         dist.all_reduce(counts)
     model.train(was)
@@ -372,8 +390,9 @@ def evaluate(model, loader, device, amp, world):
 
 @torch.no_grad()
 def extract_features(fn, loader, device, amp, world, total):
-    """L2-normalised features (N, D) and labels (N,) of a whole dataset in dataset order, gathered from all ranks
-    together with their dataset indices (the official HPM script stores them by loader position and misaligns them)."""
+    """L2-normalised features (N, D) and labels (N,) of a whole dataset in dataset order, gathered
+    from all ranks with their dataset indices (HPM main_knn.py stores them by loader position)."""
+
     feats, labels, index = [], [], []
     for imgs, y, i in loader:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -431,8 +450,8 @@ def load_pretrained(model, args, obj, fresh, level_norm):
         print0('no --ckpt: the encoder starts from random init (the baseline)')
         return
     print0(f'loading {args.ckpt} (recipe {args.recipe})')
-    load_encoder(model, obj, teacher=args.teacher, merge_permute=args.permute_merge, table_mode=args.table_resize,
-                 fresh=fresh, level_norm=level_norm, log=print0)
+    load_encoder(model, obj, teacher=args.teacher, merge_permute=args.permute_merge,
+                 table_mode=args.table_resize, fresh=fresh, level_norm=level_norm, log=print0)
 
 
 def append_log(args, row):
@@ -458,10 +477,12 @@ def run_knn(args, obj, rank, world, device):
     load_pretrained(enc, args, obj, fresh=(), level_norm=True)
     enc = enc.to(device).eval()
     cache = os.path.join(args.output_dir, 'knn_features.pth')
-    stamp = plain_data(dict(ckpt=args.ckpt, mtime=os.path.getmtime(args.ckpt) if args.ckpt else None, model=args.model,
-                       res=args.res, pool=args.pool, layer=args.probe_layer, data=args.data_path, teacher=args.teacher,
-                       n=[len(train), len(val)], seed=args.seed, cfg=model_config(args)))
-    cached = torch.load(cache, map_location='cpu', weights_only=True) if os.path.isfile(cache) else None
+    stamp = plain_data(dict(
+        ckpt=args.ckpt, mtime=os.path.getmtime(args.ckpt) if args.ckpt else None, model=args.model,
+        res=args.res, pool=args.pool, layer=args.probe_layer, data=args.data_path,
+        teacher=args.teacher, n=[len(train), len(val)], seed=args.seed, cfg=model_config(args)))
+    cached = (torch.load(cache, map_location='cpu', weights_only=True) if os.path.isfile(cache)
+              else None)
     hit = torch.tensor(int(cached is not None and cached.get('stamp') == stamp), device=device)
     if world > 1:  # every rank must take the same branch (the extraction below has collectives)
         dist.all_reduce(hit, op=dist.ReduceOp.MIN)
@@ -472,15 +493,15 @@ def run_knn(args, obj, rank, world, device):
         amp = autocast_dtype(args.precision, device)
         fn = partial(encoder_features, enc, pool=args.pool, layer=args.probe_layer)
         feats = {}
-        for name, base in (('train', train), ('val', val)):  # DINO: the eval transform for both sets
-            feats[name], feats[name + '_labels'] = extract_features(fn, eval_loader(base, args, rank, world, device),
-                                                                    device, amp, world, len(base))
+        for name, base in (('train', train), ('val', val)):  # DINO: eval transform for both
+            feats[name], feats[name + '_labels'] = extract_features(
+                fn, eval_loader(base, args, rank, world, device), device, amp, world, len(base))
         if rank == 0:
             save_atomic({'stamp': stamp, **{k: v.cpu() for k, v in feats.items()}}, cache)
     best = None
     for k in [int(v) for v in str(args.nb_knn).split(',')]:
-        top1, top5 = knn_classify(feats['train'], feats['train_labels'], feats['val'], feats['val_labels'], k,
-                                  args.temperature, K)
+        top1, top5 = knn_classify(feats['train'], feats['train_labels'], feats['val'],
+                                  feats['val_labels'], k, args.temperature, K)
         print0(f'k-NN k={k} T={args.temperature}: top1 {top1:.2f} top5 {top5:.2f}')
         append_log(args, dict(mode='knn', k=k, top1=round(top1, 4), top5=round(top5, 4)))
         if best is None or top1 > best[1]:
@@ -490,9 +511,9 @@ def run_knn(args, obj, rank, world, device):
 
 
 class Finetuner(nn.Module):
-    """What common.train runs for --mode finetune and linear: a classifier (ViT, Swin or Probe) with its
-    loss, mixup/cutmix, optional EMA, per-epoch evaluation and the best top-1, through the hooks of the
-    loop contract in common.py. Checkpoints hold the classifier's own keys (MAE's fine-tuning layout)."""
+    """What common.train runs for --mode finetune and linear: a classifier (ViT, Swin or Probe) with
+    its loss, mixup/cutmix, optional EMA, per-epoch evaluation and the best top-1, through the loop
+    hooks of common.py. Checkpoints hold the classifier's own keys (MAE's fine-tuning layout)."""
 
     takes_labels = True
 
@@ -530,10 +551,10 @@ class Finetuner(nn.Module):
         return {'loss': loss}
 
     def make_optimizer(self, args, fused):
-        """AdamW (0.9, 0.999) with layer decay (fine-tuning), LARS or SGD on the head (linear probe)."""
+        """AdamW (0.9, 0.999) with layer decay (finetune); LARS or SGD on the head (linear)."""
         if args.mode == 'finetune':
-            return torch.optim.AdamW(finetune_groups(self.net, args), lr=args.lr, betas=(0.9, 0.999),
-                                     fused=fused)
+            return torch.optim.AdamW(finetune_groups(self.net, args), lr=args.lr,
+                                     betas=(0.9, 0.999), fused=fused)
         if args.optimizer == 'lars':
             return LARS(self.net.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # HPM main_linprob.py: SGD with momentum 0.9
@@ -552,7 +573,7 @@ class Finetuner(nn.Module):
                 self.ema[k].copy_(v)
 
     def evaluate(self, epoch):
-        """Top-1/top-5 on the val set (and of the EMA); 'best' when top-1 beats every earlier epoch."""
+        """Top-1/top-5 on the val set (and of the EMA); 'best' if top-1 beats all earlier epochs."""
         top1, top5 = evaluate(self.net, self.val_loader, self.device, self.amp, self.world)
         row = {'top1': round(top1, 4), 'top5': round(top5, 4)}
         if self.ema is not None:
@@ -588,7 +609,7 @@ class Finetuner(nn.Module):
 
 
 def run_training(args, obj, rank, world, device):
-    """finetune and linear modes: build the classifier, load the encoder, train through common.train."""
+    """finetune and linear: build the classifier, load the encoder, train through common.train."""
     train_base, val_base, K = splits(args)
     last_path = os.path.join(args.output_dir, 'checkpoint-last.pth')
     resuming = args.resume or os.path.isfile(last_path)  # the checkpoint brings its own weights
@@ -599,7 +620,7 @@ def run_training(args, obj, rank, world, device):
             pool_norm = args.swin_head == 'pool_norm'
             fresh = ('fc_norm', 'head', 'norm') if pool_norm else ('fc_norm', 'head')
             load_pretrained(net, args, obj, fresh=fresh, level_norm=not pool_norm)
-            nn.init.trunc_normal_(net.head.weight, std=2e-5)  # MAE main_finetune: head re-initialised
+            nn.init.trunc_normal_(net.head.weight, std=2e-5)  # as MAE main_finetune.py:main
             nn.init.zeros_(net.head.bias)
     else:
         enc = build_encoder(args)
@@ -613,23 +634,26 @@ def run_training(args, obj, rank, world, device):
         transform = finetune_transform(args.res, args.randaug, args.reprob, args.rrc_scale)
     else:
         transform = linear_transform(args.res, args.rrc_scale)
-    model = train(model, args, lambda a: KeyedDataset(train_base, transform, a.seed, a.skip_bad_images))
+    model = train(model, args,
+                  lambda a: KeyedDataset(train_base, transform, a.seed, a.skip_bad_images))
     if model.run_end['reason'] in ('signal', 'already_finished'):
         return dict(model.best)
     top1, top5 = model.last
     best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
     print0(f'best top1 {model.best["top1"]:.2f} at epoch {model.best["epoch"]} ({best_path})')
-    return finish(args, top1, top5, best_top1=round(model.best['top1'], 4), step=model.run_end['step'])
+    return finish(args, top1, top5, best_top1=round(model.best['top1'], 4),
+                  step=model.run_end['step'])
 
 
 def export_timm(args, obj):
-    """--export-timm OUT.pth: the encoder with timm key names (Swin in timm's layout) + OUT.json with the kwargs of
-    timm.create_model(...) that load it strictly (interop.md §2)."""
+    """--export-timm OUT.pth: the encoder in timm key names (Swin in timm's layout) + OUT.json with
+    the timm.create_model kwargs that load it strictly (img_size, num_heads, window_size, ...)."""
+
     sd = strip_prefix(pick_state_dict(obj, args.teacher))
-    avg = 'fc_norm.weight' in sd and args.model.startswith('vit')  # a fine-tuned ViT: global pool + fc_norm
+    avg = 'fc_norm.weight' in sd and args.model.startswith('vit')  # fine-tuned: avg pool, fc_norm
     enc = build_encoder(args, pool='avg' if avg else 'token')
-    load_encoder(enc, obj, teacher=args.teacher, merge_permute=args.permute_merge, table_mode=args.table_resize,
-                 fresh=(), level_norm=True, log=print0)
+    load_encoder(enc, obj, teacher=args.teacher, merge_permute=args.permute_merge,
+                 table_mode=args.table_resize, fresh=(), level_norm=True, log=print0)
     cfg, out = model_config(args), enc.state_dict()
     if args.model.startswith('vit'):
         preset = VIT_PRESETS[args.model]
@@ -641,23 +665,27 @@ def export_timm(args, obj):
         name = f'{args.model}_patch4_window{TIMM_SWIN_WINDOW}_224'
         out = swin_to_timm(out)
         kwargs = dict(img_size=args.res, num_classes=0, window_size=args.window_size)
-    kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if preset.get(k) != v})
+    kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()
+                   if preset.get(k) != v})
     torch.save({k: v.contiguous() for k, v in out.items()}, args.export_timm)
     spec = dict(model_name=name, pretrained=False, **kwargs)
     json_path = os.path.splitext(args.export_timm)[0] + '.json'
     with open(json_path, 'w') as f:
         json.dump(spec, f, indent=1)
-    print0(f'wrote {len(out)} tensors in timm names to {args.export_timm} and the create_model kwargs to {json_path}:\n'
-        f'  timm.create_model(**json.load(open({json_path!r}))).load_state_dict(torch.load({args.export_timm!r}))')
+    print0(f'wrote {len(out)} tensors in timm names to {args.export_timm} and the create_model '
+           f'kwargs to {json_path}:\n  timm.create_model(**json.load(open({json_path!r})))'
+           f'.load_state_dict(torch.load({args.export_timm!r}))')
     return spec
 
 
 # ----------------------------------------------------------------------------- command line
 
 def canonical_model(name):
-    """Official model names -> our presets: vit_base_patch16 -> vit_base, swin_base_patch4_window7_224 -> swin_base;
-    returns (preset, window or None)."""
-    m = re.match(r'(?:mim_|mae_|MIM_)?((?:vit|swin)_(?:tiny|small|base|large|huge))(.*)', name or '')
+    """Official model name -> (our preset, window or None): vit_base_patch16 -> (vit_base, None),
+    swin_base_patch4_window7_224 -> (swin_base, 7)."""
+    m = re.match(r'(?:mim_|mae_|MIM_)?((?:vit|swin)_(?:tiny|small|base|large|huge))(.*)',
+                 name or '')
+
     if not m:
         return name, None
     w = re.search(r'win(?:dow)?(\d+)', m[2])
@@ -665,73 +693,85 @@ def canonical_model(name):
 
 
 def get_args(argv=None):
-    """Parse the command line, then fill: the smoke preset (no --data-path), the recipe, the mode's defaults."""
-    p = ArgumentParser(prog='finetune.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse the command line; resolve() fills the unset flags (smoke preset, recipe, defaults)."""
+    p = ArgumentParser(prog='finetune.py', description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--mode', choices=('finetune', 'linear', 'knn'), default='finetune', help='protocol (default finetune)')
-    a('--ckpt', '--finetune', dest='ckpt', help='pre-trained checkpoint (ours or official; MAE spelling --finetune); '
-      'none = random init')
-    a('--recipe', choices=tuple(RECIPES), help='published recipe; default: the one matching --ckpt (else mae)')
-    a('--teacher', action='store_true', help='load the EMA teacher (HPM ema_state_dict / our model_ema)')
-    a('--model', help='preset: vit_tiny|vit_small|vit_base|vit_large|vit_huge|swin_tiny|swin_base|swin_large '
-      '(official names such as vit_base_patch16 accepted); default: from --ckpt, else vit_base')
-    a('--res', '--input_size', '--input-size', dest='res', type=int, help='input resolution (default 224; 64 smoke)')
+    a('--mode', choices=('finetune', 'linear', 'knn'), default='finetune', help='default finetune')
+    a('--ckpt', '--finetune', dest='ckpt',
+      help='pre-trained checkpoint, ours or official (MAE spelling --finetune); none = random init')
+    a('--recipe', choices=tuple(RECIPES), help='published recipe (default: by --ckpt, else mae)')
+    a('--teacher', action='store_true', help='load the EMA teacher (HPM ema_state_dict, model_ema)')
+    a('--model', help='preset: vit_tiny|vit_small|vit_base|vit_large|vit_huge|swin_tiny|swin_base|'
+      'swin_large (or official names, e.g. vit_base_patch16); default: from --ckpt, else vit_base')
+    a('--res', '--input_size', '--input-size', dest='res', type=int, help='default 224 (smoke: 64)')
     a('--patch-size', dest='patch_size', type=int, help='override the preset (custom / tiny ViTs)')
     a('--embed-dim', dest='embed_dim', type=int, help='override the preset width')
     a('--depth', help='override the preset depth (Swin: comma list per stage)')
-    a('--num-heads', dest='num_heads', help='override the preset heads (Swin: comma list); FastMIM ViT-B was '
-      'pre-trained with 6, fine-tuned with 12 (fastmim.md §12)')
-    a('--window-size', '--window_size', dest='window_size', type=int, help='Swin window (7; LocalMIM Swin-L 14)')
+    a('--num-heads', dest='num_heads', help='override the preset heads (Swin: comma list); FastMIM '
+      'ViT-B is pre-trained with 6 (its mim_vit_pretrain.py), fine-tuned with 12')
+    a('--window-size', '--window_size', dest='window_size', type=int, help='7; LocalMIM Swin-L 14')
     a('--epochs', type=int, help='default: 100 finetune (50 ViT-L/H) / 90 linear (100 HPM)')
-    a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float, help='default 5 / 10 (20 LocalMIM)')
-    a('--blr', type=float, help='base lr, lr = blr x effective batch / 256; default per recipe (MAE 5e-4 / LARS 0.1)')
+    a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float,
+      help='default 5 / 10 (20 LocalMIM)')
+    a('--blr', type=float, help='lr = blr x effective batch / 256 (MAE 5e-4, LARS 0.1; per recipe)')
     a('--lr', type=float, help='absolute lr (overrides --blr)')
-    a('--min-lr', '--min_lr', dest='min_lr', type=float, help='cosine floor (default 1e-6 finetune, 0 linear)')
-    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, help='default 0.05 finetune / 0 linear')
-    a('--layer-decay', '--layer_decay', dest='layer_decay', type=float, help='layer-wise lr decay (interop.md §8)')
-    a('--drop-path', '--drop_path', dest='drop_path', type=float, help='stochastic depth (default 0.1)')
-    a('--batch-size', '--batch_size', dest='batch_size', type=int, help='images per process per micro-step')
-    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, help='gradient accumulation steps')
-    a('--clip-grad', '--clip_grad', dest='clip_grad', type=float, help='clip the global grad norm (default none)')
-    a('--pool', choices=('avg', 'cls'), help='avg (fine-tune: mean patch token + fc_norm) or cls (linear, k-NN)')
+    a('--min-lr', '--min_lr', dest='min_lr', type=float, help='1e-6 finetune, 0 linear')
+    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float,
+      help='0.05 finetune, 0 linear')
+    a('--layer-decay', '--layer_decay', dest='layer_decay', type=float,
+      help='layer-wise lr decay, per recipe (MAE ViT-B: 0.65)')
+    a('--drop-path', '--drop_path', dest='drop_path', type=float, help='stochastic depth (0.1)')
+    a('--batch-size', '--batch_size', dest='batch_size', type=int,
+      help='images per process per micro-step')
+    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, help='micro-steps per update')
+    a('--clip-grad', '--clip_grad', dest='clip_grad', type=float, help='max global grad norm')
+    a('--pool', choices=('avg', 'cls'), help='finetune avg (patch mean + fc_norm), linear/k-NN cls')
     a('--global_pool', dest='pool', action='store_const', const='avg', help=argparse.SUPPRESS)
     a('--cls_token', dest='pool', action='store_const', const='cls', help=argparse.SUPPRESS)
     a('--swin-head', dest='swin_head', choices=('norm', 'fc_norm', 'pool_norm'),
-      help='Swin classifier: norm then pool (standard), fresh fc_norm then pool (FastMIM), pool then fresh norm '
-      '(LocalMIM); default per recipe')
+      help='Swin classifier: norm then pool (standard), fresh fc_norm then pool (FastMIM), pool '
+      'then fresh norm (LocalMIM); default per recipe')
     a('--smoothing', type=float, help='label smoothing (default 0.1)')
     a('--mixup', type=float, help='mixup alpha (default 0.8; 0 = off)')
     a('--cutmix', type=float, help='cutmix alpha (default 1.0; 0 = off)')
     a('--reprob', type=float, help='random erasing probability (default 0.25)')
-    a('--randaug', action=argparse.BooleanOptionalAction, default=None, help='RandAugment(2 ops, m9) (default on)')
+    a('--randaug', action=argparse.BooleanOptionalAction, default=None,
+      help='RandAugment(2 ops, m9) (default on)')
     a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.08, 1.0),
       help='RandomResizedCrop scale range of the training images (timm / MAE: 0.08 1.0)')
-    a('--aa', help='timm auto-augment string: rand-m9-mstd0.5-inc1 = --randaug, none = --no-randaug')
-    a('--model-ema', '--model_ema', dest='model_ema', action='store_true', help='keep and evaluate an EMA')
-    a('--model-ema-decay', '--model_ema_decay', dest='model_ema_decay', type=float, default=0.9999, help='EMA decay')
+    a('--aa', help='timm auto-augment: rand-m9-mstd0.5-inc1 = --randaug, none = --no-randaug')
+    a('--model-ema', '--model_ema', dest='model_ema', action='store_true',
+      help='keep and evaluate an EMA')
+    a('--model-ema-decay', '--model_ema_decay', dest='model_ema_decay', type=float, default=0.9999,
+      help='EMA decay')
     a('--optimizer', choices=('lars', 'sgd'), help='linear probe: lars (MAE, MFF) or sgd (HPM)')
-    a('--probe-layer', dest='probe_layer', type=int, help='linear / k-NN: features after this block (1-based; '
-      'default the last)')
-    a('--nb-knn', '--nb_knn', dest='nb_knn', help='k values, comma separated (default 10,20,100,200)')
+    a('--probe-layer', dest='probe_layer', type=int,
+      help='linear / k-NN: features after this block (1-based; default the last)')
+    a('--nb-knn', '--nb_knn', dest='nb_knn', help='k values (default 10,20,100,200)')
     a('--temperature', type=float, help='k-NN vote temperature (default 0.07)')
     a('--table-resize', '--remap_mode', dest='table_resize', default='geometric',
-      type=lambda s: {'simmim': 'geometric', 'interpolate': 'bicubic'}.get(s, s), choices=('geometric', 'bicubic'),
-      help='Swin relative tables: geometric (default; FastMIM/SimMIM simmim) or bicubic (FastMIM interpolate)')
+      type=lambda s: {'simmim': 'geometric', 'interpolate': 'bicubic'}.get(s, s),
+      choices=('geometric', 'bicubic'), help='Swin relative tables: geometric (default; FastMIM/'
+      'SimMIM simmim) or bicubic (FastMIM interpolate)')
     a('--permute-merge', dest='permute_merge', action='store_true',
-      help='reorder LocalMIM pre-training merges (TL,TR,BL,BR) for the standard Swin (off: as the official loader)')
-    a('--export-timm', dest='export_timm', metavar='OUT.pth', help='write the encoder in timm names and exit')
-    a('--data-path', '--data_path', dest='data_path', help='ImageFolder root: train/, val/; none = built-in data')
-    a('--synthetic-size', dest='synthetic_size', type=int, default=2048, help='built-in training images')
-    a('--synthetic-val-size', dest='synthetic_val_size', type=int, default=512, help='built-in val images')
+      help='LocalMIM pre-training merge TL,TR,BL,BR -> standard order (off: as official loader)')
+    a('--export-timm', dest='export_timm', metavar='OUT.pth', help='write timm-named encoder, exit')
+    a('--data-path', '--data_path', dest='data_path', help='root of train/, val/; none = built-in')
+    a('--synthetic-size', dest='synthetic_size', type=int, default=2048, help='built-in train set')
+    a('--synthetic-val-size', dest='synthetic_val_size', type=int, default=512,
+      help='built-in val images')
     a('--output-dir', '--output_dir', dest='output_dir', help='default output/<mode>_<model>')
-    a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth when present)')
+    a('--resume', help='checkpoint to resume (default <output-dir>/checkpoint-last.pth if present)')
     a('--seed', type=int, default=0, help='seed of the per-sample randomness')
-    a('--num-workers', '--num_workers', dest='num_workers', type=int, help='data loader workers (default 8)')
-    a('--precision', choices=('auto', 'bf16', 'fp16', 'fp32'), default='auto', help='auto = bf16 on CUDA, fp32 on CPU')
+    a('--num-workers', '--num_workers', dest='num_workers', type=int, help='workers (default 8)')
+    a('--precision', choices=('auto', 'bf16', 'fp16', 'fp32'), default='auto',
+      help='auto = bf16 on CUDA, fp32 on CPU')
     a('--compile', action='store_true', help='torch.compile the model')
     a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
-    a('--max-steps', dest='max_steps', type=int, help='stop (evaluate, save) after this many optimizer steps')
-    a('--skip-bad-images', dest='skip_bad_images', action='store_true', help='skip unreadable images')
+    a('--max-steps', dest='max_steps', type=int, help='stop (eval, save) after N optimizer steps')
+    a('--skip-bad-images', dest='skip_bad_images', action='store_true',
+      help='skip unreadable images')
     a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
       help='skip up to K steps whose loss is NaN/inf instead of stopping')
     a('--benchmark', type=int, default=0, metavar='N',
@@ -744,14 +784,15 @@ def get_args(argv=None):
         delattr(args, f)
     args.method = 'finetune'
     args.ignored_flags = ignored
-    args.save_freq, args.benchmark_data = 0, 0  # the loop keeps only -last and -best; no data benchmark
+    args.save_freq, args.benchmark_data = 0, 0  # the loop keeps -last and -best; no data benchmark
     if args.aa is not None and args.randaug is None:
         args.randaug = args.aa.lower() not in ('none', '')
     return args
 
 
 def resolve(args, obj):
-    """Fill every unset flag: smoke preset, model (flag, checkpoint args, or shapes), recipe, mode defaults."""
+    """Fill unset flags: smoke preset, model (flag, checkpoint or shapes), recipe, mode defaults."""
+
     if args.ckpt is None and args.export_timm:
         raise ValueError('--export-timm needs --ckpt')
     if args.data_path is None and not args.export_timm:
@@ -761,7 +802,7 @@ def resolve(args, obj):
     sd = strip_prefix(pick_state_dict(obj, args.teacher)) if obj is not None else {}
     ck = plain_args(obj)
     if args.model is None and obj is not None:
-        if ck.get('method') in METHOD_RECIPE or ck.get('method') == 'finetune':  # ours: the run's preset
+        if ck.get('method') in METHOD_RECIPE or ck.get('method') == 'finetune':  # ours: its preset
             args.model = canonical_model(ck.get('model'))[0]
             if ck.get('method') == 'finetune':  # and its size overrides
                 for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size'):
@@ -769,17 +810,18 @@ def resolve(args, obj):
                         setattr(args, k, ck[k])
         args.model = args.model or infer_model(sd)
         if args.model is None:
-            raise ValueError(f'cannot tell the model of {args.ckpt} from its shapes; pass --model (and --embed-dim/'
-                             f'--depth/--num-heads for a custom size)')
+            raise ValueError(f'cannot tell the model of {args.ckpt} from its shapes; pass --model '
+                             f'(and --embed-dim/--depth/--num-heads for a custom size)')
     args.model, window = canonical_model(args.model or 'vit_base')
     if args.model not in VIT_PRESETS and args.model not in SWIN_PRESETS:
-        raise ValueError(f'unknown --model {args.model}; choose one of {", ".join([*VIT_PRESETS, *SWIN_PRESETS])}')
+        raise ValueError(f'unknown --model {args.model}; choose one of '
+                         f'{", ".join([*VIT_PRESETS, *SWIN_PRESETS])}')
     if args.window_size is None and window is not None:
         args.window_size = window
-    if args.export_timm:  # keep the checkpoint's own geometry unless told otherwise (interop.md §2)
+    if args.export_timm:  # keep the checkpoint's own geometry unless told otherwise
         if args.res is None and 'pos_embed' in sd and args.model.startswith('vit'):
-            args.res = math.isqrt(sd['pos_embed'].shape[1] - 1) * (args.patch_size or
-                                                                   VIT_PRESETS[args.model]['patch_size'])
+            args.res = math.isqrt(sd['pos_embed'].shape[1] - 1) * (
+                args.patch_size or VIT_PRESETS[args.model]['patch_size'])
         tables = [v for k, v in sd.items() if k.endswith('relative_position_bias_table')]
         if args.window_size is None and tables:
             args.window_size = (math.isqrt(tables[0].shape[0]) + 1) // 2
@@ -789,7 +831,8 @@ def resolve(args, obj):
     args.recipe = args.recipe or (detect_recipe(obj, sd) if obj is not None else 'mae')
     family = 'vit' if args.model.startswith('vit') else 'swin'
     table = RECIPES[args.recipe].get(args.mode, {})
-    for source in (table.get(args.model, {}), table.get(family, {}), table.get('all', {}), MODE_DEFAULTS[args.mode]):
+    for source in (table.get(args.model, {}), table.get(family, {}), table.get('all', {}),
+                   MODE_DEFAULTS[args.mode]):
         for k, v in source.items():
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
@@ -805,31 +848,40 @@ def validate(args):
     cfg = model_config(args)
     if args.model.startswith('vit'):
         if args.res % cfg['patch_size']:
-            raise ValueError(f'res {args.res} is not divisible by patch {cfg["patch_size"]}; use a multiple of '
-                             f'{cfg["patch_size"]}')
+            raise ValueError(f'res {args.res} is not divisible by patch {cfg["patch_size"]}; use a '
+                             f'multiple of {cfg["patch_size"]}')
         if cfg['embed_dim'] % cfg['num_heads']:
-            raise ValueError(f'--embed-dim {cfg["embed_dim"]} is not divisible by --num-heads {cfg["num_heads"]}')
+            raise ValueError(f'--embed-dim {cfg["embed_dim"]} is not divisible by --num-heads '
+                             f'{cfg["num_heads"]}')
         if args.probe_layer is not None and not 1 <= args.probe_layer <= cfg['depth']:
-            raise ValueError(f'--probe-layer {args.probe_layer} is out of range; the model has {cfg["depth"]} blocks')
+            raise ValueError(f'--probe-layer {args.probe_layer} is out of range; the model has '
+                             f'{cfg["depth"]} blocks')
     else:
         if args.probe_layer is not None:
-            raise ValueError('--probe-layer applies to ViT only (Swin features are the normed final stage)')
+            raise ValueError('--probe-layer applies to ViT only (Swin features are the normed '
+                             'final stage)')
         S = len(cfg['depths'])
-        SwinTransformer(args.res, 4, 1, (1,) * S, (1,) * S, args.window_size)  # a 1-wide copy checks res and window
+        SwinTransformer(args.res, 4, 1, (1,) * S, (1,) * S, args.window_size)  # checks res, window
     if args.mode != 'knn':
         for k in ('epochs', 'batch_size', 'accum_iter'):
             if getattr(args, k) < 1:
-                raise ValueError(f'--{k.replace("_", "-")} must be at least 1, got {getattr(args, k)}')
-    if args.mode == 'finetune' and not (0 <= args.smoothing < 1 and args.mixup >= 0 and args.cutmix >= 0
-                                        and 0 <= args.reprob <= 1 and 0 <= args.drop_path < 1):
-        raise ValueError('--smoothing and --drop-path must lie in [0, 1), --reprob in [0, 1], --mixup/--cutmix >= 0')
-    if args.mode == 'knn' and not all(v.strip().isdigit() and int(v) > 0 for v in str(args.nb_knn).split(',')):
-        raise ValueError(f'--nb-knn {args.nb_knn} must be positive integers separated by commas, e.g. 10,20,100,200')
+                raise ValueError(f'--{k.replace("_", "-")} must be at least 1, got '
+                                 f'{getattr(args, k)}')
+    if args.mode == 'finetune' and not (0 <= args.smoothing < 1 and args.mixup >= 0
+                                        and args.cutmix >= 0 and 0 <= args.reprob <= 1
+                                        and 0 <= args.drop_path < 1):
+        raise ValueError('--smoothing and --drop-path must lie in [0, 1), --reprob in [0, 1], '
+                         '--mixup/--cutmix >= 0')
+    if args.mode == 'knn' and not all(v.strip().isdigit() and int(v) > 0
+                                      for v in str(args.nb_knn).split(',')):
+        raise ValueError(f'--nb-knn {args.nb_knn} must be positive integers separated by commas, '
+                         f'e.g. 10,20,100,200')
     if args.data_path and not args.export_timm:
         for split in ('train', 'val'):
             if not os.path.isdir(os.path.join(args.data_path, split)):
-                raise ValueError(f'no {split}/ folder in --data-path {args.data_path}; fine-tuning, linear probing and '
-                                 f'k-NN read <root>/train and <root>/val')
+                raise ValueError(f'no {split}/ folder in --data-path {args.data_path}; '
+                                 f'fine-tuning, linear probing and k-NN read <root>/train '
+                                 f'and <root>/val')
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f'--resume {args.resume} does not exist')
 
@@ -861,15 +913,16 @@ def run(argv=None):
 
 
 def benchmark_finetune(args, device):
-    """--benchmark N: the fine-tuning step of --model at --res (ImageNet's 1000 classes, global pool,
-    drop path, mixup/cutmix as resolved)."""
+    """--benchmark N: time the fine-tuning step of --model at --res (1000 classes, as resolved)."""
     args.method = f'finetune-{args.mode}'
     enc = build_encoder(args, num_classes=1000, pool='avg', drop_path=args.drop_path or 0.0)
     return benchmark(Finetuner(enc, args, 1000, None, device, 1), args, device)
 
 
 def main(argv=None):
-    """Fine-tune / linear-probe / k-NN (see the module docstring); a user error prints `error: …` and exits 2."""
+    """Fine-tune / linear-probe / k-NN; a user error prints `error: …` and exits 2."""
+
+
     return run_main(run, argv)
 
 
