@@ -6,19 +6,16 @@ FastMIM and LocalMIM ViT/Swin, MFF in mmpretrain names). The checkpoint's layout
 prefixes, decoders and method-only keys stripped, names mapped, the pos-embed and Swin relative
 tables resized (common.load_encoder). Without `--ckpt`: random init, the baseline.
 
-- finetune (facebookresearch/mae main_finetune.py and its descendants): AdamW (0.9, 0.999) with
-  layer-wise lr decay, linear warm-up + cosine per iteration, RandAugment(9, 0.5), mixup 0.8 /
-  cutmix 1.0 with label smoothing 0.1, random erasing 0.25, drop path, global average pooling + a
-  fresh `fc_norm`, optional EMA, top-1/top-5 each epoch, best checkpoint kept.
+- finetune (facebookresearch/mae main_finetune.py and its descendants): AdamW with layer-wise lr
+  decay, warm-up + cosine per iteration, RandAugment, mixup/cutmix, label smoothing, random erasing,
+  drop path, global average pooling + a fresh `fc_norm`, optional EMA; best checkpoint kept.
 - linear (MAE main_linprobe.py): frozen encoder, cls token after the final norm (or `--pool avg`,
   or the block `--probe-layer`), BatchNorm1d without affine + Linear; LARS (MAE, MFF) or SGD (HPM).
-- knn (facebookresearch/dino eval_knn.py): cosine similarity of L2-normalised features, vote weight
-  exp(sim / 0.07), k 10/20/100/200; features computed once (cached in the output dir), gathered with
-  their dataset indices under DDP.
-`--recipe` picks a method's published recipe (default: the one matching the checkpoint); explicit
-flags win. Every mode ends with the lines `top1 <percent>` and `top5 <percent>` (also in log.jsonl).
-`--export-timm OUT.pth` writes the encoder in timm key names (+ OUT.json with the timm.create_model
-kwargs) and exits.
+- knn (facebookresearch/dino eval_knn.py): the k nearest L2-normalised train features (cosine) vote
+  exp(sim / 0.07), k 10/20/100/200; features cached, gathered by dataset index under DDP.
+`--recipe` picks a method's published recipe (default: the checkpoint's); explicit flags win.
+Every mode ends with the lines `top1 <percent>` and `top5 <percent>` (also in log.jsonl).
+`--export-timm OUT.pth` only writes the encoder in timm names + OUT.json (create_model kwargs).
 
     python finetune.py                                # CPU smoke run: random-init vit_tiny, 64 px
     python finetune.py --mode knn --ckpt output/fastmim_vit_tiny/checkpoint-last.pth --res 64
@@ -63,8 +60,7 @@ MODE_DEFAULTS = {
     'knn': dict(batch_size=128, pool='cls', window_size=7, nb_knn='10,20,100,200',
                 temperature=0.07),  # facebookresearch/dino eval_knn.py
 }
-# Published recipes; keys 'all' < family ('vit' / 'swin') < model name. Absolute lrs of the
-# official commands are written as blr = lr x 256 / effective batch.
+# Published recipes ('all' < 'vit' / 'swin' < model name); official lrs as blr = lr x 256 / batch
 RECIPES = {
     'mae': {'finetune': {  # facebookresearch/mae FINETUNE page: the ViT-L and ViT-H commands
         'vit_large': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
@@ -83,9 +79,8 @@ RECIPES = {
         'vit': dict(blr=5e-4, warmup_epochs=20, min_lr=1e-5),  # lr 2e-3 at 1024
         'vit_large': dict(epochs=50, warmup_epochs=5, blr=7.5e-4, layer_decay=0.75, drop_path=0.2,
                           batch_size=64, accum_iter=2),  # lr 3e-3 at 1024
-        # lr 4e-3 at 1024; warm-up and min lr: defaults of Swin/run_finetune.py
         'swin': dict(blr=1e-3, layer_decay=0.9, warmup_epochs=20, min_lr=2.5e-7,
-                     swin_head='pool_norm'),
+                     swin_head='pool_norm'),  # lr 4e-3 at 1024; Swin/run_finetune.py defaults
         'swin_large': dict(blr=2.5e-4, layer_decay=0.8, drop_path=0.3, window_size=14,
                            batch_size=32, accum_iter=8)}},  # lr 2e-3 at 32 x 8 x 8
     # open-mmlab/mmpretrain configs/mff/benchmarks/vit-base-p16_8xb128-coslr-100e_in1k.py
@@ -93,10 +88,8 @@ RECIPES = {
 }
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, accum_iter=1, epochs=4, warmup_epochs=1,
              window_size=4, num_workers=2, log_freq=8)  # ours: a couple of minutes on 2 CPU cores
-# Efficient MAE gives no ImageNet fine-tuning recipe (its supplement: ADE20K, COCO): MAE's
 METHOD_RECIPE = {'mae': 'mae', 'hpm': 'hpm', 'fastmim': 'fastmim', 'localmim': 'localmim',
-                 'mff': 'mff', 'efficient_mae': 'mae'}
-# official launch / logging flags, accepted and ignored (--nb_classes: the data gives the count)
+                 'mff': 'mff', 'efficient_mae': 'mae'}  # Efficient MAE publishes none: MAE's
 LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
                 'dist_on_itp', 'dist_eval', 'nb_classes', 'experiment', 'opt_level')
 TIMM_SWIN_WINDOW = 7  # timm names: swin_*_patch4_window7_224; other windows go to OUT.json
@@ -163,8 +156,7 @@ def build_encoder(args, num_classes=0, pool='token', drop_path=0.0, swin_head='n
 
 def encoder_features(enc, imgs, pool='cls', layer=None):
     """Frozen features (B, D) after block `layer` (1-based): ViT cls token after the final norm, or
-    the mean patch token through an affine-free LayerNorm (MAE main_linprobe.py --global_pool: a
-    fresh fc_norm); Swin: the normed mean token."""
+    mean patch token + affine-free LayerNorm (MAE linprobe's --global_pool); Swin: normed mean."""
     if isinstance(enc, SwinTransformer):
         return enc.forward_features(imgs).mean(1)  # (B, C)
     x = enc.embed(imgs)  # (B, 1+L, D)
@@ -234,7 +226,6 @@ def vit_no_decay(name, param):
 def finetune_groups(model, args):
     """Layer-decay AdamW groups: ViT as in MAE util/lr_decay.py:param_groups_lrd, original-layout
     Swin as in ggjy/FastMIM.pytorch util/lr_decay.py:get_layer_id_for_swin."""
-
     if isinstance(model, SwinTransformer):
         depths = model.depths
         return layer_decay_groups(model, args.weight_decay, vit_no_decay,
@@ -244,7 +235,6 @@ def finetune_groups(model, args):
     return layer_decay_groups(model, args.weight_decay, vit_no_decay,
                               partial(vit_layer_id, depth=depth), args.layer_decay,
                               num_layers=depth + 1)
-
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -392,7 +382,6 @@ def evaluate(model, loader, device, amp, world):
 def extract_features(fn, loader, device, amp, world, total):
     """L2-normalised features (N, D) and labels (N,) of a whole dataset in dataset order, gathered
     from all ranks with their dataset indices (HPM main_knn.py stores them by loader position)."""
-
     feats, labels, index = [], [], []
     for imgs, y, i in loader:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -511,9 +500,8 @@ def run_knn(args, obj, rank, world, device):
 
 
 class Finetuner(nn.Module):
-    """What common.train runs for --mode finetune and linear: a classifier (ViT, Swin or Probe) with
-    its loss, mixup/cutmix, optional EMA, per-epoch evaluation and the best top-1, through the loop
-    hooks of common.py. Checkpoints hold the classifier's own keys (MAE's fine-tuning layout)."""
+    """What common.train runs for --mode finetune and linear (loop hooks of common.py): a classifier
+    (ViT, Swin or Probe) with its loss, mixup/cutmix, optional EMA, evaluation, best top-1."""
 
     takes_labels = True
 
@@ -531,7 +519,7 @@ class Finetuner(nn.Module):
         self.last = None  # (top1, top5) of the latest evaluation
 
     def state_dict(self, *args, **kwargs):
-        """The classifier's state dict (no `net.` prefix)."""
+        """The classifier's state dict, no `net.` prefix (MAE's fine-tuning checkpoint keys)."""
         return self.net.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict=True):
@@ -557,9 +545,8 @@ class Finetuner(nn.Module):
                                      betas=(0.9, 0.999), fused=fused)
         if args.optimizer == 'lars':
             return LARS(self.net.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        # HPM main_linprob.py: SGD with momentum 0.9
         return torch.optim.SGD(self.net.head.parameters(), lr=args.lr, momentum=0.9,
-                               weight_decay=args.weight_decay)
+                               weight_decay=args.weight_decay)  # HPM main_linprob.py
 
     @torch.no_grad()
     def after_step(self):
@@ -648,7 +635,6 @@ def run_training(args, obj, rank, world, device):
 def export_timm(args, obj):
     """--export-timm OUT.pth: the encoder in timm key names (Swin in timm's layout) + OUT.json with
     the timm.create_model kwargs that load it strictly (img_size, num_heads, window_size, ...)."""
-
     sd = strip_prefix(pick_state_dict(obj, args.teacher))
     avg = 'fc_norm.weight' in sd and args.model.startswith('vit')  # fine-tuned: avg pool, fc_norm
     enc = build_encoder(args, pool='avg' if avg else 'token')
@@ -685,7 +671,6 @@ def canonical_model(name):
     swin_base_patch4_window7_224 -> (swin_base, 7)."""
     m = re.match(r'(?:mim_|mae_|MIM_)?((?:vit|swin)_(?:tiny|small|base|large|huge))(.*)',
                  name or '')
-
     if not m:
         return name, None
     w = re.search(r'win(?:dow)?(\d+)', m[2])
@@ -776,7 +761,7 @@ def get_args(argv=None):
       help='skip up to K steps whose loss is NaN/inf instead of stopping')
     a('--benchmark', type=int, default=0, metavar='N',
       help='time N fine-tuning steps (1000 classes) on synthetic batches and print one JSON line')
-    for flag in LAUNCH_FLAGS:  # official launch / logging flags: accepted and ignored with a note
+    for flag in LAUNCH_FLAGS:  # official launch/logging flags, --nb_classes (from data): ignored
         a(f'--{flag}', nargs='?', const=True, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     ignored = [f for f in LAUNCH_FLAGS if getattr(args, f) is not None]
@@ -792,7 +777,6 @@ def get_args(argv=None):
 
 def resolve(args, obj):
     """Fill unset flags: smoke preset, model (flag, checkpoint or shapes), recipe, mode defaults."""
-
     if args.ckpt is None and args.export_timm:
         raise ValueError('--export-timm needs --ckpt')
     if args.data_path is None and not args.export_timm:
@@ -921,8 +905,6 @@ def benchmark_finetune(args, device):
 
 def main(argv=None):
     """Fine-tune / linear-probe / k-NN; a user error prints `error: …` and exits 2."""
-
-
     return run_main(run, argv)
 
 
