@@ -966,47 +966,6 @@ def permute_merge(sd, order=(0, 2, 1, 3)):
     return out
 
 
-def vit_layer_id(name, depth):
-    """MAE/BEiT layer id (mae util/lr_decay.py:get_layer_id_for_vit; SimMIM adds mask_token):
-    cls_token, pos_embed, patch_embed, mask_token 0; blocks.i -> i+1; the rest depth+1."""
-    if name in ('cls_token', 'pos_embed', 'mask_token') or name.startswith('patch_embed'):
-        return 0
-    if name.startswith('blocks.'):
-        return int(name.split('.')[1]) + 1
-    return depth + 1
-
-
-def swin_layer_id(name, depths):
-    """Swin layer id as microsoft/SimMIM optimizer.py:get_swin_layer (FastMIM, LocalMIM alike):
-    block b of stage s -> sum(depths[:s]) + b + 1, its downsample the id of its last block."""
-    if name == 'mask_token' or name.startswith('patch_embed'):
-        return 0
-    if name.startswith('layers.'):
-        parts = name.split('.')
-        s = int(parts[1])
-        if parts[2] == 'downsample':
-            return sum(depths[:s + 1])
-        return sum(depths[:s]) + int(parts[3]) + 1
-    return sum(depths) + 1
-
-
-def layer_decay_groups(model, weight_decay, no_decay, layer_id, decay, num_layers=None):
-    """AdamW groups `layer_{id}_{decay|no_decay}`, lr_scale decay^(num_layers - id), num_layers
-    by default the top id (facebookresearch/mae util/lr_decay.py:param_groups_lrd)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ids = {n: layer_id(n) for n, _ in named}
-    top = max(ids.values()) if num_layers is None else num_layers
-    groups = {}
-    for n, p in named:
-        skip = no_decay(n, p)
-        key = f'layer_{ids[n]}_{"no_decay" if skip else "decay"}'
-        if key not in groups:
-            groups[key] = {'name': key, 'params': [], 'weight_decay': 0.0 if skip else weight_decay,
-                           'lr_scale': decay ** (top - ids[n])}
-        groups[key]['params'].append(p)
-    return list(groups.values())
-
-
 def key_summary(keys, limit=12):
     """Keys for a log line: all when few, else grouped by the prefix before the first index."""
     import re

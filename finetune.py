@@ -40,12 +40,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, SWIN_PRESETS, VIT_PRESETS, ArgumentParser,
-                    KeyedDataset, SwinTransformer, SyntheticShapes, VisionTransformer,
-                    autocast_dtype, benchmark, eval_transform, image_folder, layer_decay_groups,
-                    load_encoder, load_file, mmpretrain_vit_to_timm, pick_state_dict, plain_data,
-                    print0, run_main, save_atomic, setup_distributed, strip_prefix,
-                    swin_layer_id, swin_to_timm, train, vit_layer_id)
+from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, SWIN_PRESETS, VIT_PRESETS,
+                    ArgumentParser, KeyedDataset, SwinTransformer, SyntheticShapes,
+                    VisionTransformer, autocast_dtype, benchmark, check_run_args, eval_transform,
+                    image_folder, load_encoder, load_file, make_loader, mmpretrain_vit_to_timm,
+                    pick_state_dict, plain_data, print0, run_main, save_atomic, setup_distributed,
+                    strip_prefix, swin_to_timm, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -223,6 +223,47 @@ def vit_no_decay(name, param):
     return param.ndim <= 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
 
 
+def vit_layer_id(name, depth):
+    """MAE/BEiT layer id (mae util/lr_decay.py:get_layer_id_for_vit; SimMIM adds mask_token):
+    cls_token, pos_embed, patch_embed, mask_token 0; blocks.i -> i+1; the rest depth+1."""
+    if name in ('cls_token', 'pos_embed', 'mask_token') or name.startswith('patch_embed'):
+        return 0
+    if name.startswith('blocks.'):
+        return int(name.split('.')[1]) + 1
+    return depth + 1
+
+
+def swin_layer_id(name, depths):
+    """Swin layer id as microsoft/SimMIM optimizer.py:get_swin_layer (FastMIM, LocalMIM alike):
+    block b of stage s -> sum(depths[:s]) + b + 1, its downsample the id of its last block."""
+    if name == 'mask_token' or name.startswith('patch_embed'):
+        return 0
+    if name.startswith('layers.'):
+        parts = name.split('.')
+        s = int(parts[1])
+        if parts[2] == 'downsample':
+            return sum(depths[:s + 1])
+        return sum(depths[:s]) + int(parts[3]) + 1
+    return sum(depths) + 1
+
+
+def layer_decay_groups(model, weight_decay, no_decay, layer_id, decay, num_layers=None):
+    """AdamW groups `layer_{id}_{decay|no_decay}`, lr_scale decay^(num_layers - id), num_layers
+    by default the top id (facebookresearch/mae util/lr_decay.py:param_groups_lrd)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ids = {n: layer_id(n) for n, _ in named}
+    top = max(ids.values()) if num_layers is None else num_layers
+    groups = {}
+    for n, p in named:
+        skip = no_decay(n, p)
+        key = f'layer_{ids[n]}_{"no_decay" if skip else "decay"}'
+        if key not in groups:
+            groups[key] = {'name': key, 'params': [], 'weight_decay': 0.0 if skip else weight_decay,
+                           'lr_scale': decay ** (top - ids[n])}
+        groups[key]['params'].append(p)
+    return list(groups.values())
+
+
 def finetune_groups(model, args):
     """Layer-decay AdamW groups: ViT as in MAE util/lr_decay.py:param_groups_lrd, original-layout
     Swin as in ggjy/FastMIM.pytorch util/lr_decay.py:get_layer_id_for_swin."""
@@ -341,9 +382,7 @@ def splits(args):
 def eval_loader(base, args, rank, world, device):
     """Sequential loader over this rank's strided share of `base` (each image once, no padding)."""
     share = Indexed(base, eval_transform(args.res), range(rank, len(base), world))
-    return torch.utils.data.DataLoader(share, batch_size=args.batch_size, shuffle=False,
-                                       num_workers=args.num_workers,
-                                       pin_memory=device.type == 'cuda', drop_last=False)
+    return make_loader(share, args.batch_size, None, args.num_workers, device, drop_last=False)
 
 
 def mix_batch(imgs, labels, num_classes, args):
@@ -769,7 +808,8 @@ def get_args(argv=None):
         delattr(args, f)
     args.method = 'finetune'
     args.ignored_flags = ignored
-    args.save_freq, args.benchmark_data = 0, 0  # the loop keeps -last and -best; no data benchmark
+    # the loop keeps only checkpoint-last and -best; no data benchmark
+    args.save_freq, args.benchmark_data = None, 0
     if args.aa is not None and args.randaug is None:
         args.randaug = args.aa.lower() not in ('none', '')
     return args
@@ -827,6 +867,27 @@ def resolve(args, obj):
     return args
 
 
+def fraction(v):
+    """True for a number in [0, 1)."""
+    return 0 <= v < 1
+
+
+# The pre-training scripts' number rules, and fine-tuning's own.
+FINETUNE_RULES = {
+    **NUMBER_RULES,
+    'synthetic_val_size': (lambda v: v >= 1, '1 or more images'),
+    'layer_decay': (lambda v: 0 < v <= 1, 'a factor in (0, 1] such as 0.65 (1 = none)'),
+    'drop_path': (fraction, 'a probability in [0, 1) such as 0.1'),
+    'smoothing': (fraction, 'a fraction in [0, 1) such as 0.1'),
+    'mixup': (lambda v: v >= 0, '0 (off) or a positive alpha such as 0.8'),
+    'cutmix': (lambda v: v >= 0, '0 (off) or a positive alpha such as 1.0'),
+    'reprob': (lambda v: 0 <= v <= 1, 'a probability in [0, 1] such as 0.25'),
+    'model_ema_decay': (fraction, 'a decay in [0, 1) such as 0.9999'),
+    'temperature': (lambda v: v > 0, 'a positive temperature such as 0.07'),
+    'probe_layer': (lambda v: v >= 1, 'a block number from 1'),
+}
+
+
 def validate(args):
     """Check sizes and ranges before anything is printed."""
     cfg = model_config(args)
@@ -846,16 +907,10 @@ def validate(args):
                              'final stage)')
         S = len(cfg['depths'])
         SwinTransformer(args.res, 4, 1, (1,) * S, (1,) * S, args.window_size)  # checks res, window
-    if args.mode != 'knn':
-        for k in ('epochs', 'batch_size', 'accum_iter'):
-            if getattr(args, k) < 1:
-                raise ValueError(f'--{k.replace("_", "-")} must be at least 1, got '
-                                 f'{getattr(args, k)}')
-    if args.mode == 'finetune' and not (0 <= args.smoothing < 1 and args.mixup >= 0
-                                        and args.cutmix >= 0 and 0 <= args.reprob <= 1
-                                        and 0 <= args.drop_path < 1):
-        raise ValueError('--smoothing and --drop-path must lie in [0, 1), --reprob in [0, 1], '
-                         '--mixup/--cutmix >= 0')
+    check_run_args(args, FINETUNE_RULES)
+    if args.export_timm and not os.path.isdir(os.path.dirname(os.path.abspath(args.export_timm))):
+        raise ValueError(f'--export-timm {args.export_timm}: its folder does not exist; create it '
+                         f'or write elsewhere')
     if args.mode == 'knn' and not all(v.strip().isdigit() and int(v) > 0
                                       for v in str(args.nb_knn).split(',')):
         raise ValueError(f'--nb-knn {args.nb_knn} must be positive integers separated by commas, '
@@ -874,6 +929,9 @@ def run(argv=None):
     """Parse, resolve, validate, then export, k-NN, or train (finetune / linear)."""
     args = get_args(argv)
     obj = load_file(args.ckpt) if args.ckpt else None
+    if obj is not None and not isinstance(obj, dict):
+        raise ValueError(f'--ckpt {args.ckpt} holds a {type(obj).__name__}, not a checkpoint or a '
+                         f'state dict; give the file a pre-training run or a release wrote')
     resolve(args, obj)
     validate(args)
     rank, world, device = setup_distributed()

@@ -53,7 +53,7 @@ def test_vit_layer_decay_groups():
 
 def test_swin_base_layer_ids_and_groups():
     depths = (2, 2, 18, 2)  # Swin-B: ids 0, 1-2, 3-4, 5-22, 23-24, 25 (interop.md §8)
-    lid = lambda n: common.swin_layer_id(n, depths)  # noqa: E731
+    lid = lambda n: finetune.swin_layer_id(n, depths)  # noqa: E731
     assert lid('patch_embed.proj.weight') == 0 and lid('mask_token') == 0
     assert [lid(f'layers.0.blocks.{b}.attn.qkv.weight') for b in range(2)] == [1, 2]
     assert [lid(f'layers.1.blocks.{b}.norm1.bias') for b in range(2)] == [3, 4]

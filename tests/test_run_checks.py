@@ -149,3 +149,34 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_the_same_command_co
     assert [r['step'] for r in log_rows(log)] == list(range(1, 33))
     a, b = (torch.load(tmp_path / d / 'checkpoint-last.pth', weights_only=True)['model'] for d in 'ab')
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+FT = ['--model', 'vit_tiny', '--patch-size', '8', '--embed-dim', '32', '--depth', '2', '--num-heads', '2',
+      '--res', '32', '--num-workers', '0']
+
+
+@pytest.mark.parametrize('argv', [
+    ['--layer-decay', '0'], ['--drop-path', '1.5'], ['--smoothing', '1'], ['--epochs', '0'],
+    ['--batch-size', '-1'], ['--reprob', '2'], ['--model-ema-decay', '1'], ['--blr', '0'],
+    ['--log-freq', '0'], ['--num-workers', '-2'],
+])
+def test_finetune_refuses_a_bad_number_in_one_line(tmp_path, capsys, argv):
+    import finetune
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*FT, '--output-dir', str(tmp_path / 'out'), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f'error: {" ".join(argv)} is out of range; use ')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_finetune_names_a_tensor_file_and_a_missing_export_folder(tmp_path, capsys):
+    import finetune
+    torch.save(torch.zeros(3), tmp_path / 't.pth')
+    with pytest.raises(SystemExit):
+        finetune.main([*FT, '--ckpt', str(tmp_path / 't.pth'), '--output-dir', str(tmp_path)])
+    assert 'holds a Tensor, not a checkpoint' in capsys.readouterr().err
+    torch.save({'model': common.VisionTransformer(32, 8, 32, 2, 2).state_dict()}, tmp_path / 'v.pth')
+    with pytest.raises(SystemExit):
+        finetune.main([*FT, '--ckpt', str(tmp_path / 'v.pth'), '--export-timm',
+                       str(tmp_path / 'no' / 'such' / 'x.pth')])
+    assert 'its folder does not exist' in capsys.readouterr().err
