@@ -46,6 +46,9 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'width {dim} is not divisible by {num_heads} heads; use a head count '
+                             f'that divides it')
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -586,15 +589,28 @@ def denormalize(imgs):
     return (imgs.float() * std + mean).clamp(0, 1)
 
 
-def grid_picture(columns, gray=0.5):
-    """Columns of (B, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid, a row per image."""
+def grid_picture(columns, labels=None, gray=0.5):
+    """Columns of (B, 3, H, W) images in [0, 1] -> one uint8 (3, H', W') grid, a row per image,
+    under a strip that names each column (`labels`)."""
     from torchvision.utils import make_grid
     cols = [c.float().cpu().clamp(0, 1) for c in columns]
     stack = torch.stack(cols, dim=1).flatten(0, 1)  # (B*K, 3, H, W) image-major: a row per image
     if stack.shape[-2] < 128:  # small images are enlarged (nearest) so a person can read them
         stack = F.interpolate(stack, scale_factor=math.ceil(128 / stack.shape[-2]), mode='nearest')
-    grid = make_grid(stack, nrow=len(cols), padding=2, pad_value=gray)
-    return (grid * 255).round().to(torch.uint8)
+    grid = (make_grid(stack, nrow=len(cols), padding=2, pad_value=gray) * 255).round()
+    grid = grid.to(torch.uint8)  # (3, H', W')
+    if not labels:
+        return grid
+    from PIL import Image, ImageDraw
+    assert len(labels) == len(cols), (labels, len(cols))
+    strip = Image.new('RGB', (grid.shape[-1], 14), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    width = stack.shape[-1] + 2  # one column and its padding
+    for k, text in enumerate(labels):
+        draw.text((k * width + 4, 1), text, fill=(255, 255, 255))
+    strip = torch.frombuffer(bytearray(strip.tobytes()), dtype=torch.uint8)
+    strip = strip.view(14, grid.shape[-1], 3).permute(2, 0, 1)  # (3, 14, W')
+    return torch.cat([strip, grid], dim=1)  # (3, 14 + H', W')
 
 
 def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
@@ -614,7 +630,8 @@ def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
 
 def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
     """input | masked | prediction of a pixel-predicting ViT (pred (B, L, p*p*3), mask (B, L))."""
-    return grid_picture(pixel_columns(imgs, pred, mask, p, norm_pix_loss))
+    return grid_picture(pixel_columns(imgs, pred, mask, p, norm_pix_loss),
+                        ['input', 'masked', 'prediction'])
 
 
 def hot_colours(v):
@@ -1151,7 +1168,8 @@ def image_folder(root, split=None):
                          f'({", ".join(data.classes[:3]) or "no folders"} hold none)')
     empty = sorted(set(data.classes) - {data.classes[t] for t in data.targets})
     if empty:
-        print0(f'note: {len(empty)} class folder(s) of {path} hold no image: {", ".join(empty[:5])}')
+        print0(f'note: {len(empty)} class folder(s) of {path} hold no image: '
+               f'{", ".join(empty[:5])}')
     return data
 
 
@@ -1468,7 +1486,12 @@ NUMBER_RULES = {
     'decoder_dim': (positive, 'a positive width'),
     'decoder_depth': (lambda v: v >= 0, '0 or more blocks'),
     'decoder_heads': (positive, 'a positive head count'),
-    'rrc_scale': (lambda v: 0 < v[0] <= v[1] <= 1, 'two fractions MIN MAX with 0 < MIN <= MAX <= 1'),
+    'num_heads': (positive, 'a positive head count'),
+    'window_size': (positive, 'a positive window such as 7'),
+    'mask_size': (positive, 'a positive block size in px such as 32'),
+    'hog_nbins': (positive, 'a positive bin count such as 9'),
+    'rrc_scale': (lambda v: 0 < v[0] <= v[1] <= 1,
+                  'two fractions MIN MAX with 0 < MIN <= MAX <= 1'),
 }
 
 
@@ -1712,8 +1735,8 @@ RUN_DEFINING = ('method', 'mode', 'model', 'batch_size', 'accum_iter', 'mask_rat
 def check_same_run(ckpt, args, path, steps_per_epoch):
     """Refuse a --resume file that is not a training checkpoint, or one saved by another run."""
     if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'step', 'epoch'} <= set(ckpt):
-        raise ValueError(f'{path} is not a training checkpoint (no model, optimizer, step and epoch); '
-                         f'start from its weights with finetune.py --ckpt, or use another '
+        raise ValueError(f'{path} is not a training checkpoint (no model, optimizer, step and '
+                         f'epoch); start from its weights with finetune.py --ckpt, or use another '
                          f'--output-dir')
     saved = ckpt.get('args') or {}
     names = RUN_DEFINING + (() if getattr(args, 'res_schedule', None) else ('res',))

@@ -176,7 +176,8 @@ class EfficientMAE(MaskedAutoencoderViT):
         blue = torch.tensor([0.3, 0.3, 0.9], device=imgs.device).view(1, 3, 1, 1)
         blue_input = inputs.mean(1, keepdim=True) * blue  # (B, 3, H, W)
         d_column, w_column = (torch.where(visible > 0, blue_input, c) for c in (d_column, w_column))
-        return grid_picture([inputs, masked, d_column, w_column, recon])
+        return grid_picture([inputs, masked, d_column, w_column, recon],
+                            ['input', 'masked', 'difficulty', 'loss weight', 'prediction'])
 
     def patch_map(self, v, imgs):
         """Per-patch values (B, L) -> per-pixel map (B, 1, H, W)."""

@@ -133,6 +133,9 @@ def add_decoder(model, in_dim, dim, depth, out_dim, eps):
     input. Depth 0 skips the projection and keeps only the norm
     (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder).
     """
+    if depth and dim % 32:
+        raise ValueError(f'--decoder-dim {dim}: the decoder has dim // 32 heads (note 2); use a '
+                         f'multiple of 32')
     if depth == 0 and in_dim != dim:
         raise ValueError(f'--decoder-depth 0 needs --decoder-dim equal to the encoder width '
                          f'{in_dim}')
@@ -228,7 +231,8 @@ def draw(model, imgs, out):
     else:
         columns = [denormalize(unpatchify(t, stride, H, W))  # (B, 3, H, W)
                    for t in (patchify(imgs, stride), shown)]
-    return grid_picture([denormalize(imgs), masked] + columns)
+    return grid_picture([denormalize(imgs), masked] + columns,
+                        ['input', 'masked', 'target', 'prediction'])
 
 
 # ----------------------------------------------------------------------------- the models

@@ -310,7 +310,8 @@ class HPM(MaskedAutoencoderViT):
             cols = pixel_columns(imgs, out['pred'], out['mask'], p, self.norm_pix_loss)
         else:  # the input itself as the 'prediction': only the input and masked columns are kept
             cols = pixel_columns(imgs, patchify(imgs.float(), p), out['mask'], p, False)[:2]
-        return grid_picture(cols + [difficulty_map(scores, imgs, p)])
+        names = ['input', 'masked', 'prediction'][:len(cols)] + ['difficulty']
+        return grid_picture(cols + [difficulty_map(scores, imgs, p)], names)
 
 
 def difficulty_map(scores, imgs, p):

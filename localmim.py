@@ -311,8 +311,13 @@ class LocalMIMViT(VisionTransformer):
         """input | masked | per level: target HOG, prediction on the masked regions (glyphs)."""
         cols = pixel_columns(imgs, torch.zeros_like(patchify(imgs, self.patch_size)), out['mask'],
                              self.patch_size, False)[:2]
-        return grid_picture(cols + hog_columns(out, self.level_weights(out['mask']), self.nbins,
-                                               imgs.shape[-1]))
+        hogs = hog_columns(out, self.level_weights(out['mask']), self.nbins, imgs.shape[-1])
+        return grid_picture(cols + hogs, ['input', 'masked'] + level_labels(len(hogs) // 2))
+
+
+def level_labels(n):
+    """Column names of n levels' target and prediction."""
+    return [f'{kind} {k}' for k in range(n) for kind in ('target', 'pred')]
 
 
 def hog_columns(out, weights, nbins, res):
@@ -554,10 +559,11 @@ class LocalMIMSwin(nn.Module):
                              False)[:2]
         weights = self.level_weights(out['mask'])
         if self.target_kind == 'hog':
-            return grid_picture(cols + hog_columns(out, weights, self.nbins, imgs.shape[-1]))
+            hogs = hog_columns(out, weights, self.nbins, imgs.shape[-1])
+            return grid_picture(cols + hogs, ['input', 'masked'] + level_labels(len(hogs) // 2))
         for p, c, w in zip(out['pred'], self.cells, weights):
             cols.append(pixel_columns(imgs, p, w > 0, c, self.norm_pix_loss)[2])
-        return grid_picture(cols)
+        return grid_picture(cols, ['input', 'masked'] + [f'pred {k}' for k in range(len(cols) - 2)])
 
 
 def from_official(obj):

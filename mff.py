@@ -326,8 +326,10 @@ class MFF(MaskedAutoencoderViT):
                        else imgs)
         columns = pixel_columns(target_imgs, out['pred'], out['mask'], self.patch_size,
                                 self.norm_pix_loss)
-        grid = grid_picture(([denormalize(imgs)] if self.target_kind == 'lowfreq' else [])
-                            + columns)
+        names = ['target' if self.target_kind == 'lowfreq' else 'input', 'masked', 'prediction']
+        if self.target_kind == 'lowfreq':
+            columns, names = [denormalize(imgs)] + columns, ['input'] + names
+        grid = grid_picture(columns, names)
         alpha = [float(a) for a in out['fusion_weights']]
         return torch.cat([grid, fusion_bars(alpha, self.fuse_layers, grid.shape[-1])],
                          dim=1)  # (3, H + h, W)

@@ -241,7 +241,8 @@ def test_main_run_writes_log_checkpoint_picture_and_reads_official_flags(tmp_pat
                                       decoder_depth=1, decoder_num_heads=2)
     mae.load_state_dict(ckpt['model'], strict=True)  # an MAE checkpoint: nothing extra to save
     tile = 2 * 64 + 2  # grid_picture enlarges 64-px images 2x, 2-px padding
-    assert Image.open(out / 'picture-last.png').size == (5 * tile + 2, 8 * tile + 2)  # input|masked|d|w|pred x 8
+    # input|masked|d|w|pred x 8 images, under the 14-px strip of column names
+    assert Image.open(out / 'picture-last.png').size == (5 * tile + 2, 14 + 8 * tile + 2)
     args = em.get_args(['--data_path', str(tmp_path), '--model', 'mae_vit_base_patch16', '--mask_ratio', '0.9',
                         '--norm_pix_loss', '--input_size', '224'])
     assert (args.model, args.res, args.mask_ratio, args.norm_pix_loss, args.decoder_drop) == ('vit_base', 224, 0.9,

@@ -296,7 +296,8 @@ def test_run_logs_fusion_weights_draws_them_and_saves_a_loadable_checkpoint(tmp_
     assert len(ckpt['model']) == 150 + 20 + 7  # encoder, decoder (1 block), fusion
     from PIL import Image
     pic = Image.open(out / 'picture-last.png')
-    assert pic.width == 4 * 130 + 2 and pic.height == 8 * 130 + 2 + 160  # 4 columns x 8 images + the bar chart
+    # 4 columns x 8 images under the 14-px strip of column names, the bar chart below
+    assert pic.width == 4 * 130 + 2 and pic.height == 14 + 8 * 130 + 2 + 160
     assert mff.from_official(common.timm_vit_to_mmpretrain(ckpt['model'])).keys() == ckpt['model'].keys()
 
 
