@@ -1406,6 +1406,14 @@ MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b
              'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
 
 
+def mae_config(args):
+    """The constructor arguments of a MAE-family model (MAE, HPM, MFF, Efficient MAE) from the
+    resolved flags: the ViT preset, resolution, decoder, target normalisation, mask ratio."""
+    return dict(VIT_PRESETS[args.model], img_size=args.res, decoder_embed_dim=args.decoder_dim,
+                decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
+                norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
+
+
 # Length and pace of a run: the smoke preset's values win even under an explicit --model.
 RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', 'save_freq',
                     'num_workers')
@@ -1461,30 +1469,35 @@ def positive(v):
     return v > 0
 
 
+def at_least(lo):
+    """A test: the number is lo or more."""
+    return lambda v: v >= lo
+
+
 # The numbers every training script checks before it prints or writes anything:
 # flag -> (test, what to use instead). A flag left unset (None) is not checked.
 NUMBER_RULES = {
     'res': (positive, 'a positive resolution such as 224'),
     'mask_ratio': (lambda v: 0 < v < 1, 'a fraction in (0, 1) such as 0.75'),
-    'epochs': (lambda v: v >= 1, '1 or more epochs'),
-    'warmup_epochs': (lambda v: v >= 0, '0 or more epochs'),
+    'epochs': (at_least(1), '1 or more epochs'),
+    'warmup_epochs': (at_least(0), '0 or more epochs'),
     'blr': (positive, 'a positive base lr such as 1.5e-4'),
     'lr': (positive, 'a positive lr, or leave it out to use --blr'),
-    'min_lr': (lambda v: v >= 0, '0 or a positive lr'),
-    'weight_decay': (lambda v: v >= 0, '0 or more'),
-    'batch_size': (lambda v: v >= 1, '1 or more images per process'),
-    'accum_iter': (lambda v: v >= 1, '1 or more micro-steps per optimizer step'),
-    'synthetic_size': (lambda v: v >= 1, '1 or more images'),
-    'seed': (lambda v: v >= 0, '0 or more'),
-    'num_workers': (lambda v: v >= 0, '0 (load in the main process) or more workers'),
-    'log_freq': (lambda v: v >= 1, '1 or more steps'),
-    'save_freq': (lambda v: v >= 1, '1 or more epochs'),
-    'max_steps': (lambda v: v >= 1, '1 or more steps, or leave it out'),
-    'skip_nonfinite': (lambda v: v >= 0, '0 or more steps'),
-    'benchmark': (lambda v: v >= 0, '0 or more steps'),
-    'benchmark_data': (lambda v: v >= 0, '0 or more batches'),
+    'min_lr': (at_least(0), '0 or a positive lr'),
+    'weight_decay': (at_least(0), '0 or more'),
+    'batch_size': (at_least(1), '1 or more images per process'),
+    'accum_iter': (at_least(1), '1 or more micro-steps per optimizer step'),
+    'synthetic_size': (at_least(1), '1 or more images'),
+    'seed': (at_least(0), '0 or more'),
+    'num_workers': (at_least(0), '0 (load in the main process) or more workers'),
+    'log_freq': (at_least(1), '1 or more steps'),
+    'save_freq': (at_least(1), '1 or more epochs'),
+    'max_steps': (at_least(1), '1 or more steps, or leave it out'),
+    'skip_nonfinite': (at_least(0), '0 or more steps'),
+    'benchmark': (at_least(0), '0 or more steps'),
+    'benchmark_data': (at_least(0), '0 or more batches'),
     'decoder_dim': (positive, 'a positive width'),
-    'decoder_depth': (lambda v: v >= 0, '0 or more blocks'),
+    'decoder_depth': (at_least(0), '0 or more blocks'),
     'decoder_heads': (positive, 'a positive head count'),
     'num_heads': (positive, 'a positive head count'),
     'window_size': (positive, 'a positive window such as 7'),

@@ -40,8 +40,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, MaskedAutoencoderViT, autocast_off,
-                    check_ratio, grid_picture, hot_colours, ids_from_mask, launch, masked_mean,
+from common import (MAE_DEFAULTS, MAE_NAMES, MaskedAutoencoderViT, autocast_off, check_ratio,
+                    grid_picture, hot_colours, ids_from_mask, launch, mae_config, masked_mean,
                     parse_pretrain, pixel_columns, pretrain_parser, random_masking, sample_noise,
                     upsample_mask)
 
@@ -355,15 +355,11 @@ def get_args(argv=None):
 
 def build_model(args):
     """The Efficient MAE model of the resolved arguments."""
-    return EfficientMAE(img_size=args.res, decoder_embed_dim=args.decoder_dim,
-                        decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
-                        norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
-                        metric=args.difficulty, samples=args.p2dist_samples,
+    return EfficientMAE(**mae_config(args), metric=args.difficulty, samples=args.p2dist_samples,
                         dfl_mode=args.dfl_mode, dfl_gamma=args.dfl_gamma,
                         dfl_bin_width=args.dfl_bin_width, dfl_bins=args.dfl_bins,
                         dfl_scope=args.dfl_scope, dfl_clip=args.dfl_clip,
-                        dfl_after_drop=args.dfl_after_drop, decoder_drop=args.decoder_drop,
-                        **VIT_PRESETS[args.model])
+                        dfl_after_drop=args.dfl_after_drop, decoder_drop=args.decoder_drop)
 
 
 def main(argv=None):

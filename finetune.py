@@ -874,7 +874,7 @@ def fraction(v):
 
 # The pre-training scripts' number rules, and fine-tuning's own.
 FINETUNE_RULES = {
-    **NUMBER_RULES,
+    **{k: rule for k, rule in NUMBER_RULES.items() if k != 'num_heads'},  # a list for Swin
     'synthetic_val_size': (lambda v: v >= 1, '1 or more images'),
     'layer_decay': (lambda v: 0 < v <= 1, 'a factor in (0, 1] such as 0.65 (1 = none)'),
     'drop_path': (fraction, 'a probability in [0, 1) such as 0.1'),

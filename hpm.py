@@ -76,9 +76,9 @@ import torch.nn.functional as F
 
 from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT,
                     VisionTransformer, autocast_off, denormalize, grid_picture, hot_colours,
-                    init_weights, key_summary, launch, load_file, load_model_state, masked_mean,
-                    parse_pretrain, patchify, pick_state_dict, pixel_columns, pretrain_parser,
-                    random_masking, sample_noise, strip_prefix, upsample_mask)
+                    init_weights, key_summary, launch, load_file, load_model_state, mae_config,
+                    masked_mean, parse_pretrain, patchify, pick_state_dict, pixel_columns,
+                    pretrain_parser, random_masking, sample_noise, strip_prefix, upsample_mask)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
@@ -575,9 +575,7 @@ def get_args(argv=None):
 
 def build_model(args):
     """The MAE baseline (common.MaskedAutoencoderViT) or HPM of the resolved arguments."""
-    cfg = dict(VIT_PRESETS[args.model], img_size=args.res, decoder_embed_dim=args.decoder_dim,
-               decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
-               norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
+    cfg = mae_config(args)
     if args.method == 'mae':
         return MaskedAutoencoderViT(**cfg)
     target_model = None  # none for 'ema', unlike the official code (note 11)

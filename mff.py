@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT,
-                    autocast_off, denormalize, grid_picture, init_weights, launch,
+                    autocast_off, denormalize, grid_picture, init_weights, launch, mae_config,
                     mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict, pixel_columns,
                     pretrain_dataset, pretrain_parser, sincos_pos_embed, strip_prefix)
 
@@ -422,13 +422,10 @@ def get_args(argv=None):
 
 def build_model(args):
     """The MFF model of the resolved arguments."""
-    return MFF(img_size=args.res, decoder_embed_dim=args.decoder_dim,
-               decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
-               norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
-               fuse_layers=args.fuse_layers, detach_shallow=args.detach_shallow,
-               allow_truncated=args.allow_truncated, target=args.target,
-               lowfreq_radius=args.lowfreq_radius, sincos_order=args.sincos_order,
-               decay_fusion=args.fusion_weight_decay, **VIT_PRESETS[args.model])
+    return MFF(**mae_config(args), fuse_layers=args.fuse_layers,
+               detach_shallow=args.detach_shallow, allow_truncated=args.allow_truncated,
+               target=args.target, lowfreq_radius=args.lowfreq_radius,
+               sincos_order=args.sincos_order, decay_fusion=args.fusion_weight_decay)
 
 
 def main(argv=None):
