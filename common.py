@@ -1136,6 +1136,31 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
 
 
+# To measure the input pipeline without a download: each image a colour field with a photo's 1/f
+# amplitude spectrum over an upscaled SyntheticShapes image (its edges), in that image's class
+# folder; about 100 KB at 500 x 375 and quality 90, as ImageNet's files. From a shell:
+#   python -c "import common; common.make_jpeg_folder('/tmp/jpegs', 300)"
+def make_jpeg_folder(root, n, size=(500, 375), quality=90, seed=0):
+    """Write n photo-like W x H JPEGs into class folders under root; returns root."""
+    from PIL import Image
+    W, H = size
+    f = torch.fft.fftfreq(H)[:, None].hypot(torch.fft.rfftfreq(W)).clamp(min=1 / max(W, H))
+    shapes = SyntheticShapes('train', n, 96, seed)
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        spec = torch.view_as_complex(torch.randn(4, H, W // 2 + 1, 2, generator=g))
+        field = torch.fft.irfft2(spec / f ** 1.2, s=(H, W))  # (4, H, W): shared + one per channel
+        field = field / field.std(dim=(1, 2), keepdim=True)
+        img, label = shapes[i]
+        edges = F.interpolate(img[None] / 255, size=(H, W), mode='bilinear')[0]  # (3, H, W)
+        x = (0.7 * edges + 0.25 * (field[:1] + 0.3 * field[1:])).clamp(0, 1)  # (3, H, W)
+        folder = os.path.join(root, shapes.classes[label])
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy()).save(
+            os.path.join(folder, f'{i:05d}.jpg'), quality=quality)
+    return root
+
+
 def read_image(path):
     """Open an image as RGB, naming the file when it cannot be read."""
     from PIL import Image
@@ -2089,10 +2114,23 @@ def benchmark(model, args, device, warmup=2):
 
 
 def benchmark_data(args, device, make_dataset=pretrain_dataset):
-    """--benchmark-data N: time N batches of the input pipeline alone (decode, crop, normalise)."""
+    """--benchmark-data N: time N batches of the input pipeline alone, print one JSON line."""
+    import resource
+
+    def cpu():
+        """CPU seconds of this process and of its finished children (the data workers)."""
+        return sum(u.ru_utime + u.ru_stime for u in map(
+            resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
     dataset = make_dataset(args)
+    step_plan(len(dataset), args, 1)  # a folder smaller than one batch is refused, as in training
     sampler = StepSampler(dataset, 1, 0, args.seed)
-    loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
+    per_epoch = len(sampler) // args.batch_size * args.batch_size
+    items = []
+    for epoch in range(-(-(args.benchmark_data + 1) * args.batch_size // per_epoch)):
+        sampler.set_epoch(epoch)
+        items += list(sampler)[:per_epoch]  # one sampler over the epochs: no refill between them
+    cpu0 = cpu()
+    loader = make_loader(dataset, args.batch_size, items, args.num_workers, device)
     it, n, t0 = iter(loader), 0, None
     for i in range(args.benchmark_data + 1):
         imgs = next(it)[0]
@@ -2101,9 +2139,12 @@ def benchmark_data(args, device, make_dataset=pretrain_dataset):
         else:
             n += imgs.shape[0]
     rate = n / (time.perf_counter() - t0)
+    del it, loader  # the workers exit, so that their CPU time is counted
+    cpu_ms = (cpu() - cpu0) * 1e3 / (n + imgs.shape[0])  # all batches: cores = img/s x ms / 1000
     row = {'method': args.method, 'res': args.res, 'batch': args.batch_size,
            'workers': args.num_workers, 'img_per_s': round(rate, 1),
            'img_per_s_per_worker': round(rate / max(args.num_workers, 1), 1),
-           'data': args.data_path or 'SyntheticShapes'}
+           'cpu_ms_per_img': round(cpu_ms, 2), 'data': args.data_path or 'SyntheticShapes',
+           'load': round(os.getloadavg()[0], 2)}
     print(json.dumps(row))
     return row
