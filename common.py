@@ -1243,7 +1243,9 @@ class KeyedDataset(torch.utils.data.Dataset):
             raise ValueError(f'none of the {len(self.base)} images can be read; check the '
                              f'--data-path folder')
         with torch.random.fork_rng(devices=[]):  # crop and flip: per sample, not per process
-            torch.manual_seed(key % (1 << 63))
+            # the CPU generator alone: torch.manual_seed also queues a seed for each lazy device
+            # (CUDA, XPU, MTIA) with a formatted stack trace, 0.1-0.3 ms per sample
+            torch.default_generator.manual_seed(key % (1 << 63))
             img = self.transform(img)
         return img, label, key
 
