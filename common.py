@@ -785,6 +785,7 @@ class MaskedAutoencoderViT(VisionTransformer):
 # Everything below trains the models above: checkpoint files, data, pictures, the command line,
 # DDP and the loop. Its imports live here, so that the model half above stands on its own.
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -1161,17 +1162,23 @@ def make_jpeg_folder(root, n, size=(500, 375), quality=90, seed=0):
     return root
 
 
-def read_image(path):
-    """Open an image as RGB, naming the file when it cannot be read."""
+class UnreadableImage(ValueError):
+    """An image file that cannot be read (named); --skip-bad-images skips it."""
+
+
+def read_image(path, decode=True):
+    """Open an image as RGB (decode=False: its header only, for DecodeCrop), naming a bad file."""
     from PIL import Image
     try:
+        if not decode:
+            return Image.open(path)
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
     except Exception as e:
-        raise ValueError(f'cannot read image {path}: {e}') from None
+        raise UnreadableImage(f'cannot read image {path}: {e}') from None
 
 
-def image_folder(root, split=None):
+def image_folder(root, split=None, loader=read_image):
     """ImageFolder at <root>/<split> (or <root>/train, else <root>); a clear error if no images.
 
     An empty class folder among full ones is kept as a class with no images, and named.
@@ -1184,7 +1191,7 @@ def image_folder(root, split=None):
     else:
         path = os.path.join(root, 'train') if os.path.isdir(os.path.join(root, 'train')) else root
     try:
-        data = datasets.ImageFolder(path, loader=read_image, allow_empty=True)
+        data = datasets.ImageFolder(path, loader=loader, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
         raise ValueError(f'no images found in {path} ({e}); expected class folders of '
                          f'images') from None
@@ -1206,6 +1213,49 @@ def pretrain_transform(res, scale=(0.2, 1.0)):
                                             interpolation=InterpolationMode.BICUBIC),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# The official pre-training transform (MAE main_pretrain.py:main, FastMIM main_pretrain.py:main):
+# RandomResizedCrop(res, scale 0.2-1, bicubic) on the PIL image, flip, ToTensor, Normalize. Given
+# the file undecoded, DecodeCrop draws the same box from the header's size first; a JPEG whose
+# crop keeps at least res px a side at 1/2, 1/4 or 1/8 of its size is then decoded at that scale.
+class DecodeCrop:
+    """The official pre-training transform on an undecoded file, JPEGs decoded at 1/r (draft)."""
+
+    def __init__(self, res, scale=(0.2, 1.0), draft=True):
+        self.res, self.scale, self.draft = res, tuple(scale), draft
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __call__(self, img):
+        """read_image(path, decode=False) -> (3, res, res) float, ImageNet-normalised."""
+        from PIL import Image
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.v2.functional import pil_to_tensor
+        top, left, h, w = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
+        r = next((r for r in (8, 4, 2) if min(w, h) >= r * self.res), 1) if self.draft else 1
+        with img:  # closes the file and frees the decoded image after the crop
+            s, W = 1, img.width  # the image is decoded at 1/s of its full size
+            if r > 1:  # faithful: the same box, resampled from a DCT-downscaled image instead of
+                # the full one, bicubic either way (Pillow docs: Image.draft)
+                drafted = img.draft('RGB', (img.width // r, img.height // r))
+                s = W / drafted[1][2] if drafted else 1  # None: no JPEG, decoded in full
+            box = (left / s, top / s, (left + w) / s, (top + h) / s)  # the crop, decoded pixels
+            outer = (int(box[0]), int(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+            try:
+                img.load()
+            except Exception as e:
+                raise UnreadableImage(f'cannot read image {img.filename}: {e}') from None
+            part = img.crop(outer)
+        if part.mode != 'RGB':  # grey, CMYK, palette: to RGB before resampling, as read_image
+            part = part.convert('RGB')
+        part = part.resize((self.res, self.res), Image.Resampling.BICUBIC,
+                           box=(box[0] - outer[0], box[1] - outer[1],
+                                box[2] - outer[0], box[3] - outer[1]))
+        if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+            part = part.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = pil_to_tensor(part).float().div_(255)  # (3, res, res), as ToTensor
+        return x.sub_(self.mean).div_(self.std)
 
 
 def eval_transform(res, crop_pct=0.875):
@@ -1233,8 +1283,13 @@ class KeyedDataset(torch.utils.data.Dataset):
         for j in range(len(self.base)):  # --skip-bad-images: the next file replaces a bad one
             try:
                 img, label = self.base[(i + j) % len(self.base)]
+                with torch.random.fork_rng(devices=[]):  # crop and flip: per sample, not process
+                    # the CPU generator alone: torch.manual_seed also queues a seed for each lazy
+                    # device (CUDA, XPU, MTIA) with a formatted stack trace, 0.1-0.3 ms a sample
+                    torch.default_generator.manual_seed(key % (1 << 63))
+                    img = self.transform(img)  # DecodeCrop decodes the file here
                 break
-            except ValueError as e:
+            except UnreadableImage as e:
                 if not self.skip_bad:
                     raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
                 self.bad += 1
@@ -1242,11 +1297,6 @@ class KeyedDataset(torch.utils.data.Dataset):
         else:
             raise ValueError(f'none of the {len(self.base)} images can be read; check the '
                              f'--data-path folder')
-        with torch.random.fork_rng(devices=[]):  # crop and flip: per sample, not per process
-            # the CPU generator alone: torch.manual_seed also queues a seed for each lazy device
-            # (CUDA, XPU, MTIA) with a formatted stack trace, 0.1-0.3 ms per sample
-            torch.default_generator.manual_seed(key % (1 << 63))
-            img = self.transform(img)
         return img, label, key
 
 
@@ -1266,10 +1316,13 @@ class StepSampler(torch.utils.data.DistributedSampler):
 
 def pretrain_dataset(args, transform=None):
     """(image, label, key) items of ImageFolder at --data-path, else of SyntheticShapes."""
-    if args.data_path:
-        base = image_folder(args.data_path)
-    else:
+    if not args.data_path:
         base = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
+    elif transform is None:  # files opened undecoded: DecodeCrop decodes what its crop needs
+        base = image_folder(args.data_path, loader=functools.partial(read_image, decode=False))
+        transform = DecodeCrop(args.res, args.rrc_scale, args.draft_decode)
+    else:
+        base = image_folder(args.data_path)
     transform = transform or pretrain_transform(args.res, args.rrc_scale)
     return KeyedDataset(base, transform, args.seed, args.skip_bad_images)
 
@@ -1386,6 +1439,9 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
       help='images in the built-in data')
     a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.2, 1.0),
       help='RandomResizedCrop scale range')
+    a('--draft-decode', dest='draft_decode', default=True, action=argparse.BooleanOptionalAction,
+      help='decode a --data-path JPEG at 1/2, 1/4 or 1/8 of its size when the crop keeps at least '
+      '--res px a side (Pillow Image.draft): the same crop box, fewer pixels (default: on)')
     a('--output-dir', '--output_dir', dest='output_dir', help=f'default output/{method}_<model>')
     a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth '
       'when present)')
