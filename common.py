@@ -1722,8 +1722,15 @@ def param_groups(model, weight_decay, no_decay=default_no_decay):
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': skip, 'weight_decay': 0.0}]
 
 
-def make_optimizer(model, args, fused):
+# Devices where AdamW runs fused (one kernel over all tensors; CPU since torch 2.4): it measured
+# faster than the per-tensor loop on CPU and gives the same update within fp32 round-off (README,
+# Cost).
+FUSED_ADAMW = ('cuda', 'cpu')
+
+
+def make_optimizer(model, args, device):
     """The model's make_optimizer hook, else MAE's AdamW (0.9, 0.95) with the model's decay rule."""
+    fused = device.type in FUSED_ADAMW
     if hasattr(model, 'make_optimizer'):
         return model.make_optimizer(args, fused)
     no_decay = getattr(model, 'no_weight_decay', default_no_decay)
@@ -1924,7 +1931,7 @@ def train(model, args, make_dataset=None):
         load_model_state(model, ckpt['model'], f'checkpoint {resume}')
         step = ckpt['step']
     amp = autocast_dtype(args.precision, device)
-    optimizer = make_optimizer(model, args, fused=device.type == 'cuda')
+    optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])
