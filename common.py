@@ -1870,7 +1870,9 @@ class RunLog:
             raise ValueError(f'another run is writing to {out_dir}; wait for it to end or use '
                              f'another --output-dir') from None
         self.path = os.path.join(out_dir, 'log.jsonl')
-        self.run = f'{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
+        now = time.time()  # milliseconds: two runs of one process can start within a second
+        self.run = (f'{time.strftime("%Y%m%d-%H%M%S", time.localtime(now))}.'
+                    f'{int(now * 1e3) % 1000:03d}-{os.getpid()}')
         if resume and os.path.isfile(self.path):
             with open(self.path) as f:
                 lines = [line for line in f if line.strip()]
