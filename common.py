@@ -2144,19 +2144,25 @@ def peak_memory_mb(device):
 
 def benchmark(model, args, device, warmup=2):
     """--benchmark N: time N training steps on synthetic batches (no data), print one JSON line."""
+    # a step of the run's middle epoch (HPM's teacher pass, FastMIM-P's resolution), its optimiser
+    epoch = args.epochs // 2
+    if hasattr(model, 'on_epoch'):
+        model.on_epoch(epoch)
+    res = getattr(model, 'res', args.res)
     model = model.to(device)
     amp = autocast_dtype(args.precision, device)
-    imgs = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
+    imgs = torch.randn(args.batch_size, 3, res, res, device=device)
     keys = torch.arange(args.batch_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            betas=(0.9, 0.95), fused=device.type == 'cuda')
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size / 256
+    opt = make_optimizer(model, args, device)
     net = torch.compile(model) if args.compile else model
     times = []
     inputs = dict(keys=keys)
     if getattr(model, 'takes_labels', False):
         inputs['labels'] = keys.to(device) % 1000
     for i in range(warmup + args.benchmark):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = net(imgs, **inputs)['loss']
         loss.backward()
@@ -2167,13 +2173,20 @@ def benchmark(model, args, device, warmup=2):
         if device.type == 'cuda':
             torch.cuda.synchronize()
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
+    step = sorted(t for t, _ in times)[len(times) // 2]
+    cpu = sorted(c for _, c in times)[len(times) // 2]  # all threads; 1 thread: ~ idle wall time
+    b = torch.backends.cuda  # the SDPA backend switches (sdpa_kernel), for every device
+    fused_sdpa = b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled()
     n = min(2, args.batch_size)
     flops = count_flops(model, imgs[:n], **{k: v[:n] for k, v in inputs.items()}) / n
-    row = {'method': args.method, 'model': args.model, 'res': args.res, 'batch': args.batch_size,
-           'device': device.type, 'dtype': str(amp or torch.float32).replace('torch.', ''),
+    row = {'method': args.method, 'model': args.model, 'res': res, 'batch': args.batch_size,
+           'epoch': epoch, 'device': device.type,
+           'dtype': str(amp or torch.float32).replace('torch.', ''),
+           'attention': 'sdpa' if fused_sdpa else 'math', 'optimizer': type(opt).__name__,
+           'fused_adamw': bool(opt.defaults.get('fused')), 'threads': torch.get_num_threads(),
            'img_per_s': round(args.batch_size / step, 2), 'step_ms_median': round(step * 1e3, 2),
+           'cpu_ms_median': round(cpu * 1e3, 2),
            'flops_per_img': int(flops), 'tflops': round(flops * args.batch_size / step / 1e12, 4),
            'peak_mem_mb': round(peak_memory_mb(device), 1)}
     print(json.dumps(row))

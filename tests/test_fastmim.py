@@ -252,3 +252,16 @@ def test_benchmark_prints_one_json_line(script, capsys):
     assert set(row) >= {'method', 'model', 'res', 'batch', 'device', 'dtype', 'img_per_s', 'step_ms_median',
                         'flops_per_img', 'tflops', 'peak_mem_mb'}
     assert row['flops_per_img'] > 0 and row['res'] == 32 and row['batch'] == 2
+    # the paths that ran on the CPU: SDPA, fused AdamW, fp32
+    assert (row['attention'], row['fused_adamw'], row['dtype']) == ('sdpa', True, 'float32')
+
+
+def test_benchmark_runs_the_middle_epoch_at_its_resolution(tmp_path, capsys):
+    argv = ['--benchmark', '1', '--model', 'vit_tiny', '--epochs', '4', '--batch-size', '2',
+            '--num-workers', '0', '--output-dir', str(tmp_path)]
+    fastmim.main(argv + ['--res-schedule', '32:2,64:2'])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row['epoch'] == 2 and row['res'] == 64  # the second stage, and a 64 px batch
+    at_64 = fastmim.build_model(fastmim.get_args(argv + ['--res', '64']))
+    flops = common.count_flops(at_64, torch.randn(2, 3, 64, 64), keys=torch.arange(2))
+    assert row['flops_per_img'] == flops // 2

@@ -2,11 +2,14 @@
 teacher, learning, official checkpoints, runs and resume with the teacher, CLI.
 Feature targets: DINO and CLIP towers from their key layouts (CLIP against a hand computation), the
 2 - 2 cos loss by hand, checkpoints and official keys, a run, the errors."""
+import json
 import math
 
 import pytest
 import torch
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import hpm
@@ -494,3 +497,19 @@ def test_target_model_file_errors_and_official_flags(tmp_path):
     assert (args.target, args.teacher_path) == ('clip', 'c.pth')
     args = hpm.get_args(['--learn_feature_loss', 'none', '--dino_path', 'none'])
     assert (args.target, args.teacher_path) == ('pixel', None)
+
+
+def test_benchmark_times_a_mid_run_step_and_counts_the_teacher(tmp_path, capsys):
+    argv = ['--benchmark', '1', '--res', '64', '--batch-size', '2', '--num-workers', '0',
+            '--output-dir', str(tmp_path)]
+    hpm.main(argv)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row['epoch'] == 4 and row['fused_adamw'] is True
+    m = hpm.build_model(hpm.get_args(argv))  # epoch 0 (alpha 0.03): no hard patch, no teacher pass
+    imgs, keys = torch.randn(2, 3, 64, 64), torch.arange(2)
+    epoch0 = common.count_flops(m, imgs, keys=keys)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as teacher:  # as count_flops
+        m.teacher.score_patches(imgs)
+    m.on_epoch(4)  # alpha 0.31: 3 of the 12 masked patches are the teacher's hardest
+    assert hpm.hard_count(16, 0.75, m.alpha) == 3
+    assert row['flops_per_img'] == (epoch0 + teacher.get_total_flops()) // 2
