@@ -1215,10 +1215,11 @@ def pretrain_transform(res, scale=(0.2, 1.0)):
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-# The official pre-training transform (MAE main_pretrain.py:main, FastMIM main_pretrain.py:main):
-# RandomResizedCrop(res, scale 0.2-1, bicubic) on the PIL image, flip, ToTensor, Normalize. Given
-# the file undecoded, DecodeCrop draws the same box from the header's size first; a JPEG whose
-# crop keeps at least res px a side at 1/2, 1/4 or 1/8 of its size is then decoded at that scale.
+# The official pre-training transform (facebookresearch/mae main_pretrain.py:main, likewise
+# ggjy/FastMIM.pytorch main_pretrain.py:main): RandomResizedCrop(res, scale 0.2-1, bicubic) on the
+# PIL image, flip, ToTensor, Normalize. Given the file undecoded, DecodeCrop draws the same box from
+# the header's size first; a JPEG whose crop keeps at least res px a side at 1/2, 1/4 or 1/8 of its
+# size is then decoded at that scale.
 class DecodeCrop:
     """The official pre-training transform on an undecoded file, JPEGs decoded at 1/r (draft)."""
 
