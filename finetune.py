@@ -29,6 +29,7 @@ Every mode ends with the lines `top1 <percent>` and `top5 <percent>` (also in lo
 """
 import argparse
 import copy
+import glob
 import json
 import math
 import os
@@ -781,6 +782,8 @@ def get_args(argv=None):
     a('--permute-merge', dest='permute_merge', action='store_true',
       help='LocalMIM pre-training merge TL,TR,BL,BR -> standard order (off: as official loader)')
     a('--export-timm', dest='export_timm', metavar='OUT.pth', help='write timm-named encoder, exit')
+    a('--summary', metavar='DIR', help='print the final top-1 of every DIR/<encoder>/<protocol> run '
+      'as a table, exit (the README comparison)')
     a('--data-path', '--data_path', dest='data_path', help='root of train/, val/; none = built-in')
     a('--synthetic-size', dest='synthetic_size', type=int, default=2048, help='built-in train set')
     a('--synthetic-val-size', dest='synthetic_val_size', type=int, default=512,
@@ -925,9 +928,32 @@ def validate(args):
         raise ValueError(f'--resume {args.resume} does not exist')
 
 
+def summary(root):
+    """A markdown table of the final top-1 in every root/<encoder>/<protocol>/log.jsonl, rows
+    and columns in the order the runs were made."""
+    logs = sorted(glob.glob(os.path.join(root, '*', '*', 'log.jsonl')), key=os.path.getmtime)
+    if not logs:
+        raise ValueError(f'--summary {root}: no <encoder>/<protocol>/log.jsonl under it; give the '
+                         f'folder the comparison loop wrote')
+    cells = {}
+    for path in logs:
+        encoder, protocol = path.split(os.sep)[-3:-1]
+        rows = [r for r in map(json.loads, open(path)) if 'top1' in r]
+        cells.setdefault(encoder, {})[protocol] = f'{rows[-1]["top1"]:.1f}' if rows else '-'
+    columns = list(dict.fromkeys(p for row in cells.values() for p in row))
+    lines = ['| encoder | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+    lines += [f'| {e} | ' + ' | '.join(row.get(c, '-') for c in columns) + ' |'
+              for e, row in cells.items()]
+    return '\n'.join(lines)
+
+
 def run(argv=None):
     """Parse, resolve, validate, then export, k-NN, or train (finetune / linear)."""
     args = get_args(argv)
+    if args.summary:
+        text = summary(args.summary)
+        print(text)
+        return text
     obj = load_file(args.ckpt) if args.ckpt else None
     if obj is not None and not isinstance(obj, dict):
         raise ValueError(f'--ckpt {args.ckpt} holds a {type(obj).__name__}, not a checkpoint or a '

@@ -389,22 +389,28 @@ def test_finetune_beats_chance(pretrained, tmp_path, capsys):
     assert 'already finished' in capsys.readouterr().out
 
 
-def test_linear_and_knn_runs(pretrained, tmp_path, capsys):
-    lin = finetune.main(['--mode', 'linear', '--ckpt', pretrained, *TINY, '--output-dir', str(tmp_path / 'lin'),
+def test_linear_and_knn_runs_and_their_summary(pretrained, tmp_path, capsys):
+    lin = finetune.main(['--mode', 'linear', '--ckpt', pretrained, *TINY, '--output-dir', str(tmp_path / 'pre' / 'lin'),
                          '--synthetic-size', '128', '--batch-size', '32', '--accum-iter', '1', '--epochs', '1'])
-    assert rows(tmp_path / 'lin' / 'log.jsonl')[-1]['top1'] == lin['top1']
-    sd = torch.load(tmp_path / 'lin' / 'checkpoint-last.pth', weights_only=True)['model']
+    assert rows(tmp_path / 'pre' / 'lin' / 'log.jsonl')[-1]['top1'] == lin['top1']
+    sd = torch.load(tmp_path / 'pre' / 'lin' / 'checkpoint-last.pth', weights_only=True)['model']
     assert {'head.1.weight', 'head.0.running_mean', 'encoder.norm.weight'} <= set(sd)  # BN (no affine) + Linear
     pre = common.pick_state_dict(common.load_file(pretrained))
     assert torch.equal(sd['encoder.blocks.0.attn.qkv.weight'], pre['blocks.0.attn.qkv.weight'])  # frozen
-    knn = finetune.main(['--mode', 'knn', '--ckpt', pretrained, *TINY, '--output-dir', str(tmp_path / 'knn'),
-                         '--synthetic-size', '128', '--nb-knn', '1,5'])
+    knn_argv = [*TINY, '--mode', 'knn', '--synthetic-size', '128', '--nb-knn', '1,5']
+    knn = finetune.main([*knn_argv, '--ckpt', pretrained, '--output-dir', str(tmp_path / 'pre' / 'knn')])
     text = capsys.readouterr().out
     assert f'top1 {knn["top1"]:.2f}' in text.splitlines() and 'k-NN k=5' in text
-    assert (tmp_path / 'knn' / 'knn_features.pth').is_file()
-    again = finetune.main(['--mode', 'knn', '--ckpt', pretrained, *TINY, '--output-dir', str(tmp_path / 'knn'),
-                           '--synthetic-size', '128', '--nb-knn', '1,5'])
+    assert (tmp_path / 'pre' / 'knn' / 'knn_features.pth').is_file()
+    again = finetune.main([*knn_argv, '--ckpt', pretrained, '--output-dir', str(tmp_path / 'pre' / 'knn')])
     assert 'features from' in capsys.readouterr().out and again == knn  # cached features, same answer
+    rand = finetune.main([*knn_argv, '--output-dir', str(tmp_path / 'random' / 'knn')])
+    capsys.readouterr()
+    table = finetune.main(['--summary', str(tmp_path)])  # the README comparison's table
+    assert table.splitlines() == ['| encoder | lin | knn |', '|---|---|---|',
+                                  f'| pre | {lin["top1"]:.1f} | {knn["top1"]:.1f} |',
+                                  f'| random | - | {rand["top1"]:.1f} |']
+    assert capsys.readouterr().out == table + '\n'
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
@@ -414,6 +420,9 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         finetune.main([*TINY, '--res', '36', '--output-dir', str(tmp_path)])
     assert 'not divisible by patch 8' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.main(['--summary', str(tmp_path / 'none')])
+    assert 'no <encoder>/<protocol>/log.jsonl under it' in capsys.readouterr().err
 
 
 def test_resume_equals_uninterrupted(tmp_path):
