@@ -1,6 +1,7 @@
 """finetune.py and the loading path in common.py: layer decay, resizing, official layouts, timm export, k-NN, runs."""
 import argparse
 import json
+import math
 import os
 
 import pytest
@@ -359,32 +360,42 @@ def rows(path):
     return [r for r in map(json.loads, open(path)) if 'event' not in r]
 
 
-def test_finetune_beats_chance(pretrained, tmp_path, capsys):
-    """Fine-tune the pre-trained tiny encoder on the built-in data for 50 steps (64 images, no mixing/erasing).
+def colour_squares(root, n_train=96, n_val=48, res=32):
+    """An ImageFolder (train/, val/) of 3 classes: a red, green or blue square on grey noise."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for i in range(n):
+            img = (96 + 64 * torch.rand(3, res, res, generator=g)).round().byte()  # (3, res, res)
+            s = int(torch.randint(res // 4, res // 2, (1,), generator=g))
+            y, x = torch.randint(0, res - s, (2,), generator=g).tolist()
+            img[:, y:y + s, x:x + s] = 30
+            img[i % 3, y:y + s, x:x + s] = 225
+            (root / split / f'c{i % 3}').mkdir(parents=True, exist_ok=True)
+            common.write_png(img, root / split / f'c{i % 3}' / f'{i}.png')
+    return str(root)
 
-    Chance is judged on the tuned images: on held-out SyntheticShapes images a 2-block ViT stays at chance for the
-    first few hundred steps (it memorises before it generalises), which no test here can afford.
-    """
-    argv = ['--ckpt', pretrained, *TINY, '--output-dir', str(tmp_path), '--synthetic-size', '64', '--batch-size', '32',
-            '--epochs', '25', '--blr', '4e-2', '--warmup-epochs', '0.25', '--layer-decay', '1', '--drop-path', '0',
+
+def test_finetune_beats_chance_on_held_out_images(pretrained, tmp_path, capsys):
+    """Fine-tune the pre-trained tiny encoder for 48 steps (no mixing/erasing) on an ImageFolder whose classes a
+    2-block ViT can learn that fast (the colour of a square); top-1 is measured on its val/ images, never trained on.
+    (On the built-in shapes a ViT this small needs far more steps than a test affords: the README comparison.)"""
+    data = colour_squares(tmp_path / 'data')
+    argv = ['--ckpt', pretrained, *TINY, '--data-path', data, '--output-dir', str(tmp_path / 'o'), '--batch-size',
+            '32', '--epochs', '16', '--blr', '4e-2', '--warmup-epochs', '1', '--layer-decay', '1', '--drop-path', '0',
             '--mixup', '0', '--cutmix', '0', '--no-randaug', '--reprob', '0', '--rrc-scale', '1', '1']
     out = finetune.main(argv)
     text = capsys.readouterr().out
     assert 'recipe fastmim' in text and 'missing (fresh): fc_norm.bias, fc_norm.weight, head.bias' in text
     assert f'top1 {out["top1"]:.2f}' in text.splitlines() and f'top5 {out["top5"]:.2f}' in text.splitlines()
-    log = rows(tmp_path / 'log.jsonl')
+    log = rows(tmp_path / 'o' / 'log.jsonl')
     assert log[-1]['top1'] == out['top1'] and log[-1]['mode'] == 'finetune'
     losses = [r['loss'] for r in log if 'loss' in r]
-    assert losses[-1] < losses[0] - 0.3
-    ckpt = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
-    assert ckpt['step'] == 50 and ckpt['args']['recipe'] == 'fastmim'
-    args = finetune.resolve(finetune.get_args(argv), common.load_file(pretrained))
-    model = finetune.build_encoder(args, 10, 'avg')
-    common.load_model_state(model, ckpt['model'])
-    train = finetune.eval_loader(common.SyntheticShapes('train', 64, 32, 0), args, 0, 1, torch.device('cpu'))
-    top1, _ = finetune.evaluate(model, train, torch.device('cpu'), None, 1)
-    assert top1 > 10.0 + 15.0  # chance is 10 %
-    assert (tmp_path / 'checkpoint-best.pth').is_file()
+    assert losses[-1] < 0.5 * math.log(3)  # half a guesser's cross-entropy (0.29 here)
+    ckpt = torch.load(tmp_path / 'o' / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['step'] == 48 and ckpt['args']['recipe'] == 'fastmim'
+    # 48 held-out images, chance 1/3: a guesser gets 16 +- 3.3 right; 32 is 4.9 standard deviations above (all 48 here)
+    assert out['top1'] >= 100 * 32 / 48
+    assert (tmp_path / 'o' / 'checkpoint-best.pth').is_file()
     finetune.main(argv)  # a finished run says so and stops
     assert 'already finished' in capsys.readouterr().out
 
