@@ -16,6 +16,7 @@ tables resized (common.load_encoder). Without `--ckpt`: random init, the baselin
 `--recipe` picks a method's published recipe (default: the checkpoint's); explicit flags win.
 Every mode ends with the lines `top1 <percent>` and `top5 <percent>` (also in log.jsonl).
 `--export-timm OUT.pth` only writes the encoder in timm names + OUT.json (create_model kwargs).
+`--summary DIR` only prints the final top-1 of DIR/<encoder>/<protocol> runs as a table (README).
 
     python finetune.py                                # CPU smoke run: random-init vit_tiny, 64 px
     python finetune.py --mode knn --ckpt output/fastmim_vit_tiny/checkpoint-last.pth --res 64
