@@ -939,7 +939,8 @@ def summary(root):
     cells = {}
     for path in logs:
         encoder, protocol = path.split(os.sep)[-3:-1]
-        rows = [r for r in map(json.loads, open(path)) if 'top1' in r]
+        with open(path) as f:
+            rows = [r for r in map(json.loads, f) if 'top1' in r]
         cells.setdefault(encoder, {})[protocol] = f'{rows[-1]["top1"]:.1f}' if rows else '-'
     columns = list(dict.fromkeys(p for row in cells.values() for p in row))
     lines = ['| encoder | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
