@@ -357,12 +357,15 @@ class SwinBlock(nn.Module):
         self.register_buffer('attn_mask', None)
 
     def configure(self, grid, window, shift):
-        """Set grid, window and shift; rebuild index and mask, resize the bias table in place."""
+        """Set grid, window and shift; rebuild index and mask; a new window gets a resized bias
+        table as a new Parameter (resize_optimizer_state hands it the old one's AdamW state)."""
         self.grid, self.shift = grid, shift
         attn, dev = self.attn, self.attn.relative_position_bias_table.device
         if window != attn.window:
-            attn.relative_position_bias_table.data = resize_rel_pos_table(
-                attn.relative_position_bias_table.data, 2 * window - 1)
+            # a new tensor, not `.data =`: autograd (and DDP's hooks) keep the old shape for the old
+            old = attn.relative_position_bias_table
+            attn.relative_position_bias_table = nn.Parameter(
+                resize_rel_pos_table(old.detach(), 2 * window - 1), requires_grad=old.requires_grad)
             attn.window = window
             attn.relative_position_index = relative_position_index(window).to(dev)
         self.attn_mask = shifted_window_mask(grid, grid, window, shift).to(dev) if shift else None
@@ -454,7 +457,8 @@ class SwinTransformer(nn.Module):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
     def set_resolution(self, img_size, window_size):
-        """(Re)configure every stage for an input size and window; tables resize in place."""
+        """(Re)configure every stage for an input size and window; a resized table is a new
+        Parameter."""
         stride = self.patch_size * 2 ** (len(self.depths) - 1)
         check_divisible(img_size, stride, 'the Swin output stride',
                         f'patch {self.patch_size} x {len(self.depths) - 1} patch merges')
@@ -1754,9 +1758,17 @@ def autocast_dtype(precision, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
 
 
-def resize_optimizer_state(model, optimizer):
-    """Resize the AdamW moments of relative-position tables resized in place (FastMIM-P)."""
+def resize_optimizer_state(model, optimizer, before):
+    """FastMIM-P: hand each parameter the switch replaced (a resized relative-position table;
+    `before` = dict(model.named_parameters()) before it) the optimizer slot and state of the one it
+    replaced: AdamW's moments resized as the table, its step count kept."""
     for name, p in model.named_parameters():
+        old = before.get(name, p)
+        if old is not p:  # the new tensor takes the old one's place in its group, and its state
+            for group in optimizer.param_groups:
+                group['params'] = [p if q is old else q for q in group['params']]
+            if old in optimizer.state:
+                optimizer.state[p] = optimizer.state.pop(old)
         state = optimizer.state.get(p, {})
         for k, v in list(state.items()):
             if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
@@ -2021,13 +2033,17 @@ def train(model, args, make_dataset=None):
         loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
         while step < total:
             epoch = step // steps_per_epoch
-            out = None  # drop the graph: a table resized in place needs a fresh accumulator
+            out = None  # drop the last step's graph before a switch replaces tables
+            before = dict(model.named_parameters())
             new_res = model.on_epoch(epoch) if hasattr(model, 'on_epoch') else None
             if loader is None or (new_res and new_res != args.res):
                 if new_res and new_res != args.res:  # FastMIM-P: new crops, moments, DDP, compile
                     print0(f'epoch {epoch}: resolution {args.res} -> {new_res}')
                     args.res = new_res
-                    resize_optimizer_state(model, optimizer)
+                    # the old DDP holds the old tables' gradient hooks and a bucket copy of every
+                    # gradient: let it go before the new one is built
+                    wrapped = None
+                    resize_optimizer_state(model, optimizer, before)
                     dataset = make_dataset(args)
                 sampler = StepSampler(dataset, world, rank, args.seed)
                 loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)

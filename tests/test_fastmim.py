@@ -174,12 +174,23 @@ def test_fastmim_p_vit_and_swin_switch(tmp_path):
     opt = torch.optim.AdamW(swin.parameters())
     swin(torch.randn(1, 3, 64, 64))['loss'].backward()
     opt.step()
+    before = dict(swin.named_parameters())
+    old = before['encoder.layers.0.blocks.0.attn.relative_position_bias_table']
+    old_state = {k: v.clone() for k, v in opt.state[old].items()}
     assert swin.on_epoch(1) == 96
-    common.resize_optimizer_state(swin, opt)
+    common.resize_optimizer_state(swin, opt, before)
     table = swin.encoder.layers[0].blocks[0].attn.relative_position_bias_table
-    assert table.shape == (25, 1) and opt.state[table]['exp_avg'].shape == (25, 1)
+    # a new Parameter (autograd and DDP hooks keep the old shape for the old one) that took the old one's
+    # place in the optimizer, with its step count and its moments resized as the table was
+    assert table is not old and table.shape == (25, 1) and old.shape == (9, 1)
+    held = [p for g in opt.param_groups for p in g['params']]
+    assert any(p is table for p in held) and not any(p is old for p in held) and old not in opt.state
+    assert torch.equal(opt.state[table]['step'], old_state['step'])
+    assert torch.equal(opt.state[table]['exp_avg'], common.resize_rel_pos_table(old_state['exp_avg'], 5))
     assert (opt.state[table]['exp_avg_sq'] >= 0).all()
-    assert swin(torch.randn(1, 3, 96, 96))['pred'].shape == (1, 9, 432)
+    swin(torch.randn(1, 3, 96, 96))['loss'].backward()
+    opt.step()  # the moved state steps with the new table
+    assert opt.state[table]['step'] == 2 and table.grad.shape == (25, 1)
 
 
 def test_fastmim_p_resume_across_switch(tmp_path, monkeypatch):
