@@ -923,6 +923,14 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def copy_atomic(src, path):
+    """Copy a file to a temporary file, then rename (as save_atomic): a second copy of a saved
+    checkpoint without serialising it again."""
+    tmp = f'{path}.tmp'
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, path)
+
+
 REBUILT_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')  # never loaded
 
 
@@ -1371,9 +1379,9 @@ def picture_batch(args, n=8):
     return torch.stack(imgs), torch.arange(len(imgs))
 
 
-def save_picture(model, args, device, path):
-    """Run the model on the picture batch and write its picture() as PNG."""
-    imgs, keys = picture_batch(args)
+def save_picture(model, args, device, path, batch=None):
+    """Run the model on the picture batch (`batch`, else built now) and write its picture() as PNG."""
+    imgs, keys = picture_batch(args) if batch is None else batch
     was = model.training
     model.eval()
     with torch.no_grad(), torch.autocast(
@@ -1979,17 +1987,22 @@ def train(model, args, make_dataset=None):
                    f'it out to train to the end')
         return model
 
+    pictures = {}  # res -> the picture batch: --data-path is scanned once, not at every save
+
     def save(epoch, keep, path=last_path):
         """Rank 0 writes the checkpoint (and the picture); every rank waits for it."""
         if rank == 0:
             state = checkpoint_state(model, optimizer, scaler, epoch, step, args)
             state['steps_per_epoch'] = steps_per_epoch
             save_atomic(state, path)
-            if keep:
-                save_atomic(state, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
+            if keep:  # a copy of the file: serialising a large model again takes as long as saving
+                copy_atomic(path, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
             if hasattr(model, 'picture') and path == last_path:
                 picture = os.path.join(out_dir, 'picture-last.png')
-                save_picture(model, args, device, picture)
+                if args.res not in pictures:  # built again only at a new resolution (FastMIM-P)
+                    pictures.clear()
+                    pictures[args.res] = picture_batch(args)
+                save_picture(model, args, device, picture, pictures[args.res])
                 if keep:
                     shutil.copyfile(picture, os.path.join(out_dir, f'picture-{epoch}.png'))
         if world > 1:

@@ -231,6 +231,35 @@ def test_fastmim_p_stopped_after_the_switch_resumes_exactly(tmp_path, monkeypatc
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_saves_scan_the_folder_once_per_resolution_and_serialise_once(tmp_path, monkeypatch):
+    """Rank 0 saves every epoch while the other ranks wait: --data-path is scanned (for the training data and
+    for the picture's 8 images) once per run and once more at a FastMIM-P switch, not at every save, and a kept
+    checkpoint is a copy of checkpoint-last.pth, not a second torch.save; it holds what checkpoint-last held."""
+    root = common.make_jpeg_folder(str(tmp_path / 'jpegs'), 16, size=(80, 64))
+    monkeypatch.setitem(fastmim.VIT_PRESETS, 'vit_tiny', dict(patch_size=16, embed_dim=16, depth=1, num_heads=2))
+    scans, saves, lasts = [], [], {}
+    real_folder, real_save = common.image_folder, torch.save
+    monkeypatch.setattr(common, 'image_folder', lambda *a, **k: scans.append(a[0]) or real_folder(*a, **k))
+
+    def save(obj, f, *a, **k):
+        saves.append(str(f))
+        if 'checkpoint-last' in str(f):  # what checkpoint-last.pth holds at the end of each epoch
+            lasts[obj['epoch']] = {n: t.clone() for n, t in obj['model'].items()}
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+    out = tmp_path / 'run'
+    fastmim.main(['--output-dir', str(out), '--data-path', root, '--model', 'vit_tiny', '--res-schedule', '32:2,64:2',
+                  '--epochs', '4', '--batch-size', '8', '--warmup-epochs', '1', '--save-freq', '1', '--log-freq', '2',
+                  '--num-workers', '0', '--num-heads', '2', '--decoder-dim', '32'])
+    assert len(scans) == 2 * 2  # the data and the picture, at 32 px and again at 64 px
+    assert len(saves) == 4  # one serialisation a save, though every epoch's checkpoint is kept
+    for epoch in range(4):
+        kept = torch.load(out / f'checkpoint-{epoch}.pth', weights_only=True)
+        assert kept['epoch'] == epoch and kept['model'].keys() == lasts[epoch].keys()
+        assert all(torch.equal(kept['model'][n], t) for n, t in lasts[epoch].items())
+    assert os.path.getsize(out / 'picture-3.png') > 0
+
+
 @pytest.mark.parametrize('argv,msg', [
     (['--res', '130'], 'res 130'),
     (['--res-schedule', '64:1,96:1', '--epochs', '3'], 'covers 2 epochs'),
