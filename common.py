@@ -362,10 +362,12 @@ class SwinBlock(nn.Module):
         self.grid, self.shift = grid, shift
         attn, dev = self.attn, self.attn.relative_position_bias_table.device
         if window != attn.window:
-            # a new tensor, not `.data =`: autograd (and DDP's hooks) keep the old shape for the old
+            # a new Parameter, not `.data =`: autograd and DDP's hooks keep the old one's shape;
+            # row-major strides even with one head, as its gradient and DDP's bucket view have
             old = attn.relative_position_bias_table
+            table = resize_rel_pos_table(old.detach(), 2 * window - 1)  # ((2w-1)^2, nH)
             attn.relative_position_bias_table = nn.Parameter(
-                resize_rel_pos_table(old.detach(), 2 * window - 1), requires_grad=old.requires_grad)
+                table.clone(memory_format=torch.contiguous_format), requires_grad=old.requires_grad)
             attn.window = window
             attn.relative_position_index = relative_position_index(window).to(dev)
         self.attn_mask = shifted_window_mask(grid, grid, window, shift).to(dev) if shift else None

@@ -164,6 +164,7 @@ def test_set_resolution_steps():
     assert resized is not table and table.shape == (49, 1) and resized.shape == (121, 1)
     twice = common.resize_rel_pos_table(common.resize_rel_pos_table(table.detach(), 9), 11)
     assert torch.equal(resized.detach(), twice)
+    assert resized.stride() == (1, 1)  # as its gradient's: DDP would copy a (1, 121)-strided one into its bucket
     fresh = tiny(192, 6)  # a model built at 192/w6 has the same buffers and keys as the resized one
     sd, ref = m.state_dict(), fresh.state_dict()
     assert sd.keys() == ref.keys()
