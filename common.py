@@ -357,12 +357,17 @@ class SwinBlock(nn.Module):
         self.register_buffer('attn_mask', None)
 
     def configure(self, grid, window, shift):
-        """Set grid, window and shift; rebuild index and mask, resize the bias table in place."""
+        """Set grid, window and shift; rebuild index and mask; a new window gets a resized bias
+        table as a new Parameter (resize_optimizer_state hands it the old one's AdamW state)."""
         self.grid, self.shift = grid, shift
         attn, dev = self.attn, self.attn.relative_position_bias_table.device
         if window != attn.window:
-            attn.relative_position_bias_table.data = resize_rel_pos_table(
-                attn.relative_position_bias_table.data, 2 * window - 1)
+            # a new Parameter, not `.data =`: autograd and DDP's hooks keep the old one's shape;
+            # row-major strides even with one head, as its gradient and DDP's bucket view have
+            old = attn.relative_position_bias_table
+            table = resize_rel_pos_table(old.detach(), 2 * window - 1)  # ((2w-1)^2, nH)
+            attn.relative_position_bias_table = nn.Parameter(
+                table.clone(memory_format=torch.contiguous_format), requires_grad=old.requires_grad)
             attn.window = window
             attn.relative_position_index = relative_position_index(window).to(dev)
         self.attn_mask = shifted_window_mask(grid, grid, window, shift).to(dev) if shift else None
@@ -454,7 +459,8 @@ class SwinTransformer(nn.Module):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
     def set_resolution(self, img_size, window_size):
-        """(Re)configure every stage for an input size and window; tables resize in place."""
+        """(Re)configure every stage for an input size and window; a resized table is a new
+        Parameter."""
         stride = self.patch_size * 2 ** (len(self.depths) - 1)
         check_divisible(img_size, stride, 'the Swin output stride',
                         f'patch {self.patch_size} x {len(self.depths) - 1} patch merges')
@@ -919,6 +925,14 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def copy_atomic(src, path):
+    """Copy a file to a temporary file, then rename (as save_atomic): a second copy of a saved
+    checkpoint without serialising it again."""
+    tmp = f'{path}.tmp'
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, path)
+
+
 REBUILT_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')  # never loaded
 
 
@@ -1367,9 +1381,9 @@ def picture_batch(args, n=8):
     return torch.stack(imgs), torch.arange(len(imgs))
 
 
-def save_picture(model, args, device, path):
-    """Run the model on the picture batch and write its picture() as PNG."""
-    imgs, keys = picture_batch(args)
+def save_picture(model, args, device, path, batch=None):
+    """Run the model on the picture batch (`batch`, else built now) and write its picture() as PNG."""
+    imgs, keys = picture_batch(args) if batch is None else batch
     was = model.training
     model.eval()
     with torch.no_grad(), torch.autocast(
@@ -1754,9 +1768,17 @@ def autocast_dtype(precision, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
 
 
-def resize_optimizer_state(model, optimizer):
-    """Resize the AdamW moments of relative-position tables resized in place (FastMIM-P)."""
+def resize_optimizer_state(model, optimizer, before):
+    """FastMIM-P: hand each parameter the switch replaced (a resized relative-position table;
+    `before` = dict(model.named_parameters()) before it) the optimizer slot and state of the one it
+    replaced: AdamW's moments resized as the table, its step count kept."""
     for name, p in model.named_parameters():
+        old = before.get(name, p)
+        if old is not p:  # the new tensor takes the old one's place in its group, and its state
+            for group in optimizer.param_groups:
+                group['params'] = [p if q is old else q for q in group['params']]
+            if old in optimizer.state:
+                optimizer.state[p] = optimizer.state.pop(old)
         state = optimizer.state.get(p, {})
         for k, v in list(state.items()):
             if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
@@ -1967,17 +1989,22 @@ def train(model, args, make_dataset=None):
                    f'it out to train to the end')
         return model
 
+    pictures = {}  # res -> the picture batch: --data-path is scanned once, not at every save
+
     def save(epoch, keep, path=last_path):
         """Rank 0 writes the checkpoint (and the picture); every rank waits for it."""
         if rank == 0:
             state = checkpoint_state(model, optimizer, scaler, epoch, step, args)
             state['steps_per_epoch'] = steps_per_epoch
             save_atomic(state, path)
-            if keep:
-                save_atomic(state, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
+            if keep:  # a copy of the file: serialising a large model again takes as long as saving
+                copy_atomic(path, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
             if hasattr(model, 'picture') and path == last_path:
                 picture = os.path.join(out_dir, 'picture-last.png')
-                save_picture(model, args, device, picture)
+                if args.res not in pictures:  # built again only at a new resolution (FastMIM-P)
+                    pictures.clear()
+                    pictures[args.res] = picture_batch(args)
+                save_picture(model, args, device, picture, pictures[args.res])
                 if keep:
                     shutil.copyfile(picture, os.path.join(out_dir, f'picture-{epoch}.png'))
         if world > 1:
@@ -2021,13 +2048,17 @@ def train(model, args, make_dataset=None):
         loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
         while step < total:
             epoch = step // steps_per_epoch
-            out = None  # drop the graph: a table resized in place needs a fresh accumulator
+            out = None  # drop the last step's graph before a switch replaces tables
+            before = dict(model.named_parameters())
             new_res = model.on_epoch(epoch) if hasattr(model, 'on_epoch') else None
             if loader is None or (new_res and new_res != args.res):
                 if new_res and new_res != args.res:  # FastMIM-P: new crops, moments, DDP, compile
                     print0(f'epoch {epoch}: resolution {args.res} -> {new_res}')
                     args.res = new_res
-                    resize_optimizer_state(model, optimizer)
+                    # the old DDP holds the old tables' gradient hooks and a bucket copy of every
+                    # gradient: let it go before the new one is built
+                    wrapped = None
+                    resize_optimizer_state(model, optimizer, before)
                     dataset = make_dataset(args)
                 sampler = StepSampler(dataset, world, rank, args.seed)
                 loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)

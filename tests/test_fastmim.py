@@ -174,12 +174,23 @@ def test_fastmim_p_vit_and_swin_switch(tmp_path):
     opt = torch.optim.AdamW(swin.parameters())
     swin(torch.randn(1, 3, 64, 64))['loss'].backward()
     opt.step()
+    before = dict(swin.named_parameters())
+    old = before['encoder.layers.0.blocks.0.attn.relative_position_bias_table']
+    old_state = {k: v.clone() for k, v in opt.state[old].items()}
     assert swin.on_epoch(1) == 96
-    common.resize_optimizer_state(swin, opt)
+    common.resize_optimizer_state(swin, opt, before)
     table = swin.encoder.layers[0].blocks[0].attn.relative_position_bias_table
-    assert table.shape == (25, 1) and opt.state[table]['exp_avg'].shape == (25, 1)
+    # a new Parameter (autograd and DDP hooks keep the old shape for the old one) that took the old one's
+    # place in the optimizer, with its step count and its moments resized as the table was
+    assert table is not old and table.shape == (25, 1) and old.shape == (9, 1)
+    held = [p for g in opt.param_groups for p in g['params']]
+    assert any(p is table for p in held) and not any(p is old for p in held) and old not in opt.state
+    assert torch.equal(opt.state[table]['step'], old_state['step'])
+    assert torch.equal(opt.state[table]['exp_avg'], common.resize_rel_pos_table(old_state['exp_avg'], 5))
     assert (opt.state[table]['exp_avg_sq'] >= 0).all()
-    assert swin(torch.randn(1, 3, 96, 96))['pred'].shape == (1, 9, 432)
+    swin(torch.randn(1, 3, 96, 96))['loss'].backward()
+    opt.step()  # the moved state steps with the new table
+    assert opt.state[table]['step'] == 2 and table.grad.shape == (25, 1)
 
 
 def test_fastmim_p_resume_across_switch(tmp_path, monkeypatch):
@@ -218,6 +229,35 @@ def test_fastmim_p_stopped_after_the_switch_resumes_exactly(tmp_path, monkeypatc
     assert [r['loss'] for r in rows_a] == [r['loss'] for r in rows_b] and len(rows_a) == 8
     wa, wb = (torch.load(d / 'checkpoint-last.pth', weights_only=True)['model'] for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_saves_scan_the_folder_once_per_resolution_and_serialise_once(tmp_path, monkeypatch):
+    """Rank 0 saves every epoch while the other ranks wait: --data-path is scanned (for the training data and
+    for the picture's 8 images) once per run and once more at a FastMIM-P switch, not at every save, and a kept
+    checkpoint is a copy of checkpoint-last.pth, not a second torch.save; it holds what checkpoint-last held."""
+    root = common.make_jpeg_folder(str(tmp_path / 'jpegs'), 16, size=(80, 64))
+    monkeypatch.setitem(fastmim.VIT_PRESETS, 'vit_tiny', dict(patch_size=16, embed_dim=16, depth=1, num_heads=2))
+    scans, saves, lasts = [], [], {}
+    real_folder, real_save = common.image_folder, torch.save
+    monkeypatch.setattr(common, 'image_folder', lambda *a, **k: scans.append(a[0]) or real_folder(*a, **k))
+
+    def save(obj, f, *a, **k):
+        saves.append(str(f))
+        if 'checkpoint-last' in str(f):  # what checkpoint-last.pth holds at the end of each epoch
+            lasts[obj['epoch']] = {n: t.clone() for n, t in obj['model'].items()}
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+    out = tmp_path / 'run'
+    fastmim.main(['--output-dir', str(out), '--data-path', root, '--model', 'vit_tiny', '--res-schedule', '32:2,64:2',
+                  '--epochs', '4', '--batch-size', '8', '--warmup-epochs', '1', '--save-freq', '1', '--log-freq', '2',
+                  '--num-workers', '0', '--num-heads', '2', '--decoder-dim', '32'])
+    assert len(scans) == 2 * 2  # the data and the picture, at 32 px and again at 64 px
+    assert len(saves) == 4  # one serialisation a save, though every epoch's checkpoint is kept
+    for epoch in range(4):
+        kept = torch.load(out / f'checkpoint-{epoch}.pth', weights_only=True)
+        assert kept['epoch'] == epoch and kept['model'].keys() == lasts[epoch].keys()
+        assert all(torch.equal(kept['model'][n], t) for n, t in lasts[epoch].items())
+    assert os.path.getsize(out / 'picture-3.png') > 0
 
 
 @pytest.mark.parametrize('argv,msg', [

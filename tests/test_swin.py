@@ -159,8 +159,12 @@ def test_set_resolution_steps():
             assert all(b.attn.relative_position_bias_table.shape == (81, b.attn.num_heads)
                        for s in m.layers for b in s.blocks)
             assert m.layers[3].blocks[1].attn_mask is None  # grid 5 = window 5: clamped, unshifted
-    assert m.layers[0].blocks[0].attn.relative_position_bias_table is table  # resized in place, same Parameter
-    assert table.shape == (121, 1)
+    # a new Parameter, the old one resized twice; the old one keeps its shape (and its autograd/DDP hooks)
+    resized = m.layers[0].blocks[0].attn.relative_position_bias_table
+    assert resized is not table and table.shape == (49, 1) and resized.shape == (121, 1)
+    twice = common.resize_rel_pos_table(common.resize_rel_pos_table(table.detach(), 9), 11)
+    assert torch.equal(resized.detach(), twice)
+    assert resized.stride() == (1, 1)  # as its gradient's: DDP would copy a (1, 121)-strided one into its bucket
     fresh = tiny(192, 6)  # a model built at 192/w6 has the same buffers and keys as the resized one
     sd, ref = m.state_dict(), fresh.state_dict()
     assert sd.keys() == ref.keys()
