@@ -548,16 +548,23 @@ def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True):
 
 # --------------------------------------------------------------------- masking
 
+def key_noise(key, n):
+    """U[0,1) noise (n,) of one sample from a CPU generator seeded by its int64 key alone."""
+    g = torch.Generator()
+    g.manual_seed((int(key) * 0x9E3779B97F4A7C15 + 1) % (1 << 63))
+    return torch.rand(n, generator=g)
+
+
 def sample_noise(B, n, device, keys=None):
-    """U[0,1) noise (B, n): row i from a generator seeded by keys[i], else one torch.rand."""
+    """U[0,1) noise (B, n): row i = key_noise(keys[i], n), else one torch.rand. `keys` may also be
+    those rows already drawn, (B, n) float: the data workers draw them (KeyedDataset.noise_len)."""
     if keys is None:
         return torch.rand(B, n, device=device)
-    g = torch.Generator()
-    rows = []
-    for k in keys.tolist():  # one generator per sample, so the mask depends on the sample only
-        g.manual_seed((int(k) * 0x9E3779B97F4A7C15 + 1) % (1 << 63))
-        rows.append(torch.rand(n, generator=g))
-    return torch.stack(rows).to(device, non_blocking=True)
+    if keys.is_floating_point():
+        assert keys.shape == (B, n), f'noise rows {tuple(keys.shape)} for a ({B}, {n}) mask'
+        return keys.to(device, non_blocking=True)
+    # one generator per sample, so the mask depends on the sample only
+    return torch.stack([key_noise(k, n) for k in keys.tolist()]).to(device, non_blocking=True)
 
 
 def random_masking(noise, mask_ratio):
@@ -735,6 +742,10 @@ class MaskedAutoencoderViT(VisionTransformer):
             return ids_from_mask(mask.to(imgs.device))
         return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys),
                               self.mask_ratio)
+
+    def noise_len(self):
+        """Mask noise values per sample (one per token), drawn by the data workers from its key."""
+        return self.grid ** 2
 
     def forward_encoder(self, imgs, ids_keep):
         """Kept tokens -> encoder -> final norm: (B, 1+K, D); MFF and LocalMIM override it."""
@@ -1283,11 +1294,13 @@ def eval_transform(res, crop_pct=0.875):
 
 
 class KeyedDataset(torch.utils.data.Dataset):
-    """Item (epoch, i) of a dataset -> (image, label, key), the transform seeded by the key."""
+    """Item (epoch, i) of a dataset -> (image, label, key), the transform seeded by the key; with
+    `noise_len` n > 0 also the sample's mask noise key_noise(key, n), drawn here in the data
+    worker so that the training step runs no loop over its samples."""
 
     def __init__(self, base, transform, seed, skip_bad=False):
         self.base, self.transform, self.seed, self.skip_bad = base, transform, seed, skip_bad
-        self.bad = 0
+        self.bad, self.noise_len = 0, 0
 
     def __len__(self):
         return len(self.base)
@@ -1312,6 +1325,8 @@ class KeyedDataset(torch.utils.data.Dataset):
         else:
             raise ValueError(f'none of the {len(self.base)} images can be read; check the '
                              f'--data-path folder')
+        if self.noise_len:
+            return img, label, key, key_noise(key, self.noise_len)
         return img, label, key
 
 
@@ -1473,7 +1488,8 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     a('--max-steps', dest='max_steps', type=int,
       help='stop (with a checkpoint) after this many optimizer steps')
     a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
-      help='skip up to K steps whose loss is NaN/inf instead of stopping')
+      help='drop the update of up to K steps whose loss is NaN/inf (each still counts as a step) '
+      'instead of stopping')
     a('--skip-bad-images', dest='skip_bad_images', action='store_true',
       help='skip unreadable images (each is named on stderr) instead of stopping')
     a('--benchmark', type=int, default=0, metavar='N',
@@ -1688,7 +1704,9 @@ def launch(argv, get_args, build_model, make_dataset=None):
 # finetune.py's classifier.
 #
 #   model(imgs, keys=keys) -> dict      Required. imgs (B, 3, H, W) normalised, keys (B,) int64: one
-#                                       key per sample, which seeds its mask noise. 'loss' (0-d) is
+#                                       key per sample, which seeds its mask noise (with
+#                                       noise_len: the (B, n) float noise rows already drawn from
+#                                       the keys, common.sample_noise). 'loss' (0-d) is
 #                                       what is optimised; every other 0-d tensor (or list of them,
 #                                       logged as name_0, name_1, ...) is averaged over the log
 #                                       interval into log.jsonl; other entries are for picture(). A
@@ -1715,6 +1733,10 @@ def launch(argv, get_args, build_model, make_dataset=None):
 #                                                                                             [none]
 #   load_extra_state(checkpoint)            reads them back on resume                      [nothing]
 #   describe() -> str                       one line printed under the config              [nothing]
+#   noise_len() -> int                      mask noise values per sample at the current
+#                                           resolution: the data workers draw them from the keys
+#                                           (KeyedDataset), so the step runs no loop over samples
+#                                                               [the forward draws from the keys]
 #
 # train() returns the model, with `model.run_end` = dict(step, total, reason) where reason is
 # 'done', 'max_steps', 'signal' or 'already_finished'.
@@ -1800,12 +1822,30 @@ def logged_scalars(out):
     return items
 
 
-def optimizer_step(optimizer, scaler, params, clip_grad=None):
-    """Unscale and clip the global grad norm (if asked), step through the GradScaler, zero grads."""
+def optimizer_step(optimizer, scaler, params, clip_grad=None, skip=None):
+    """Unscale and clip the global grad norm (if asked), step through the GradScaler, zero grads.
+
+    skip: a 0-d float tensor, 1 = drop this update (weights, moments and step counts stay as they
+    were), 0 = step; decided on the device, without the host reading it, for fused optimisers
+    (the fused AdamW of every pre-training run) and under the GradScaler (which then lowers its
+    scale, as after an overflow); any other optimiser reads it first (one sync).
+    """
+    fused = skip is not None and optimizer.defaults.get('fused') and not scaler.is_enabled()
+    if skip is not None and scaler.is_enabled():  # an inf gradient makes the GradScaler skip
+        g = next(p.grad for group in optimizer.param_groups for p in group['params']
+                 if p.grad is not None)
+        g.add_(torch.where(skip > 0, float('inf'), 0.0))
+    elif skip is not None and not fused and bool(skip):
+        optimizer.zero_grad(set_to_none=True)
+        return
     if clip_grad:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if fused:  # the fused kernels' skip flag, the one GradScaler sets (torch.amp.GradScaler.step)
+        optimizer.found_inf = skip
     scaler.step(optimizer)
+    if fused:
+        del optimizer.found_inf
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
@@ -1836,8 +1876,9 @@ def wrap(model, args, world, device):
     """The module the steps call: DDP when world > 1, then torch.compile with --compile."""
     wrapped = model
     if world > 1:
-        ids = [device.index] if device.type == 'cuda' else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+        # no device_ids: DDP leaves the inputs where the loop put them (the mask noise stays on the
+        # host for LocalMIM Swin, which builds its windows there)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None,
                                                             find_unused_parameters=False)
     return torch.compile(wrapped) if args.compile else wrapped
 
@@ -1991,8 +2032,34 @@ def train(model, args, make_dataset=None):
 
     pictures = {}  # res -> the picture batch: --data-path is scanned once, not at every save
 
+    def resolve():
+        """Read the last step's flags, one step late (the device has the next step queued by
+        then): a non-finite loss, whose update the device already dropped (optimizer_step), is
+        counted against --skip-nonfinite or stops the run; a signal on any rank sets `stopping`."""
+        nonlocal pending, skipped, sums, n_sum, stopping
+        if pending is None:
+            return
+        (flags, at, terms), pending = pending, None
+        bad, signalled_any = flags.tolist()
+        stopping = stopping or bool(signalled_any)
+        if not bad:
+            return
+        terms = {k: float(v) for k, v in terms.items()}
+        if skipped < args.skip_nonfinite:  # --skip-nonfinite: the step stays, its update is dropped
+            skipped += 1
+            print0(f'warning: non-finite loss at step {at} skipped '
+                   f'({skipped}/{args.skip_nonfinite}): {terms}')
+            sums, n_sum = {}, 0
+            return
+        good = last_path if os.path.isfile(last_path) else 'none yet'
+        raise NonFiniteLoss(f'non-finite loss at step {at} (epoch {at // steps_per_epoch}) of '
+                            f'{args.method}: {terms}; last good checkpoint: {good} '
+                            f'(resume from it with a lower --blr, or pass '
+                            f'--skip-nonfinite K)')
+
     def save(epoch, keep, path=last_path):
         """Rank 0 writes the checkpoint (and the picture); every rank waits for it."""
+        resolve()  # never save a state before its last step is known to be finite
         if rank == 0:
             state = checkpoint_state(model, optimizer, scaler, epoch, step, args)
             state['steps_per_epoch'] = steps_per_epoch
@@ -2013,6 +2080,7 @@ def train(model, args, make_dataset=None):
     def log_interval():
         """One log.jsonl row: the means of the logged scalars since the last row (all ranks)."""
         nonlocal sums, n_sum, t_log
+        resolve()  # the values are read here anyway; a skipped step empties the interval
         if n_sum == 0:
             return
         names = sorted(sums)
@@ -2044,7 +2112,7 @@ def train(model, args, make_dataset=None):
         from tqdm import tqdm
         bar = tqdm(total=min(total, args.max_steps or total), initial=step, disable=rank != 0,
                    desc=args.method, mininterval=2)
-        skipped, lr = 0, 0.0
+        skipped, lr, pending, stopping = 0, 0.0, None, False
         loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
         while step < total:
             epoch = step // steps_per_epoch
@@ -2061,13 +2129,15 @@ def train(model, args, make_dataset=None):
                     resize_optimizer_state(model, optimizer, before)
                     dataset = make_dataset(args)
                 sampler = StepSampler(dataset, world, rank, args.seed)
+                if hasattr(model, 'noise_len'):  # the data workers draw the mask noise
+                    dataset.noise_len = model.noise_len()
                 loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
                 wrapped = wrap(model, args, world, device)
             sampler.set_epoch(epoch)
             sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
             model.train()
             micro, at_max = 0, False
-            for imgs, labels, keys in loader:
+            for imgs, labels, keys, *noise in loader:
                 imgs = imgs.to(device, non_blocking=True)
                 if micro == 0:
                     # drop path (and fine-tuning's mixup): a function of the step
@@ -2075,7 +2145,7 @@ def train(model, args, make_dataset=None):
                     lr = lr_at(step / steps_per_epoch, args)
                     for g in optimizer.param_groups:
                         g['lr'] = lr * g.get('lr_scale', 1.0)
-                inputs = dict(keys=keys)
+                inputs = dict(keys=noise[0] if noise else keys)  # noise: drawn from the keys
                 if getattr(model, 'takes_labels', False):
                     inputs['labels'] = labels.to(device, non_blocking=True)
                 final = micro == args.accum_iter - 1
@@ -2085,6 +2155,8 @@ def train(model, args, make_dataset=None):
                                         enabled=amp is not None):
                         out = wrapped(imgs, **inputs)
                     scaler.scale(out['loss'] / args.accum_iter).backward()
+                bad = (~torch.isfinite(out['loss'].detach())).float()
+                nonfinite = bad if micro == 0 else nonfinite + bad  # any micro-step's loss
                 for k, v in logged_scalars(out).items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_sum += 1
@@ -2092,30 +2164,22 @@ def train(model, args, make_dataset=None):
                 if not final:
                     continue
                 micro = 0
-                flags = torch.stack([(~torch.isfinite(out['loss'].detach())).float(),
+                # the step's flags stay on the device: a non-finite loss makes the optimizer step
+                # a no-op there, and the host reads them one step late (resolve), so that the
+                # device queue is never drained for them
+                flags = torch.stack([nonfinite,
                                      torch.tensor(float(bool(signalled)), device=device)])
                 if world > 1:
-                    dist.all_reduce(flags)  # one sync per step: every rank decides alike
-                bad, stopping = flags.tolist()
-                if bad:
-                    terms = {k: float(v) for k, v in logged_scalars(out).items()}
-                    if skipped < args.skip_nonfinite:  # --skip-nonfinite: drop this step's update
-                        skipped += 1
-                        print0(f'warning: non-finite loss at step {step} skipped '
-                               f'({skipped}/{args.skip_nonfinite}): {terms}')
-                        optimizer.zero_grad(set_to_none=True)
-                        sums, n_sum = {}, 0
-                        continue
-                    good = last_path if os.path.isfile(last_path) else 'none yet'
-                    raise NonFiniteLoss(f'non-finite loss at step {step} (epoch {epoch}) of '
-                                        f'{args.method}: {terms}; last good checkpoint: {good} '
-                                        f'(resume from it with a lower --blr, or pass '
-                                        f'--skip-nonfinite K)')
-                optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
+                    dist.all_reduce(flags)  # every rank decides alike; queued on the device
+                stopping = stopping or (world == 1 and bool(signalled))  # alone: no wait needed
+                optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad,
+                               skip=(flags[0] > 0).float())
                 if hasattr(model, 'after_step'):
-                    model.after_step()
+                    model.after_step()  # HPM's EMA: after a dropped update too (same weights)
                 step += 1
                 bar.update(1)
+                resolve()  # the previous step's flags
+                pending = (flags, step - 1, logged_scalars(out))
                 if step % args.log_freq == 0 or step == total:
                     log_interval()
                 if stopping:  # preemption: save the step, skip the evaluation, exit 0
@@ -2137,6 +2201,10 @@ def train(model, args, make_dataset=None):
             save(epoch, keep)  # kept: epochs 0, f, 2f, … and the last, as MAE and LocalMIM
             if at_max:
                 return end('max_steps')
+            if stopping and step < total:  # a signal read with the epoch's last step
+                print0(f'stopped by a signal at step {step}: {last_path} saved; run the same '
+                       f'command to continue')
+                return end('signal')
         print0(f'done: {step} steps, checkpoints and pictures in {out_dir}')
         return end('done')
     finally:

@@ -272,6 +272,10 @@ class FastMIMViT(VisionTransformer):
         loss = masked_loss(pred, target, mask, self.stride, self.mask_size)
         return dict(loss=loss, pred=pred, target=target, mask=mask)
 
+    def noise_len(self):
+        """Mask noise values per sample (one per mask block at the current resolution)."""
+        return (self.res // self.mask_size) ** 2
+
     def on_epoch(self, epoch):
         """FastMIM-P (Sec. 4.2, note 8): the fixed sin-cos table is recomputed for this epoch's
         resolution (exact); returns the new resolution, or None."""
@@ -320,6 +324,10 @@ class FastMIMSwin(nn.Module):
         target = make_target(imgs, self.stride, self.target_kind, self.norm_pix_loss)
         loss = masked_loss(pred, target, mask, self.stride, self.mask_size)
         return dict(loss=loss, pred=pred, target=target, mask=mask)
+
+    def noise_len(self):
+        """Mask noise values per sample (one per mask block at the current resolution)."""
+        return (self.res // self.mask_size) ** 2
 
     def on_epoch(self, epoch):
         """FastMIM-P (Sec. 4.2, note 8): this epoch's resolution and its window; tables resized,

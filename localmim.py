@@ -218,10 +218,12 @@ class Decoder(nn.Module):
             x = fill_masked(x, self.mask_token, restore)  # (B, 1+L, d)
         else:
             L = self.grid ** 2
-            visible = torch.zeros(L, dtype=torch.bool, device=x.device)
+            # built where `restore` is: on the host (LocalMIMSwin.forward), the device never waits
+            visible = torch.zeros(L, dtype=torch.bool, device=restore.device)
             visible[restore] = True
             # ids_restore (L,) takes [visible, masked] tokens to raster order: x (B, L, d)
             ids_restore = torch.argsort(torch.cat([restore, (~visible).nonzero().squeeze(1)]))
+            ids_restore = ids_restore.to(x.device, non_blocking=True)
             x = torch.cat([x, self.mask_token.expand(B, L - K, d)], dim=1)[:, ids_restore]
         x = x + self.pos_embed
         for blk in self.blocks:
@@ -271,6 +273,10 @@ class LocalMIMViT(VisionTransformer):
             return ids_from_mask(mask.to(imgs.device))
         return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys),
                               self.mask_ratio)
+
+    def noise_len(self):
+        """Mask noise values per sample (one per token), drawn by the data workers from its key."""
+        return self.grid ** 2
 
     def forward_encoder(self, imgs, ids_keep):
         """Encoder on the kept tokens -> the normed latents [(B, 1+K, D)] of blocks `self.ids`."""
@@ -467,13 +473,14 @@ class LocalMIMSwin(nn.Module):
         """One mask (B, g, g) bool for the whole batch, True = masked (note 7): units ranked by
         noise (the first sample's key), rank <= int(r * g^2) masked, as the official
         `randperm(n) <= int(r n)` in `Swin/models_mim.py:MaskedAutoencoderSwin.forward_encoder`;
-        or a given mask, checked."""
+        or a given mask, checked. On the host (CPU): the forward builds its windows and indices
+        from it there, so no step waits for the device (a given device mask is read once)."""
         B, g = imgs.shape[0], self.units
         if mask is None:
-            noise = sample_noise(1, g * g, imgs.device, None if keys is None else keys[:1])
+            noise = sample_noise(1, g * g, 'cpu', None if keys is None else keys[:1])
             rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # (1, g*g), a permutation
             return (rank <= int(self.mask_ratio * g * g)).view(1, g, g).expand(B, g, g)
-        mask = mask.to(imgs.device).reshape(B, g, g).bool()
+        mask = mask.cpu().reshape(B, g, g).bool()
         if (mask != mask[:1]).any():
             raise ValueError('LocalMIM Swin uses one mask for the whole batch (official); give '
                              'identical rows')
@@ -502,7 +509,9 @@ class LocalMIMSwin(nn.Module):
         B, _, C = x.shape
         # (B, g*g units, u*u tokens, C)
         x = x.view(B, g, u, g, u, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * g, u * u, C)
-        x = x[:, vis].flatten(1, 2)  # (B, nv*u*u, C): visible tokens in unit-blocked order
+        # vis, coords and window groups are host tensors (forward): index tensors go to the
+        # device as copies that do not wait for it
+        x = x[:, vis.to(x.device, non_blocking=True)].flatten(1, 2)  # (B, nv*u*u, C): blocked
         latents, positions = [], []
         for s, stage in enumerate(enc.layers):
             coords = self.attention_coords(vis, s)
@@ -510,7 +519,8 @@ class LocalMIMSwin(nn.Module):
             for blk in stage.blocks:
                 window_shift = (blk.attn.window, blk.shift)
                 if window_shift not in groups:
-                    groups[window_shift] = window_groups(coords, *window_shift)
+                    groups[window_shift] = [t.to(x.device, non_blocking=True)
+                                            for t in window_groups(coords, *window_shift)]
                 x = visible_block(blk, x, *groups[window_shift])
             if stage.downsample is not None:
                 x, u = merge_visible(stage.downsample, x, len(vis), u), u // 2
@@ -535,13 +545,18 @@ class LocalMIMSwin(nn.Module):
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> dict(loss, loss_per_level, pred, target [(B, L_k, C_k)],
         mask (B, g, g) bool)."""
-        mask = self.unit_mask(imgs, mask, keys)
+        mask = self.unit_mask(imgs, mask, keys)  # on the host, as vis and every index below
         vis = (~mask[0]).flatten().nonzero().squeeze(1)  # (nv,) visible units, raster order
         latents, positions = self.forward_encoder(imgs, vis)
         pred = [dec(z, p) for dec, z, p in zip(self.decoder, latents, positions)]
+        mask = mask.to(imgs.device, non_blocking=True)
         target = self.targets(imgs)
         losses = [level_loss(p, t, w) for p, t, w in zip(pred, target, self.level_weights(mask))]
         return dict(loss=sum(losses), loss_per_level=losses, pred=pred, target=target, mask=mask)
+
+    def noise_len(self):
+        """Mask noise values per sample (one per mask unit; the batch's mask uses the first)."""
+        return self.units ** 2
 
     def describe(self):
         """One line for the log: mask units, visible units, target, quirks."""
