@@ -791,6 +791,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 
@@ -1292,7 +1293,8 @@ class KeyedDataset(torch.utils.data.Dataset):
                 break
             except UnreadableImage as e:
                 if not self.skip_bad:
-                    raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
+                    raise UnreadableImage(f'{e}; fix or remove it, or pass --skip-bad-images'
+                                          ) from None
                 self.bad += 1
                 sys.stderr.write(f'warning: skipped {e} ({self.bad} skipped by this worker)\n')
         else:
@@ -1336,13 +1338,41 @@ def ignore_preemption(worker_id=None):
         signal.signal(sig, signal.SIG_IGN)
 
 
+LOADERS = weakref.WeakSet()  # make_loader's loaders with workers, for stop_workers()
+
+
 def make_loader(dataset, batch_size, sampler, num_workers, device, drop_last=True):
     """DataLoader: pinned memory on CUDA, persistent workers that leave preemption to the main
     process."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       num_workers=num_workers, pin_memory=device.type == 'cuda',
-                                       drop_last=drop_last, persistent_workers=num_workers > 0,
-                                       worker_init_fn=ignore_preemption if num_workers else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers, pin_memory=device.type == 'cuda',
+                                         drop_last=drop_last, persistent_workers=num_workers > 0,
+                                         worker_init_fn=ignore_preemption if num_workers else None)
+    if num_workers:
+        LOADERS.add(loader)
+    return loader
+
+
+def stop_workers(*loaders):
+    """End the data workers of these loaders (none given: of every make_loader loader) now.
+
+    The workers ignore SIGTERM (ignore_preemption), and at interpreter exit multiprocessing
+    SIGTERMs its children, then waits for them: a loader still alive then (after an error its
+    traceback holds it) would keep the process from ever exiting. DataLoader has no public
+    shutdown; its iterator's _shutdown_workers is the one torch's own __del__ calls. A worker
+    still busy after it is killed.
+    """
+    for loader in loaders or list(LOADERS):
+        it = getattr(loader, '_iterator', None)  # persistent workers: the live iterator
+        if it is None:
+            continue
+        if hasattr(it, '_shutdown_workers'):
+            it._shutdown_workers()  # asks each worker to exit, waits up to 2 x 5 s
+            for w in it._workers:
+                if w.is_alive():
+                    w.kill()
+                    w.join()
+        loader._iterator = None  # iterating it again starts new workers
 
 
 # --------------------------------------------------------------------- pictures on disk
@@ -1644,17 +1674,24 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
+def error_message(e):
+    """An exception's message; one raised in a data worker by its last line (its own message)."""
+    message = str(e).strip()
+    if 'Original Traceback' in message:
+        message = message.splitlines()[-1].split(': ', 1)[-1]
+    return message
+
+
 def run_main(fn, argv):
-    """Run a main: a ValueError is one line `error: …`, exit 2; NonFiniteLoss exits 1; ends DDP."""
+    """Run a main: a ValueError is one line `error: …`, exit 2; NonFiniteLoss exits 1; ends DDP
+    and every data worker, however it ends."""
     try:
         return fn(argv)
     except (ValueError, NonFiniteLoss) as e:
-        message = str(e).strip()
-        if 'Original Traceback' in message:  # raised in a data worker: its last line says it
-            message = message.splitlines()[-1].split(': ', 1)[-1]
-        sys.stderr.write(f'error: {message}\n')
+        sys.stderr.write(f'error: {error_message(e)}\n')
         raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
     finally:
+        stop_workers()  # finetune.py's val and k-NN loaders, --benchmark-data's, any left
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1892,11 +1929,16 @@ class RunLog:
         self.file.write(json.dumps({**row, 'run': self.run}) + '\n')
         self.file.flush()
 
-    def close(self, reason, step, checkpoint):
-        """The 'end' row, then release the file and the lock (a second call does nothing)."""
+    def close(self, reason, step, checkpoint, error=None):
+        """The 'end' row (naming the error, if any), then release the file and the lock (a second
+        call does nothing)."""
         if self.file.closed:
             return
-        self.write({'event': 'end', 'reason': reason, 'step': step, 'checkpoint': checkpoint})
+        row = {'event': 'end', 'reason': reason, 'step': step, 'checkpoint': checkpoint}
+        if error is not None:
+            message = (error_message(error).splitlines() or [''])[0]  # one line
+            row['error'] = f'{type(error).__name__}: {message}' if message else type(error).__name__
+        self.write(row)
         self.file.close()
         self.lock.close()
 
@@ -2013,6 +2055,7 @@ def train(model, args, make_dataset=None):
 
     log = RunLog(out_dir, step, args, resume) if rank == 0 else None
     signalled, restore_signals = catch_preemption()
+    loader = bar = None
     try:
         from tqdm import tqdm
         bar = tqdm(total=min(total, args.max_steps or total), initial=step, disable=rank != 0,
@@ -2108,10 +2151,17 @@ def train(model, args, make_dataset=None):
                 return end('max_steps')
         print0(f'done: {step} steps, checkpoints and pictures in {out_dir}')
         return end('done')
+    except BaseException as e:  # also a closed stdout pipe (BrokenPipeError) or Ctrl-C
+        if log:
+            log.close('error', step, last_path, error=e)
+        if bar is not None:  # now, not at exit: the error line stays the last line
+            with contextlib.suppress(OSError):
+                bar.close()
+        raise
     finally:
         restore_signals()  # also when the run ends with an error (in-process callers)
-        if log:
-            log.close('error', step, last_path)
+        if loader is not None:
+            stop_workers(loader)  # every way out, before the process exits (stop_workers)
 
 
 def plain_data(obj):

@@ -1,0 +1,85 @@
+"""A run that ends badly still ends, and says why; the next run recovers: a requeued --resume never
+rewinds, a torn log line or a truncated picture never blocks, odd but harmless input is accepted."""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy
+import pytest
+import torch
+from PIL import Image
+
+import common
+import fastmim
+import finetune
+from test_common import log_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--model', 'vit_tiny', '--num-workers', '0', '--res', '32', '--batch-size', '16',
+        '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32', '--synthetic-size', '64',
+        '--epochs', '2']
+
+
+def run(out, *argv):
+    """fastmim.py on 64 built-in images: 4 steps an epoch, 8 in all."""
+    return fastmim.main(['--output-dir', str(out), *TINY, *argv])
+
+
+def events(out):
+    """The 'start' and 'end' rows of a run's log."""
+    return [r for r in map(json.loads, open(out / 'log.jsonl')) if 'event' in r]
+
+
+def start(argv, **kw):
+    """fastmim.py in its own process group (so that a hung run and its workers can be killed)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'fastmim.py'), *argv], env=env,
+                            start_new_session=True, **kw)
+
+
+def finish(proc, timeout=120):
+    """Wait for the run to exit; a hang is killed with its data workers, and fails the test."""
+    try:
+        out = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers ignore SIGTERM
+        proc.communicate()
+        pytest.fail(f'the run did not exit within {timeout} s')
+    return out
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_an_unreadable_image_ends_the_process_and_the_log_names_it(tmp_path, workers):
+    """The one-line error, exit 2, and the process ends with its data workers (they ignore the
+    SIGTERM multiprocessing sends them at exit, and it then waits for them)."""
+    os.makedirs(tmp_path / 'data' / 'a')
+    for i in range(8):
+        Image.new('RGB', (40, 40), (i * 20, 100, 200)).save(tmp_path / 'data' / 'a' / f'{i}.png')
+    (tmp_path / 'data' / 'a' / 'bad.jpg').write_text('junk')
+    proc = start(['--output-dir', str(tmp_path / 'out'), *TINY, '--data-path',
+                  str(tmp_path / 'data'), '--batch-size', '9', '--num-workers', workers],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = finish(proc)
+    assert proc.returncode == 2 and 'bad.jpg' in err.splitlines()[-1], err[-2000:]
+    end = events(tmp_path / 'out')[-1]
+    assert end['reason'] == 'error' and end['error'].startswith('UnreadableImage: cannot read image')
+    assert 'bad.jpg' in end['error'] and '\n' not in end['error']
+
+
+def test_a_closed_stdout_pipe_ends_the_run_with_its_data_workers(tmp_path):
+    """`python fastmim.py ... 2>&1 | head -c N`: once head has gone, the next write fails; the run
+    logs the error and exits instead of waiting for its workers forever."""
+    out = tmp_path / 'out'
+    proc = start(['--output-dir', str(out), *TINY, '--synthetic-size', '512', '--num-workers', '2'],
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = b''
+    while b'loss=' not in seen and proc.poll() is None:  # a step is logged: the workers run
+        seen += proc.stdout.read1(4096)
+    proc.stdout.close()  # head -c N has what it wanted and exits
+    finish(proc)
+    end = events(out)[-1]
+    assert proc.returncode != 0 and end['reason'] == 'error'
+    assert end['error'].startswith('BrokenPipeError') and end['step'] < 64
