@@ -1943,6 +1943,25 @@ class RunLog:
         self.lock.close()
 
 
+def newer_last(path, ckpt, last_path, args, steps_per_epoch):
+    """-> (path, checkpoint) to resume: --resume X, or <output-dir>/checkpoint-last.pth when it
+    is of the same run and further on, so that a requeued job that carries --resume X does not go
+    back to X (and drop the log rows written since) each time it starts."""
+    if not os.path.isfile(last_path) or os.path.samefile(path, last_path):
+        return path, ckpt
+    try:  # mmap: only its step and args are read, unless it is taken
+        last = torch.load(last_path, map_location='cpu', weights_only=True, mmap=True)
+        check_same_run(last, args, last_path, steps_per_epoch)
+    except Exception:  # another run's or unreadable: --resume X, as asked
+        return path, ckpt
+    if last['step'] <= ckpt['step']:
+        return path, ckpt
+    print0(f'{last_path} (step {last["step"]}) is newer than --resume {path} (step '
+           f'{ckpt["step"]}) of the same run: continuing from {last_path}')
+    del last, ckpt
+    return last_path, load_file(last_path)
+
+
 def train(model, args, make_dataset=None):
     """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
     make_dataset = make_dataset or pretrain_dataset
@@ -1968,6 +1987,7 @@ def train(model, args, make_dataset=None):
     if resume:
         ckpt = load_file(resume)
         check_same_run(ckpt, args, resume, steps_per_epoch)
+        resume, ckpt = newer_last(resume, ckpt, last_path, args, steps_per_epoch)
         if hasattr(model, 'on_epoch'):  # shapes at the saved epoch's resolution (FastMIM-P)
             model.on_epoch(ckpt['epoch'])
             if getattr(model, 'res', args.res) != args.res:  # and the crops with them

@@ -83,3 +83,22 @@ def test_a_closed_stdout_pipe_ends_the_run_with_its_data_workers(tmp_path):
     end = events(out)[-1]
     assert proc.returncode != 0 and end['reason'] == 'error'
     assert end['error'].startswith('BrokenPipeError') and end['step'] < 64
+
+
+def test_a_requeued_job_with_resume_continues_from_its_newer_checkpoint(tmp_path, capsys):
+    """A job script that carries --resume X (to start its folder from another run) runs again
+    after a requeue: it continues from its own newer checkpoint-last.pth, not from X."""
+    run(tmp_path / 'a', '--max-steps', '2')
+    x = str(tmp_path / 'a' / 'checkpoint-last.pth')
+    run(tmp_path / 'b', '--resume', x, '--max-steps', '4')
+    capsys.readouterr()
+    run(tmp_path / 'b', '--resume', x, '--max-steps', '6')  # the same job, requeued
+    last = str(tmp_path / 'b' / 'checkpoint-last.pth')
+    assert f'{last} (step 4) is newer than --resume {x} (step 2)' in capsys.readouterr().out
+    ev = events(tmp_path / 'b')
+    assert ev[2]['event'] == 'start' and ev[2]['step'] == 4 and ev[2]['resumed_from'] == last
+    rows = log_rows(tmp_path / 'b' / 'log.jsonl')
+    assert [r['step'] for r in rows] == [3, 4, 5, 6]
+    assert rows[1]['run'] == ev[0]['run']  # step 4 of the first job is kept, not trained again
+    run(tmp_path / 'b', '--resume', x, '--max-steps', '6')  # once more: already there
+    assert 'already at --max-steps 6' in capsys.readouterr().out
