@@ -1891,6 +1891,23 @@ def check_same_run(ckpt, args, path, steps_per_epoch):
                          f'same arguments, or use a new --output-dir')
 
 
+def read_log(path):
+    """The rows of a log.jsonl as (line, row) pairs; blank lines are skipped, a torn last line (a
+    crash or a full disk mid-write) is dropped with a note, a torn line before it is an error."""
+    with open(path) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append((line if line.endswith('\n') else line + '\n', json.loads(line)))
+        except ValueError as e:
+            if n != lines[-1][0]:
+                raise ValueError(f'{path} line {n} is not a JSON row ({e}); fix or delete that '
+                                 f'line') from None
+            sys.stderr.write(f'note: dropped the torn last line of {path}: {line.strip()[:60]}\n')
+    return rows
+
+
 class RunLog:
     """<out_dir>/log.jsonl of one run, which holds <out_dir>/.lock while it is open.
 
@@ -1911,12 +1928,12 @@ class RunLog:
         now = time.time()  # milliseconds: two runs of one process can start within a second
         self.run = (f'{time.strftime("%Y%m%d-%H%M%S", time.localtime(now))}.'
                     f'{int(now * 1e3) % 1000:03d}-{os.getpid()}')
-        if resume and os.path.isfile(self.path):
+        if os.path.isfile(self.path):  # a torn last line is dropped before rows are appended
             with open(self.path) as f:
-                lines = [line for line in f if line.strip()]
-            kept = [line for line in lines if json.loads(line).get('step', 0) <= step
-                    or 'event' in json.loads(line)]
-            if len(kept) < len(lines):
+                text = f.read()
+            kept = [line for line, row in read_log(self.path) if not resume
+                    or row.get('step', 0) <= step or 'event' in row]
+            if ''.join(kept) != text:
                 with open(self.path + '.tmp', 'w') as f:
                     f.writelines(kept)
                 os.replace(self.path + '.tmp', self.path)

@@ -102,3 +102,27 @@ def test_a_requeued_job_with_resume_continues_from_its_newer_checkpoint(tmp_path
     assert rows[1]['run'] == ev[0]['run']  # step 4 of the first job is kept, not trained again
     run(tmp_path / 'b', '--resume', x, '--max-steps', '6')  # once more: already there
     assert 'already at --max-steps 6' in capsys.readouterr().out
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_torn_line_before_it_is_named(tmp_path, capsys):
+    run(tmp_path, '--max-steps', '2')
+    with open(tmp_path / 'log.jsonl', 'a') as f:  # a blank line, then a row cut by a crash
+        f.write('\n{"step": 3, "loss": 0.5')
+    run(tmp_path, '--max-steps', '3')
+    assert 'dropped the torn last line' in capsys.readouterr().err
+    lines = [line for line in open(tmp_path / 'log.jsonl') if line.strip()]
+    assert [json.loads(line).get('step') for line in lines] == [0, 1, 2, 2, 2, 3, 3]
+    with open(tmp_path / 'log.jsonl') as f:
+        lines = f.readlines()
+    lines.insert(2, '{"step": 2, "lo\n')  # torn, with rows after it: the log is not ours to fix
+    (tmp_path / 'log.jsonl').write_text(''.join(lines))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, '--max-steps', '4')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f'{tmp_path / "log.jsonl"} line 3 is not a JSON row' in err
+
+
+def test_summary_skips_a_blank_line(tmp_path):
+    os.makedirs(tmp_path / 'enc' / 'knn')
+    (tmp_path / 'enc' / 'knn' / 'log.jsonl').write_text('{"mode": "knn", "top1": 50.0}\n\n')
+    assert finetune.main(['--summary', str(tmp_path)]).splitlines()[-1] == '| enc | 50.0 |'
