@@ -1378,9 +1378,12 @@ def stop_workers(*loaders):
 # --------------------------------------------------------------------- pictures on disk
 
 def write_png(picture, path):
-    """Save a uint8 (3, H, W) tensor as PNG with Pillow."""
+    """Save a uint8 (3, H, W) tensor as PNG with Pillow, to a temporary file then renamed (as
+    save_atomic): a crash mid-write never leaves a truncated `path`."""
     from PIL import Image
-    Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(path)
+    tmp = f'{path}.tmp'
+    Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(tmp, format='PNG')
+    os.replace(tmp, path)
 
 
 def picture_batch(args, n=8):

@@ -126,3 +126,20 @@ def test_summary_skips_a_blank_line(tmp_path):
     os.makedirs(tmp_path / 'enc' / 'knn')
     (tmp_path / 'enc' / 'knn' / 'log.jsonl').write_text('{"mode": "knn", "top1": 50.0}\n\n')
     assert finetune.main(['--summary', str(tmp_path)]).splitlines()[-1] == '| enc | 50.0 |'
+
+
+def test_a_write_that_fails_midway_keeps_the_old_picture(tmp_path, monkeypatch):
+    path = str(tmp_path / 'picture-last.png')
+    old = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    common.write_png(old, path)
+
+    def dying_save(self, fp, *a, **k):
+        with open(fp, 'wb') as f:
+            f.write(b'\x89PNG')  # a kill or a full disk after the first bytes
+        raise OSError('disk full')
+    monkeypatch.setattr(Image.Image, 'save', dying_save)
+    with pytest.raises(OSError):
+        common.write_png(torch.full((3, 8, 8), 255, dtype=torch.uint8), path)
+    monkeypatch.undo()
+    with Image.open(path) as img:
+        assert torch.equal(torch.from_numpy(numpy.array(img)).permute(2, 0, 1), old)
