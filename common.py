@@ -806,6 +806,12 @@ def load_file(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         if 'Namespace' not in str(e):
+            with open(path, 'rb') as f:
+                head = f.read(2)
+            if not head.startswith((b'PK', b'\x80')):  # torch.save: a zip archive (legacy: pickle)
+                raise ValueError(f'{path} is not a checkpoint torch can read ('
+                                 f'{"an empty file" if not head else "no zip archive or pickle"});'
+                                 f' give a file that torch.save wrote') from None
             raise ValueError(f'cannot read checkpoint {path}: {e}') from None
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -1884,8 +1890,15 @@ def check_same_run(ckpt, args, path, steps_per_epoch):
                          f'--output-dir')
     saved = ckpt.get('args') or {}
     names = RUN_DEFINING + (() if getattr(args, 'res_schedule', None) else ('res',))
+
+    def same(k):
+        """The saved value of k is this run's; a folder by its resolved path ('data/' = 'data')."""
+        a, b = saved[k], plain_data(getattr(args, k, None))
+        if k == 'data_path' and a and b:
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
     diffs = [f'--{k.replace("_", "-")} {saved[k]} -> {plain_data(getattr(args, k, None))}'
-             for k in names if k in saved and saved[k] != plain_data(getattr(args, k, None))]
+             for k in names if k in saved and not same(k)]
     if ckpt.get('steps_per_epoch', steps_per_epoch) != steps_per_epoch:
         diffs.append(f'steps per epoch {ckpt["steps_per_epoch"]} -> {steps_per_epoch} (another '
                      f'batch, accumulation, process count or data)')
@@ -1982,6 +1995,22 @@ def newer_last(path, ckpt, last_path, args, steps_per_epoch):
     return last_path, load_file(last_path)
 
 
+def schedule_note(saved, args, step, steps_per_epoch):
+    """At resume, one line when the lr schedule moved under the saved step (more --epochs
+    stretch the cosine: a finished run's lr jumps up from its end value)."""
+    names = ('epochs', 'warmup_epochs', 'lr', 'min_lr')
+    if not all(k in saved for k in names):
+        return
+    old = lr_at(step / steps_per_epoch, argparse.Namespace(**{k: saved[k] for k in names}))
+    new = lr_at(step / steps_per_epoch, args)
+    if not math.isclose(old, new, rel_tol=1e-6, abs_tol=1e-12):  # the same numbers: equal
+        changed = [k for k in names if saved[k] != getattr(args, k)]
+        how = 'stretched' if set(changed) <= {'epochs', 'warmup_epochs'} else 'changed'
+        print0(f'note: the lr jumps from {old:.3g} to {new:.3g} at step {step} because the '
+               f'schedule is {how} (' + '; '.join(f'--{k.replace("_", "-")} {saved[k]:.4g} -> '
+                                                  f'{getattr(args, k):.4g}' for k in changed) + ')')
+
+
 def train(model, args, make_dataset=None):
     """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
     make_dataset = make_dataset or pretrain_dataset
@@ -2026,6 +2055,7 @@ def train(model, args, make_dataset=None):
             model.load_extra_state(ckpt)
         print0(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
                f'lr {lr_at(step / steps_per_epoch, args):.3g}')
+        schedule_note(ckpt.get('args') or {}, args, step, steps_per_epoch)
 
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)

@@ -143,3 +143,33 @@ def test_a_write_that_fails_midway_keeps_the_old_picture(tmp_path, monkeypatch):
     monkeypatch.undo()
     with Image.open(path) as img:
         assert torch.equal(torch.from_numpy(numpy.array(img)).permute(2, 0, 1), old)
+
+
+def test_more_epochs_on_a_finished_run_say_that_the_lr_jumps(tmp_path, capsys):
+    run(tmp_path)  # 2 epochs: the cosine ends at min_lr 0
+    saved = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['args']
+    run(tmp_path, '--epochs', '3', '--max-steps', '9')
+    old = common.lr_at(2.0, argparse.Namespace(**saved))
+    new = common.lr_at(2.0, argparse.Namespace(**{**saved, 'epochs': 3}))
+    assert new > 0.4 * saved['lr'] > old + 0.3 * saved['lr']  # halfway down a 3-epoch cosine
+    assert (f'note: the lr jumps from {old:.3g} to {new:.3g} at step 8 because the schedule is '
+            f'stretched (--epochs 2 -> 3)') in capsys.readouterr().out
+
+
+def test_a_trailing_slash_on_data_path_is_the_same_run(tmp_path):
+    os.makedirs(tmp_path / 'data' / 'a')
+    for i in range(16):
+        Image.new('RGB', (40, 40), (i * 10, 100, 200)).save(tmp_path / 'data' / 'a' / f'{i}.png')
+    run(tmp_path / 'out', '--data-path', str(tmp_path / 'data'), '--max-steps', '1')
+    run(tmp_path / 'out', '--data-path', str(tmp_path / 'data') + '/', '--max-steps', '2')
+    assert torch.load(tmp_path / 'out' / 'checkpoint-last.pth', weights_only=True)['step'] == 2
+
+
+@pytest.mark.parametrize('content', ['some notes\n', 'e', ''])
+def test_a_file_torch_cannot_read_is_named_as_such(tmp_path, capsys, content):
+    (tmp_path / 'notes.pth').write_text(content)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / 'out', '--resume', str(tmp_path / 'notes.pth'))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1
+    assert f'{tmp_path / "notes.pth"} is not a checkpoint torch can read' in err
