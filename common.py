@@ -808,6 +808,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 
@@ -822,6 +823,12 @@ def load_file(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         if 'Namespace' not in str(e):
+            with open(path, 'rb') as f:
+                head = f.read(2)
+            if not head.startswith((b'PK', b'\x80')):  # torch.save: a zip archive (legacy: pickle)
+                raise ValueError(f'{path} is not a checkpoint torch can read ('
+                                 f'{"an empty file" if not head else "no zip archive or pickle"});'
+                                 f' give a file that torch.save wrote') from None
             raise ValueError(f'cannot read checkpoint {path}: {e}') from None
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -1319,7 +1326,8 @@ class KeyedDataset(torch.utils.data.Dataset):
                 break
             except UnreadableImage as e:
                 if not self.skip_bad:
-                    raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
+                    raise UnreadableImage(f'{e}; fix or remove it, or pass --skip-bad-images'
+                                          ) from None
                 self.bad += 1
                 sys.stderr.write(f'warning: skipped {e} ({self.bad} skipped by this worker)\n')
         else:
@@ -1365,21 +1373,52 @@ def ignore_preemption(worker_id=None):
         signal.signal(sig, signal.SIG_IGN)
 
 
+LOADERS = weakref.WeakSet()  # make_loader's loaders with workers, for stop_workers()
+
+
 def make_loader(dataset, batch_size, sampler, num_workers, device, drop_last=True):
     """DataLoader: pinned memory on CUDA, persistent workers that leave preemption to the main
     process."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       num_workers=num_workers, pin_memory=device.type == 'cuda',
-                                       drop_last=drop_last, persistent_workers=num_workers > 0,
-                                       worker_init_fn=ignore_preemption if num_workers else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers, pin_memory=device.type == 'cuda',
+                                         drop_last=drop_last, persistent_workers=num_workers > 0,
+                                         worker_init_fn=ignore_preemption if num_workers else None)
+    if num_workers:
+        LOADERS.add(loader)
+    return loader
+
+
+def stop_workers(*loaders):
+    """End the data workers of these loaders (none given: of every make_loader loader) now.
+
+    The workers ignore SIGTERM (ignore_preemption), and at interpreter exit multiprocessing
+    SIGTERMs its children, then waits for them: a loader still alive then (after an error its
+    traceback holds it) would keep the process from ever exiting. DataLoader has no public
+    shutdown; its iterator's _shutdown_workers is the one torch's own __del__ calls. A worker
+    still busy after it is killed.
+    """
+    for loader in loaders or list(LOADERS):
+        it = getattr(loader, '_iterator', None)  # persistent workers: the live iterator
+        if it is None:
+            continue
+        if hasattr(it, '_shutdown_workers'):
+            it._shutdown_workers()  # asks each worker to exit, waits up to 2 x 5 s
+            for w in it._workers:
+                if w.is_alive():
+                    w.kill()
+                    w.join()
+        loader._iterator = None  # iterating it again starts new workers
 
 
 # --------------------------------------------------------------------- pictures on disk
 
 def write_png(picture, path):
-    """Save a uint8 (3, H, W) tensor as PNG with Pillow."""
+    """Save a uint8 (3, H, W) tensor as PNG with Pillow, to a temporary file then renamed (as
+    save_atomic): a crash mid-write never leaves a truncated `path`."""
     from PIL import Image
-    Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(path)
+    tmp = f'{path}.tmp'
+    Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(tmp, format='PNG')
+    os.replace(tmp, path)
 
 
 def picture_batch(args, n=8):
@@ -1674,17 +1713,24 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
+def error_message(e):
+    """An exception's message; one raised in a data worker by its last line (its own message)."""
+    message = str(e).strip()
+    if 'Original Traceback' in message:
+        message = message.splitlines()[-1].split(': ', 1)[-1]
+    return message
+
+
 def run_main(fn, argv):
-    """Run a main: a ValueError is one line `error: …`, exit 2; NonFiniteLoss exits 1; ends DDP."""
+    """Run a main: a ValueError is one line `error: …`, exit 2; NonFiniteLoss exits 1; ends DDP
+    and every data worker, however it ends."""
     try:
         return fn(argv)
     except (ValueError, NonFiniteLoss) as e:
-        message = str(e).strip()
-        if 'Original Traceback' in message:  # raised in a data worker: its last line says it
-            message = message.splitlines()[-1].split(': ', 1)[-1]
-        sys.stderr.write(f'error: {message}\n')
+        sys.stderr.write(f'error: {error_message(e)}\n')
         raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
     finally:
+        stop_workers()  # finetune.py's val and k-NN loaders, --benchmark-data's, any left
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1907,14 +1953,38 @@ def check_same_run(ckpt, args, path, steps_per_epoch):
                          f'--output-dir')
     saved = ckpt.get('args') or {}
     names = RUN_DEFINING + (() if getattr(args, 'res_schedule', None) else ('res',))
+
+    def same(k):
+        """The saved value of k is this run's; a folder by its resolved path ('data/' = 'data')."""
+        a, b = saved[k], plain_data(getattr(args, k, None))
+        if k == 'data_path' and a and b:
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
     diffs = [f'--{k.replace("_", "-")} {saved[k]} -> {plain_data(getattr(args, k, None))}'
-             for k in names if k in saved and saved[k] != plain_data(getattr(args, k, None))]
+             for k in names if k in saved and not same(k)]
     if ckpt.get('steps_per_epoch', steps_per_epoch) != steps_per_epoch:
         diffs.append(f'steps per epoch {ckpt["steps_per_epoch"]} -> {steps_per_epoch} (another '
                      f'batch, accumulation, process count or data)')
     if diffs:
         raise ValueError(f'{path} was saved by another run ({"; ".join(diffs)}); resume with the '
                          f'same arguments, or use a new --output-dir')
+
+
+def read_log(path):
+    """The rows of a log.jsonl as (line, row) pairs; blank lines are skipped, a torn last line (a
+    crash or a full disk mid-write) is dropped with a note, a torn line before it is an error."""
+    with open(path) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append((line if line.endswith('\n') else line + '\n', json.loads(line)))
+        except ValueError as e:
+            if n != lines[-1][0]:
+                raise ValueError(f'{path} line {n} is not a JSON row ({e}); fix or delete that '
+                                 f'line') from None
+            sys.stderr.write(f'note: dropped the torn last line of {path}: {line.strip()[:60]}\n')
+    return rows
 
 
 class RunLog:
@@ -1937,12 +2007,12 @@ class RunLog:
         now = time.time()  # milliseconds: two runs of one process can start within a second
         self.run = (f'{time.strftime("%Y%m%d-%H%M%S", time.localtime(now))}.'
                     f'{int(now * 1e3) % 1000:03d}-{os.getpid()}')
-        if resume and os.path.isfile(self.path):
+        if os.path.isfile(self.path):  # a torn last line is dropped before rows are appended
             with open(self.path) as f:
-                lines = [line for line in f if line.strip()]
-            kept = [line for line in lines if json.loads(line).get('step', 0) <= step
-                    or 'event' in json.loads(line)]
-            if len(kept) < len(lines):
+                text = f.read()
+            kept = [line for line, row in read_log(self.path) if not resume
+                    or row.get('step', 0) <= step or 'event' in row]
+            if ''.join(kept) != text:
                 with open(self.path + '.tmp', 'w') as f:
                     f.writelines(kept)
                 os.replace(self.path + '.tmp', self.path)
@@ -1955,13 +2025,53 @@ class RunLog:
         self.file.write(json.dumps({**row, 'run': self.run}) + '\n')
         self.file.flush()
 
-    def close(self, reason, step, checkpoint):
-        """The 'end' row, then release the file and the lock (a second call does nothing)."""
+    def close(self, reason, step, checkpoint, error=None):
+        """The 'end' row (naming the error, if any), then release the file and the lock (a second
+        call does nothing)."""
         if self.file.closed:
             return
-        self.write({'event': 'end', 'reason': reason, 'step': step, 'checkpoint': checkpoint})
+        row = {'event': 'end', 'reason': reason, 'step': step, 'checkpoint': checkpoint}
+        if error is not None:
+            message = (error_message(error).splitlines() or [''])[0]  # one line
+            row['error'] = f'{type(error).__name__}: {message}' if message else type(error).__name__
+        self.write(row)
         self.file.close()
         self.lock.close()
+
+
+def newer_last(path, ckpt, last_path, args, steps_per_epoch):
+    """-> (path, checkpoint) to resume: --resume X, or <output-dir>/checkpoint-last.pth when it
+    is of the same run and further on, so that a requeued job that carries --resume X does not go
+    back to X (and drop the log rows written since) each time it starts."""
+    if not os.path.isfile(last_path) or os.path.samefile(path, last_path):
+        return path, ckpt
+    try:  # mmap: only its step and args are read, unless it is taken
+        last = torch.load(last_path, map_location='cpu', weights_only=True, mmap=True)
+        check_same_run(last, args, last_path, steps_per_epoch)
+    except Exception:  # another run's or unreadable: --resume X, as asked
+        return path, ckpt
+    if last['step'] <= ckpt['step']:
+        return path, ckpt
+    print0(f'{last_path} (step {last["step"]}) is newer than --resume {path} (step '
+           f'{ckpt["step"]}) of the same run: continuing from {last_path}')
+    del last, ckpt
+    return last_path, load_file(last_path)
+
+
+def schedule_note(saved, args, step, steps_per_epoch):
+    """At resume, one line when the lr schedule moved under the saved step (more --epochs
+    stretch the cosine: a finished run's lr jumps up from its end value)."""
+    names = ('epochs', 'warmup_epochs', 'lr', 'min_lr')
+    if not all(k in saved for k in names):
+        return
+    old = lr_at(step / steps_per_epoch, argparse.Namespace(**{k: saved[k] for k in names}))
+    new = lr_at(step / steps_per_epoch, args)
+    if not math.isclose(old, new, rel_tol=1e-6, abs_tol=1e-12):  # the same numbers: equal
+        changed = [k for k in names if saved[k] != getattr(args, k)]
+        how = 'stretched' if set(changed) <= {'epochs', 'warmup_epochs'} else 'changed'
+        print0(f'note: the lr jumps from {old:.3g} to {new:.3g} at step {step} because the '
+               f'schedule is {how} (' + '; '.join(f'--{k.replace("_", "-")} {saved[k]:.4g} -> '
+                                                  f'{getattr(args, k):.4g}' for k in changed) + ')')
 
 
 def train(model, args, make_dataset=None):
@@ -1989,6 +2099,7 @@ def train(model, args, make_dataset=None):
     if resume:
         ckpt = load_file(resume)
         check_same_run(ckpt, args, resume, steps_per_epoch)
+        resume, ckpt = newer_last(resume, ckpt, last_path, args, steps_per_epoch)
         if hasattr(model, 'on_epoch'):  # shapes at the saved epoch's resolution (FastMIM-P)
             model.on_epoch(ckpt['epoch'])
             if getattr(model, 'res', args.res) != args.res:  # and the crops with them
@@ -2007,6 +2118,7 @@ def train(model, args, make_dataset=None):
             model.load_extra_state(ckpt)
         print0(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
                f'lr {lr_at(step / steps_per_epoch, args):.3g}')
+        schedule_note(ckpt.get('args') or {}, args, step, steps_per_epoch)
 
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -2108,6 +2220,7 @@ def train(model, args, make_dataset=None):
 
     log = RunLog(out_dir, step, args, resume) if rank == 0 else None
     signalled, restore_signals = catch_preemption()
+    loader = bar = None
     try:
         from tqdm import tqdm
         bar = tqdm(total=min(total, args.max_steps or total), initial=step, disable=rank != 0,
@@ -2207,10 +2320,17 @@ def train(model, args, make_dataset=None):
                 return end('signal')
         print0(f'done: {step} steps, checkpoints and pictures in {out_dir}')
         return end('done')
+    except BaseException as e:  # also a closed stdout pipe (BrokenPipeError) or Ctrl-C
+        if log:
+            log.close('error', step, last_path, error=e)
+        if bar is not None:  # now, not at exit: the error line stays the last line
+            with contextlib.suppress(OSError):
+                bar.close()
+        raise
     finally:
         restore_signals()  # also when the run ends with an error (in-process callers)
-        if log:
-            log.close('error', step, last_path)
+        if loader is not None:
+            stop_workers(loader)  # every way out, before the process exits (stop_workers)
 
 
 def plain_data(obj):

@@ -46,8 +46,8 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, SWIN_PRESETS, VIT
                     ArgumentParser, KeyedDataset, SwinTransformer, SyntheticShapes,
                     VisionTransformer, autocast_dtype, benchmark, check_run_args, eval_transform,
                     image_folder, load_encoder, load_file, make_loader, mmpretrain_vit_to_timm,
-                    pick_state_dict, plain_data, print0, run_main, save_atomic, setup_distributed,
-                    strip_prefix, swin_to_timm, train)
+                    pick_state_dict, plain_data, print0, read_log, run_main, save_atomic,
+                    setup_distributed, strip_prefix, swin_to_timm, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -939,8 +939,7 @@ def summary(root):
     cells = {}
     for path in logs:
         encoder, protocol = path.split(os.sep)[-3:-1]
-        with open(path) as f:
-            rows = [r for r in map(json.loads, f) if 'top1' in r]
+        rows = [r for _, r in read_log(path) if 'top1' in r]  # blank lines skipped
         cells.setdefault(encoder, {})[protocol] = f'{rows[-1]["top1"]:.1f}' if rows else '-'
     columns = list(dict.fromkeys(p for row in cells.values() for p in row))
     lines = ['| encoder | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
