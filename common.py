@@ -336,11 +336,12 @@ class WindowAttention(nn.Module):
         bias = self.bias().to(x.dtype)  # (nH, N, N)
         if mask is None:
             out = F.scaled_dot_product_attention(*qkv, attn_mask=bias)  # (BW, nH, N, d)
-        else:  # q, k, v (B, nW, nH, N, d): windows apart from the batch, so the mask broadcasts
-            nW = mask.shape[0]
-            q, k, v = (t.view(BW // nW, nW, self.num_heads, N, -1) for t in qkv)
-            out = F.scaled_dot_product_attention(q, k, v,
-                                                 attn_mask=mask[:, None].to(x.dtype) + bias)
+        else:  # windows x heads as one head axis: 4-D for the fused kernels (they refuse 5-D),
+            # and the mask (nW*nH, N, N) broadcasts over the batch instead of being copied B times
+            nW, nH = mask.shape[0], self.num_heads
+            q, k, v = (t.reshape(BW // nW, nW * nH, N, -1) for t in qkv)  # (B, nW*nH, N, d)
+            bias = (mask[:, None].to(x.dtype) + bias).reshape(nW * nH, N, N)  # (nW*nH, N, N)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nW*nH, N, d)
         return self.proj(out.reshape(BW, self.num_heads, N, -1).transpose(1, 2).reshape(BW, N, C))
 
 
