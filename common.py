@@ -1902,18 +1902,23 @@ class RunLog:
         self.lock.close()
 
 
+def fast_cuda(device):
+    """On CUDA: TF32 matmuls and convolutions, cudnn autotuning (the input sizes are fixed)."""
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 def train(model, args, make_dataset=None):
     """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
     make_dataset = make_dataset or pretrain_dataset
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
+    fast_cuda(device)  # before the benchmarks too: they time what a run runs
     if args.benchmark_data:
         return benchmark_data(args, device, make_dataset)
     if args.benchmark:
         return benchmark(model, args, device)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     dataset = make_dataset(args)
     per_step, steps_per_epoch = step_plan(len(dataset), args, world)
     total = args.epochs * steps_per_epoch
@@ -2191,7 +2196,7 @@ def benchmark(model, args, device, warmup=2):
            'cpu_ms_median': round(cpu * 1e3, 2),
            'flops_per_img': int(flops), 'tflops': round(flops * args.batch_size / step / 1e12, 4),
            'peak_mem_mb': round(peak_memory_mb(device), 1)}
-    print(json.dumps(row))
+    print0(json.dumps(row))
     return row
 
 
@@ -2228,5 +2233,5 @@ def benchmark_data(args, device, make_dataset=pretrain_dataset):
            'img_per_s_per_worker': round(rate / max(args.num_workers, 1), 1),
            'cpu_ms_per_img': round(cpu_ms, 2), 'data': args.data_path or 'SyntheticShapes',
            'load': round(os.getloadavg()[0], 2)}
-    print(json.dumps(row))
+    print0(json.dumps(row))
     return row

@@ -207,3 +207,34 @@ def test_synthetic_shapes_deterministic_and_labelled():
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == 3
     assert torch.equal(ds[3][0], common.SyntheticShapes('train', 20, 32, seed=0)[3][0])
     assert not torch.equal(ds[3][0], common.SyntheticShapes('val', 20, 32, seed=0)[3][0])
+
+
+# ----------------------------------------------------------------------------- benchmark, memory, data wait
+
+BENCH = ['--benchmark', '1', '--res', '32', '--batch-size', '2', '--num-workers', '0', '--model', 'vit_tiny']
+
+
+def test_benchmark_times_with_the_run_s_cuda_settings(monkeypatch):
+    # TF32 and cudnn autotuning were set after the --benchmark return: it timed another program
+    def flags():
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark)
+
+    def set_flags(tf32, cudnn_tf32, autotune):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32, cudnn_tf32
+        torch.backends.cudnn.benchmark = autotune
+    saved, seen = flags(), {}
+    monkeypatch.setattr(common, 'setup_distributed', lambda: (0, 1, torch.device('cuda')))
+    monkeypatch.setattr(common, 'benchmark', lambda model, args, device: seen.update(flags=flags()))
+    try:
+        set_flags(False, False, False)
+        fastmim.main(BENCH)
+    finally:
+        set_flags(*saved)
+    assert seen['flags'] == (True, True, True)
+
+
+def test_benchmark_prints_on_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv('RANK', '1')  # what torchrun sets on the second process
+    row = fastmim.main(BENCH)
+    assert capsys.readouterr().out == '' and row['img_per_s'] > 0
