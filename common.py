@@ -792,6 +792,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 
@@ -1963,6 +1964,12 @@ def train(model, args, make_dataset=None):
                f'{steps_per_epoch} steps/epoch, {n_params / 1e6:.2f}M trainable parameters')
         if hasattr(model, 'describe'):
             print0(model.describe())
+        if device.type == 'cuda':  # a batch the card cannot hold: say so before the first step
+            advice = memory_advice(estimate_memory(model, getattr(model, 'res', args.res), device,
+                                                   amp), args.batch_size, args.accum_iter,
+                                   torch.cuda.get_device_properties(device).total_memory)
+            if advice:
+                print0(advice)
     model.run_end = dict(step=step, total=total, reason='already_finished')
     if step >= total or (args.max_steps and step >= args.max_steps):
         if step >= total:
@@ -2149,6 +2156,74 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def saved_bytes(model, imgs, amp=None, **inputs):
+    """Bytes one training forward keeps for backward: every saved tensor's storage once, except
+    the model's own parameters and buffers (they are there anyway)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = []
+
+    def pack(t):
+        """Note a saved tensor (weakly: one a dropped branch saved dies with it) and keep it."""
+        saved.append(weakref.ref(t))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+            imgs.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(imgs, **inputs)
+        alive = [t for t in (r() for r in saved) if t is not None]  # while the graph holds them
+        sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+    del out
+    return sum(n for ptr, n in sizes.items() if ptr not in own)
+
+
+def estimate_memory(model, res, device, amp=None, batches=(2, 4)):
+    """Training memory in bytes = fixed + per_image x batch, from the bytes saved for backward on
+    two small batches (linear in the batch) plus 16 B per trainable parameter (fp32 weight, grad,
+    AdamW's two moments), 4 B per other parameter and buffer, and extra_state() (HPM's teacher).
+    Leaves out the backward's transient buffers and the allocator's rounding."""
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        sizes = []
+        for b in batches:
+            inputs = dict(keys=torch.arange(b))
+            if getattr(model, 'takes_labels', False):
+                inputs['labels'] = torch.arange(b, device=device) % model.num_classes
+            imgs = torch.randn(b, 3, res, res, device=device)
+            sizes.append(saved_bytes(model, imgs, amp, **inputs))
+    model.train(was_training)
+    per_image = max(sizes[1] - sizes[0], 0) / (batches[1] - batches[0])
+    states = {}  # storage -> (bytes, trainable): each tensor once, tied weights too
+    extra = model.extra_state() if hasattr(model, 'extra_state') else {}
+    tensors = [*model.parameters(), *model.buffers(), *(v for d in extra.values()
+                                                        if isinstance(d, dict) for v in d.values()
+                                                        if torch.is_tensor(v))]
+    for t in tensors:
+        s = t.untyped_storage()
+        states[s.data_ptr()] = (s.nbytes(), t.requires_grad or states.get(s.data_ptr(), (0, 0))[1])
+    fixed = sum(n * (4 if trainable else 1) for n, trainable in states.values())
+    return {'per_image': per_image, 'fixed': fixed + max(sizes[0] - per_image * batches[0], 0)}
+
+
+def memory_advice(est, batch, accum, total, usable=0.9):
+    """None if `batch` fits in `usable` of `total` bytes (estimate_memory's `est`), else one line
+    with the largest --batch-size that fits and the --accum-iter that keeps batch x accum."""
+    gib = 2 ** 30
+    need = est['fixed'] + est['per_image'] * batch
+    if need <= usable * total:
+        return None
+    per_gpu = batch * accum  # the recipe's images per optimizer step and GPU
+    fits = [b for b in range(1, batch) if per_gpu % b == 0
+            and est['fixed'] + est['per_image'] * b <= usable * total]
+    head = (f'warning: --batch-size {batch} needs about {need / gib:.1f} GiB (estimated: '
+            f'{est["fixed"] / gib:.1f} GiB + {est["per_image"] / 2 ** 20:.1f} MiB per image), '
+            f'more than {usable:.0%} of this GPU\'s {total / gib:.1f} GiB; ')
+    if not fits:
+        return head + 'even --batch-size 1 does not fit: use a smaller --model or --res'
+    b = fits[-1]
+    return head + (f'use --batch-size {b} --accum-iter {per_gpu // b} (the same {per_gpu} images '
+                   f'per step and GPU)')
+
+
 def benchmark(model, args, device, warmup=2):
     """--benchmark N: time N training steps on synthetic batches (no data), print one JSON line."""
     # a step of the run's middle epoch (HPM's teacher pass, FastMIM-P's resolution), its optimiser
@@ -2196,6 +2271,8 @@ def benchmark(model, args, device, warmup=2):
            'cpu_ms_median': round(cpu * 1e3, 2),
            'flops_per_img': int(flops), 'tflops': round(flops * args.batch_size / step / 1e12, 4),
            'peak_mem_mb': round(peak_memory_mb(device), 1)}
+    est = estimate_memory(model, res, device, amp)
+    row['est_mem_mb'] = round((est['fixed'] + est['per_image'] * args.batch_size) / 2 ** 20, 1)
     print0(json.dumps(row))
     return row
 

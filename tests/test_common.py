@@ -238,3 +238,42 @@ def test_benchmark_prints_on_rank_0_only(monkeypatch, capsys):
     monkeypatch.setenv('RANK', '1')  # what torchrun sets on the second process
     row = fastmim.main(BENCH)
     assert capsys.readouterr().out == '' and row['img_per_s'] > 0
+    assert row['est_mem_mb'] > 0  # the estimate_memory of the configuration, beside the measured peak
+
+
+class Linear48(torch.nn.Module):
+    """loss = mean(fc(x)^2) on 4 x 4 images (48 inputs): its saved tensors are countable by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(48, 16)
+        self.frozen = torch.nn.Parameter(torch.zeros(5), requires_grad=False)
+
+    def forward(self, imgs, keys=None):
+        return {'loss': self.fc(imgs.flatten(1)).square().mean()}
+
+    def extra_state(self):
+        return {'model_ema': {'w': torch.zeros(10)}, 'best': {'top1': 1.0}}
+
+
+def test_memory_estimate_equals_the_hand_count():
+    m = Linear48()
+    est = common.estimate_memory(m, 4, torch.device('cpu'))
+    # saved per image: fc's input (48 fp32) and square's input (16 fp32); the weight is a parameter
+    # fixed: 784 trainable x 16 B (weight, grad, 2 AdamW moments) + 5 frozen x 4 B + 10 EMA x 4 B
+    assert est == {'per_image': (48 + 16) * 4, 'fixed': 784 * 16 + 5 * 4 + 10 * 4}
+    bf16 = common.estimate_memory(m, 4, torch.device('cpu'), torch.bfloat16)
+    assert bf16['per_image'] == (48 + 16) * 2  # autocast: both saved in bf16
+
+
+def test_memory_advice_keeps_the_effective_batch_on_a_small_card():
+    m = Linear48()
+    est = common.estimate_memory(m, 4, torch.device('cpu'))
+    card = (est['fixed'] + 300 * est['per_image']) / 0.9  # 90 % of it holds 300 images
+    assert common.memory_advice(est, 256, 2, card) is None
+    line = common.memory_advice(est, 512, 1, card)
+    assert line.startswith('warning: --batch-size 512 needs about') and '\n' not in line
+    assert line.endswith('use --batch-size 256 --accum-iter 2 (the same 512 images per step and GPU)')
+    assert '--batch-size 256 --accum-iter 3 (the same 768' in common.memory_advice(est, 384, 2, card)
+    assert 'even --batch-size 1 does not fit' in common.memory_advice(est, 8, 1, est['fixed'])
+
