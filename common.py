@@ -1803,6 +1803,16 @@ def step_plan(n_images, args, world):
     return per_step, steps_per_epoch
 
 
+def timed(iterable, waited, clock=time.perf_counter):
+    """Yield from `iterable`, adding the seconds spent blocked in it (next(), and iter() starting
+    the workers) to waited[0]: wall clock only, no device sync."""
+    t0 = clock()
+    for item in iterable:
+        waited[0] += clock() - t0
+        yield item
+        t0 = clock()
+
+
 def catch_preemption():
     """SIGTERM/SIGUSR1 append to a list (the loop saves, exits 0) -> (list, restore handlers)."""
     import signal
@@ -2008,12 +2018,13 @@ def train(model, args, make_dataset=None):
             vals /= world
         seconds = time.time() - t_log
         row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
-               'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2)}
+               'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2),
+               'data_wait': round(min(waited[0] / seconds, 1.0), 4)}  # share blocked on data
         row.update({k: float(v) for k, v in zip(names, vals.tolist())})
         if log:
             log.write(row)
             bar.set_postfix(loss=f'{row["loss"]:.4f}')
-        sums, n_sum, t_log = {}, 0, time.time()
+        sums, n_sum, t_log, waited[0] = {}, 0, time.time(), 0.0
 
     def end(reason):
         """Close the run: the last partial interval, an 'end' row, the model's run_end."""
@@ -2032,6 +2043,7 @@ def train(model, args, make_dataset=None):
                    desc=args.method, mininterval=2)
         skipped, lr = 0, 0.0
         loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
+        waited = [0.0]  # seconds blocked on the loader since the last log row
         while step < total:
             epoch = step // steps_per_epoch
             out = None  # drop the graph: a table resized in place needs a fresh accumulator
@@ -2049,7 +2061,7 @@ def train(model, args, make_dataset=None):
             sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
             model.train()
             micro, at_max = 0, False
-            for imgs, labels, keys in loader:
+            for imgs, labels, keys in timed(loader, waited):
                 imgs = imgs.to(device, non_blocking=True)
                 if micro == 0:
                     # drop path (and fine-tuning's mixup): a function of the step

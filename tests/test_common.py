@@ -277,3 +277,36 @@ def test_memory_advice_keeps_the_effective_batch_on_a_small_card():
     assert '--batch-size 256 --accum-iter 3 (the same 768' in common.memory_advice(est, 384, 2, card)
     assert 'even --batch-size 1 does not fit' in common.memory_advice(est, 8, 1, est['fixed'])
 
+
+def test_timed_adds_the_seconds_blocked_in_the_loader():
+    now = [0.0]
+
+    def slow_batches():
+        for i in range(3):
+            now[0] += 2.0  # the loader blocks 2 s per batch
+            yield i
+    waited = [0.0]
+    for _ in common.timed(slow_batches(), waited, clock=lambda: now[0]):
+        now[0] += 5.0  # the step: not waiting
+    assert waited == [6.0]
+
+
+def test_log_rows_carry_the_data_wait_share(tmp_path):
+    import time
+
+    class Slow(torch.utils.data.Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            time.sleep(0.005)  # every batch keeps the loop waiting at least 16 x 5 ms
+            return self.base[i]
+    args = fastmim.get_args(['--model', 'vit_tiny', '--res', '32', '--batch-size', '16', '--num-workers', '0',
+                             '--decoder-dim', '32', '--max-steps', '2', '--log-freq', '1',
+                             '--output-dir', str(tmp_path)])
+    common.train(fastmim.build_model(args), args, lambda a: Slow(common.pretrain_dataset(a)))
+    rows = log_rows(tmp_path / 'log.jsonl')
+    assert len(rows) == 2 and all(0 < r['data_wait'] <= 1 for r in rows)
