@@ -336,11 +336,12 @@ class WindowAttention(nn.Module):
         bias = self.bias().to(x.dtype)  # (nH, N, N)
         if mask is None:
             out = F.scaled_dot_product_attention(*qkv, attn_mask=bias)  # (BW, nH, N, d)
-        else:  # q, k, v (B, nW, nH, N, d): windows apart from the batch, so the mask broadcasts
-            nW = mask.shape[0]
-            q, k, v = (t.view(BW // nW, nW, self.num_heads, N, -1) for t in qkv)
-            out = F.scaled_dot_product_attention(q, k, v,
-                                                 attn_mask=mask[:, None].to(x.dtype) + bias)
+        else:  # windows x heads as one head axis: 4-D for the fused kernels (they refuse 5-D),
+            # and the mask (nW*nH, N, N) broadcasts over the batch instead of being copied B times
+            nW, nH = mask.shape[0], self.num_heads
+            q, k, v = (t.reshape(BW // nW, nW * nH, N, -1) for t in qkv)  # (B, nW*nH, N, d)
+            bias = (mask[:, None].to(x.dtype) + bias).reshape(nW * nH, N, N)  # (nW*nH, N, N)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nW*nH, N, d)
         return self.proj(out.reshape(BW, self.num_heads, N, -1).transpose(1, 2).reshape(BW, N, C))
 
 
@@ -1909,6 +1910,16 @@ def step_plan(n_images, args, world):
     return per_step, steps_per_epoch
 
 
+def timed(iterable, waited, clock=time.perf_counter):
+    """Yield from `iterable`, adding the seconds spent blocked in it (next(), and iter() starting
+    the workers) to waited[0]: wall clock only, no device sync."""
+    t0 = clock()
+    for item in iterable:
+        waited[0] += clock() - t0
+        yield item
+        t0 = clock()
+
+
 def catch_preemption():
     """SIGTERM/SIGUSR1 append to a list (the loop saves, exits 0) -> (list, restore handlers)."""
     import signal
@@ -2074,18 +2085,23 @@ def schedule_note(saved, args, step, steps_per_epoch):
                                                   f'{getattr(args, k):.4g}' for k in changed) + ')')
 
 
+def fast_cuda(device):
+    """On CUDA: TF32 matmuls and convolutions, cudnn autotuning (the input sizes are fixed)."""
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 def train(model, args, make_dataset=None):
     """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
     make_dataset = make_dataset or pretrain_dataset
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
+    fast_cuda(device)  # before the benchmarks too: they time what a run runs
     if args.benchmark_data:
         return benchmark_data(args, device, make_dataset)
     if args.benchmark:
         return benchmark(model, args, device)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     dataset = make_dataset(args)
     per_step, steps_per_epoch = step_plan(len(dataset), args, world)
     total = args.epochs * steps_per_epoch
@@ -2132,6 +2148,12 @@ def train(model, args, make_dataset=None):
                f'{steps_per_epoch} steps/epoch, {n_params / 1e6:.2f}M trainable parameters')
         if hasattr(model, 'describe'):
             print0(model.describe())
+        if device.type == 'cuda':  # a batch the card cannot hold: say so before the first step
+            advice = memory_advice(estimate_memory(model, getattr(model, 'res', args.res), device,
+                                                   amp), args.batch_size, args.accum_iter,
+                                   torch.cuda.get_device_properties(device).total_memory)
+            if advice:
+                print0(advice)
     model.run_end = dict(step=step, total=total, reason='already_finished')
     if step >= total or (args.max_steps and step >= args.max_steps):
         if step >= total:
@@ -2202,12 +2224,13 @@ def train(model, args, make_dataset=None):
             vals /= world
         seconds = time.time() - t_log
         row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
-               'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2)}
+               'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2),
+               'data_wait': round(min(waited[0] / seconds, 1.0), 4)}  # share blocked on data
         row.update({k: float(v) for k, v in zip(names, vals.tolist())})
         if log:
             log.write(row)
             bar.set_postfix(loss=f'{row["loss"]:.4f}')
-        sums, n_sum, t_log = {}, 0, time.time()
+        sums, n_sum, t_log, waited[0] = {}, 0, time.time(), 0.0
 
     def end(reason):
         """Close the run: the last partial interval, an 'end' row, the model's run_end."""
@@ -2227,6 +2250,7 @@ def train(model, args, make_dataset=None):
                    desc=args.method, mininterval=2)
         skipped, lr, pending, stopping = 0, 0.0, None, False
         loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
+        waited = [0.0]  # seconds blocked on the loader since the last log row
         while step < total:
             epoch = step // steps_per_epoch
             out = None  # drop the last step's graph before a switch replaces tables
@@ -2250,7 +2274,7 @@ def train(model, args, make_dataset=None):
             sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
             model.train()
             micro, at_max = 0, False
-            for imgs, labels, keys, *noise in loader:
+            for imgs, labels, keys, *noise in timed(loader, waited):
                 imgs = imgs.to(device, non_blocking=True)
                 if micro == 0:
                     # drop path (and fine-tuning's mixup): a function of the step
@@ -2362,6 +2386,74 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def saved_bytes(model, imgs, amp=None, **inputs):
+    """Bytes one training forward keeps for backward: every saved tensor's storage once, except
+    the model's own parameters and buffers (they are there anyway)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = []
+
+    def pack(t):
+        """Note a saved tensor (weakly: one a dropped branch saved dies with it) and keep it."""
+        saved.append(weakref.ref(t))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+            imgs.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(imgs, **inputs)
+        alive = [t for t in (r() for r in saved) if t is not None]  # while the graph holds them
+        sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+    del out
+    return sum(n for ptr, n in sizes.items() if ptr not in own)
+
+
+def estimate_memory(model, res, device, amp=None, batches=(2, 4)):
+    """Training memory in bytes = fixed + per_image x batch, from the bytes saved for backward on
+    two small batches (linear in the batch) plus 16 B per trainable parameter (fp32 weight, grad,
+    AdamW's two moments), 4 B per other parameter and buffer, and extra_state() (HPM's teacher).
+    Leaves out the backward's transient buffers and the allocator's rounding."""
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        sizes = []
+        for b in batches:
+            inputs = dict(keys=torch.arange(b))
+            if getattr(model, 'takes_labels', False):
+                inputs['labels'] = torch.arange(b, device=device) % model.num_classes
+            imgs = torch.randn(b, 3, res, res, device=device)
+            sizes.append(saved_bytes(model, imgs, amp, **inputs))
+    model.train(was_training)
+    per_image = max(sizes[1] - sizes[0], 0) / (batches[1] - batches[0])
+    states = {}  # storage -> (bytes, trainable): each tensor once, tied weights too
+    extra = model.extra_state() if hasattr(model, 'extra_state') else {}
+    tensors = [*model.parameters(), *model.buffers(), *(v for d in extra.values()
+                                                        if isinstance(d, dict) for v in d.values()
+                                                        if torch.is_tensor(v))]
+    for t in tensors:
+        s = t.untyped_storage()
+        states[s.data_ptr()] = (s.nbytes(), t.requires_grad or states.get(s.data_ptr(), (0, 0))[1])
+    fixed = sum(n * (4 if trainable else 1) for n, trainable in states.values())
+    return {'per_image': per_image, 'fixed': fixed + max(sizes[0] - per_image * batches[0], 0)}
+
+
+def memory_advice(est, batch, accum, total, usable=0.9):
+    """None if `batch` fits in `usable` of `total` bytes (estimate_memory's `est`), else one line
+    with the largest --batch-size that fits and the --accum-iter that keeps batch x accum."""
+    gib = 2 ** 30
+    need = est['fixed'] + est['per_image'] * batch
+    if need <= usable * total:
+        return None
+    per_gpu = batch * accum  # the recipe's images per optimizer step and GPU
+    fits = [b for b in range(1, batch) if per_gpu % b == 0
+            and est['fixed'] + est['per_image'] * b <= usable * total]
+    head = (f'warning: --batch-size {batch} needs about {need / gib:.1f} GiB (estimated: '
+            f'{est["fixed"] / gib:.1f} GiB + {est["per_image"] / 2 ** 20:.1f} MiB per image), '
+            f'more than {usable:.0%} of this GPU\'s {total / gib:.1f} GiB; ')
+    if not fits:
+        return head + 'even --batch-size 1 does not fit: use a smaller --model or --res'
+    b = fits[-1]
+    return head + (f'use --batch-size {b} --accum-iter {per_gpu // b} (the same {per_gpu} images '
+                   f'per step and GPU)')
+
+
 def benchmark(model, args, device, warmup=2):
     """--benchmark N: time N training steps on synthetic batches (no data), print one JSON line."""
     # a step of the run's middle epoch (HPM's teacher pass, FastMIM-P's resolution), its optimiser
@@ -2409,7 +2501,9 @@ def benchmark(model, args, device, warmup=2):
            'cpu_ms_median': round(cpu * 1e3, 2),
            'flops_per_img': int(flops), 'tflops': round(flops * args.batch_size / step / 1e12, 4),
            'peak_mem_mb': round(peak_memory_mb(device), 1)}
-    print(json.dumps(row))
+    est = estimate_memory(model, res, device, amp)
+    row['est_mem_mb'] = round((est['fixed'] + est['per_image'] * args.batch_size) / 2 ** 20, 1)
+    print0(json.dumps(row))
     return row
 
 
@@ -2446,5 +2540,5 @@ def benchmark_data(args, device, make_dataset=pretrain_dataset):
            'img_per_s_per_worker': round(rate / max(args.num_workers, 1), 1),
            'cpu_ms_per_img': round(cpu_ms, 2), 'data': args.data_path or 'SyntheticShapes',
            'load': round(os.getloadavg()[0], 2)}
-    print(json.dumps(row))
+    print0(json.dumps(row))
     return row

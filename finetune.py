@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, SWIN_PRESETS, VIT_PRESETS,
                     ArgumentParser, KeyedDataset, SwinTransformer, SyntheticShapes,
                     VisionTransformer, autocast_dtype, benchmark, check_run_args, eval_transform,
-                    image_folder, load_encoder, load_file, make_loader, mmpretrain_vit_to_timm,
-                    pick_state_dict, plain_data, print0, read_log, run_main, save_atomic,
-                    setup_distributed, strip_prefix, swin_to_timm, train)
+                    fast_cuda, image_folder, load_encoder, load_file, make_loader,
+                    mmpretrain_vit_to_timm, pick_state_dict, plain_data, print0, read_log,
+                    run_main, save_atomic, setup_distributed, strip_prefix, swin_to_timm,
+                    train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -985,7 +986,9 @@ def benchmark_finetune(args, device):
     """--benchmark N: time the fine-tuning step of --model at --res (1000 classes, as resolved)."""
     args.method = f'finetune-{args.mode}'
     enc = build_encoder(args, num_classes=1000, pool='avg', drop_path=args.drop_path or 0.0)
-    return benchmark(Finetuner(enc, args, 1000, None, device, 1), args, device)
+    fast_cuda(device)  # TF32 and cudnn autotuning, as a run has them
+    # on the device first, as run_training: --model-ema copies the weights where they are
+    return benchmark(Finetuner(enc.to(device), args, 1000, None, device, 1), args, device)
 
 
 def main(argv=None):

@@ -207,3 +207,106 @@ def test_synthetic_shapes_deterministic_and_labelled():
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == 3
     assert torch.equal(ds[3][0], common.SyntheticShapes('train', 20, 32, seed=0)[3][0])
     assert not torch.equal(ds[3][0], common.SyntheticShapes('val', 20, 32, seed=0)[3][0])
+
+
+# ----------------------------------------------------------------------------- benchmark, memory, data wait
+
+BENCH = ['--benchmark', '1', '--res', '32', '--batch-size', '2', '--num-workers', '0', '--model', 'vit_tiny']
+
+
+def test_benchmark_times_with_the_run_s_cuda_settings(monkeypatch):
+    # TF32 and cudnn autotuning were set after the --benchmark return: it timed another program
+    def flags():
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark)
+
+    def set_flags(tf32, cudnn_tf32, autotune):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32, cudnn_tf32
+        torch.backends.cudnn.benchmark = autotune
+    saved, seen = flags(), {}
+    monkeypatch.setattr(common, 'setup_distributed', lambda: (0, 1, torch.device('cuda')))
+    monkeypatch.setattr(common, 'benchmark', lambda model, args, device: seen.update(flags=flags()))
+    try:
+        set_flags(False, False, False)
+        fastmim.main(BENCH)
+    finally:
+        set_flags(*saved)
+    assert seen['flags'] == (True, True, True)
+
+
+def test_benchmark_prints_on_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv('RANK', '1')  # what torchrun sets on the second process
+    row = fastmim.main(BENCH)
+    assert capsys.readouterr().out == '' and row['img_per_s'] > 0
+    assert row['est_mem_mb'] > 0  # the estimate_memory of the configuration, beside the measured peak
+
+
+class Linear48(torch.nn.Module):
+    """loss = mean(fc(x)^2) on 4 x 4 images (48 inputs): its saved tensors are countable by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(48, 16)
+        self.frozen = torch.nn.Parameter(torch.zeros(5), requires_grad=False)
+
+    def forward(self, imgs, keys=None):
+        return {'loss': self.fc(imgs.flatten(1)).square().mean()}
+
+    def extra_state(self):
+        return {'model_ema': {'w': torch.zeros(10)}, 'best': {'top1': 1.0}}
+
+
+def test_memory_estimate_equals_the_hand_count():
+    m = Linear48()
+    est = common.estimate_memory(m, 4, torch.device('cpu'))
+    # saved per image: fc's input (48 fp32) and square's input (16 fp32); the weight is a parameter
+    # fixed: 784 trainable x 16 B (weight, grad, 2 AdamW moments) + 5 frozen x 4 B + 10 EMA x 4 B
+    assert est == {'per_image': (48 + 16) * 4, 'fixed': 784 * 16 + 5 * 4 + 10 * 4}
+    bf16 = common.estimate_memory(m, 4, torch.device('cpu'), torch.bfloat16)
+    assert bf16['per_image'] == (48 + 16) * 2  # autocast: both saved in bf16
+
+
+def test_memory_advice_keeps_the_effective_batch_on_a_small_card():
+    m = Linear48()
+    est = common.estimate_memory(m, 4, torch.device('cpu'))
+    card = (est['fixed'] + 300 * est['per_image']) / 0.9  # 90 % of it holds 300 images
+    assert common.memory_advice(est, 256, 2, card) is None
+    line = common.memory_advice(est, 512, 1, card)
+    assert line.startswith('warning: --batch-size 512 needs about') and '\n' not in line
+    assert line.endswith('use --batch-size 256 --accum-iter 2 (the same 512 images per step and GPU)')
+    assert '--batch-size 256 --accum-iter 3 (the same 768' in common.memory_advice(est, 384, 2, card)
+    assert 'even --batch-size 1 does not fit' in common.memory_advice(est, 8, 1, est['fixed'])
+
+
+def test_timed_adds_the_seconds_blocked_in_the_loader():
+    now = [0.0]
+
+    def slow_batches():
+        for i in range(3):
+            now[0] += 2.0  # the loader blocks 2 s per batch
+            yield i
+    waited = [0.0]
+    for _ in common.timed(slow_batches(), waited, clock=lambda: now[0]):
+        now[0] += 5.0  # the step: not waiting
+    assert waited == [6.0]
+
+
+def test_log_rows_carry_the_data_wait_share(tmp_path):
+    import time
+
+    class Slow(torch.utils.data.Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            time.sleep(0.005)  # every batch keeps the loop waiting at least 16 x 5 ms
+            return self.base[i]
+    args = fastmim.get_args(['--model', 'vit_tiny', '--res', '32', '--batch-size', '16', '--num-workers', '0',
+                             '--decoder-dim', '32', '--max-steps', '2', '--log-freq', '1',
+                             '--output-dir', str(tmp_path)])
+    common.train(fastmim.build_model(args), args, lambda a: Slow(common.pretrain_dataset(a)))
+    rows = log_rows(tmp_path / 'log.jsonl')
+    assert len(rows) == 2 and all(0 < r['data_wait'] <= 1 for r in rows)

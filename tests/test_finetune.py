@@ -516,3 +516,17 @@ def test_imagefolder_data(tmp_path):
     out = finetune.main(['--mode', 'knn', *TINY, '--data-path', str(tmp_path / 'data'), '--output-dir',
                          str(tmp_path / 'o'), '--nb-knn', '5', '--batch-size', '4'])
     assert out['top5'] == 100.0  # 3 classes, k 5: all three are in the first min(5, k) predictions
+
+
+def test_benchmark_keeps_the_ema_on_the_model_device(monkeypatch):
+    # on CUDA the EMA copy stayed on the CPU and the first after_step() failed; 'meta' stands in for
+    # a device other than the CPU the encoder is built on
+    import finetune
+    seen = {}
+    monkeypatch.setattr(finetune, 'setup_distributed', lambda: (0, 1, torch.device('meta')))
+    monkeypatch.setattr(finetune, 'benchmark', lambda model, args, device: seen.update(model=model.to(device)))
+    finetune.main(['--benchmark', '1', '--res', '32', '--batch-size', '2', '--num-workers', '0',
+                   '--model', 'vit_tiny', '--model-ema'])
+    model = seen['model']
+    model.after_step()  # the benchmark's EMA update: lerp_ across devices raises
+    assert {v.device.type for v in model.ema.values()} == {'meta'}

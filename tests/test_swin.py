@@ -250,3 +250,25 @@ def test_resize_geometric_7_to_13():
     torch.testing.assert_close(out[..., 0], d[:, None].expand(13, 13), atol=1e-4, rtol=0)
     torch.testing.assert_close(out[..., 1], d[:, None] * d[None, :], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[6, 6], torch.zeros(2))
+
+
+def test_shifted_window_attention_runs_sdpa_on_4d_with_the_mask_broadcast_over_the_batch(monkeypatch):
+    # CUDA's fused SDPA kernels take 4-D q, k, v only (a 5-D call falls back to the math path, which
+    # keeps the fp32 attention probabilities for backward); the mask must not be copied per image
+    m = tiny(32, 4, embed_dim=16, num_heads=(2, 2, 2, 2))  # stage 0: grid 8, window 4, 4 windows
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    blk = m.layers[0].blocks[1]
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape, attn_mask.numel()))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', record)
+    x = torch.randn(3, 64, 16)
+    with torch.no_grad():
+        out = blk(x)
+    nW, nH, N = 4, 2, 16
+    assert [(len(s), n) for s, n in calls] == [(4, nW * nH * N * N)]  # not 3 images x that
+    torch.testing.assert_close(out, dense_block(blk, x, 8, 4, 2), atol=1e-5, rtol=1e-5)  # fp32 round-off
