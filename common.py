@@ -519,20 +519,30 @@ def sobel(imgs):
 
 def hog_from_gradients(gx, gy, nbins=9, cell=8, pool='sum', normalize=True):
     """HOG: gx, gy (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), channel colour*nbins + bin, fp32;
-    hard bins of unsigned atan2(gx, gy) (FastMIM, LocalMIM, mmpretrain), per-cell sum, L2 norm."""
+    hard bins of unsigned atan2(gx, gy) (FastMIM, LocalMIM, mmpretrain), per-cell sum, L2 norm.
+    Each pixel's magnitude is added straight into its cell's bin, without the (B, C, nbins, H, W)
+    per-pixel histogram of the official layers (nbins x the image's memory)."""
     with torch.no_grad(), autocast_off(gx.device):
+        Hc, Wc = gx.shape[-2] // cell, gx.shape[-1] // cell  # whole cells only, as a pool
+        gx, gy = gx[..., :Hc * cell, :Wc * cell], gy[..., :Hc * cell, :Wc * cell]
         B, C, H, W = gx.shape
-        mag = torch.sqrt(gx * gx + gy * gy)
-        bins = torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins  # (B, C, H, W)
-        hist = torch.zeros(B, C, nbins, H, W, device=gx.device)
-        hist = hist.scatter_(2, bins[:, :, None], mag[:, :, None])  # (B, C, nbins, H, W)
-        hist = F.avg_pool2d(hist.view(B, C * nbins, H, W), cell)  # (B, C*nbins, H/cell, W/cell)
-        if pool == 'sum':
-            hist = hist * (cell * cell)
+        mag = torch.sqrt(gx * gx + gy * gy).flatten(2)  # (B, C, H*W)
+        # the bin by atan2, / pi, * nbins, floor in this order, as the official layers
+        # (another order, e.g. * (nbins / pi), moves pixels whose angle is on a bin edge)
+        bins = torch.atan2(gx, gy).div_(math.pi).mul_(nbins).floor_().long().remainder_(nbins)
+        rows = torch.arange(H, device=gx.device) // cell  # (H,) cell row of each pixel row
+        cols = torch.arange(W, device=gx.device) // cell  # (W,)
+        cell_id = (rows[:, None] * Wc + cols[None]).flatten()  # (H*W,) raster cell of each pixel
+        index = bins.flatten(2).mul_(Hc * Wc).add_(cell_id)  # (B, C, H*W): bin * Hc*Wc + cell
+        # CPU adds in raster order; CUDA in no fixed order (atomics) unless
+        # torch.use_deterministic_algorithms(True): fp32 round-off of the sums, run to run
+        hist = mag.new_zeros(B, C, nbins * Hc * Wc).scatter_add_(2, index, mag)
+        hist = hist.view(B, C, nbins, Hc, Wc)  # (B, C, nbins, Hc, Wc)
+        if pool == 'mean':
+            hist = hist / (cell * cell)
         if normalize:  # per colour and cell, over the bins
-            hist = hist.view(B, C, nbins, H // cell, W // cell)
-            hist = F.normalize(hist, dim=2).flatten(1, 2)  # (B, C*nbins, H/cell, W/cell)
-        return hist
+            hist = F.normalize(hist, dim=2)
+        return hist.flatten(1, 2)  # (B, C*nbins, H/cell, W/cell)
 
 
 def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True):
