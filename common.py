@@ -507,14 +507,18 @@ def autocast_off(device):
 
 def sobel(imgs):
     """Per-colour gradients imgs (B, C, H, W) -> gx, gy (B, C, H, W), fp32: reflect pad, 3x3 Sobel
-    cross-correlation (gx = left - right, gy = top - bottom), as MaskFeat, FastMIM, LocalMIM."""
+    cross-correlation (gx = left - right, gy = top - bottom), as MaskFeat, FastMIM, LocalMIM.
+    The conv calls of ggjy/FastMIM.pytorch util/hog_layer.py:HOGLayerC.forward: one grouped conv
+    per direction, weight (C, 1, 3, 3). Another call (one (2C, 1, 3, 3) conv, or LocalMIM's one
+    colour at a time) may round a gradient that is 0 in exact arithmetic to +-1 ulp, which moves
+    the pixel between bins 0 and nbins-1 (an axis-aligned edge); the same call rounds alike."""
     with torch.no_grad(), autocast_off(imgs.device):
-        x = imgs.float()
+        x = F.pad(imgs.float(), (1, 1, 1, 1), mode='reflect')  # (B, C, H+2, W+2)
         C = x.shape[1]
         kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
-        weight = torch.stack([kx, kx.t()])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
-        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, groups=C)  # (B, 2C, H, W)
-        return g[:, 0::2], g[:, 1::2]  # gx, gy per colour
+        weight_x = kx.view(1, 1, 3, 3).repeat(C, 1, 1, 1)  # (C, 1, 3, 3)
+        weight_y = weight_x.transpose(2, 3)  # (C, 1, 3, 3), a transposed view as official
+        return F.conv2d(x, weight_x, groups=C), F.conv2d(x, weight_y, groups=C)
 
 
 def hog_from_gradients(gx, gy, nbins=9, cell=8, pool='sum', normalize=True):

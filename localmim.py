@@ -53,10 +53,10 @@ from einops import rearrange
 
 from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
                     autocast_off, check_divisible, check_ratio, default_no_decay, drop_path,
-                    fill_masked, grid_picture, hog_from_gradients, hog_glyphs, ids_from_mask, init_weights,
-                    launch, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns,
-                    pretrain_parser, random_masking, sample_noise, sincos_pos_embed, sobel,
-                    strip_prefix, upsample_mask)
+                    fill_masked, grid_picture, hog_from_gradients, hog_glyphs, ids_from_mask,
+                    init_weights, launch, norm_pix, parse_pretrain, patchify, pick_state_dict,
+                    pixel_columns, pretrain_parser, random_masking, sample_noise,
+                    sincos_pos_embed, strip_prefix, upsample_mask)
 
 # Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
 # vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
@@ -100,8 +100,8 @@ SWIN_UNITS = (4, 2, 1, 1)  # tokens per mask unit side on the Swin level grids (
 # ----------------------------------------------------------------------------- targets
 
 class HOGConv(nn.Module):
-    """The parameters of an official HOG layer (`ViT/models_mim.py:HOGLayer`; common.hog computes
-    it): a frozen Sobel conv and, with --hog-bias, a frozen random bias (U(-1/3, 1/3); note 3)."""
+    """An official HOG layer's gradients (`ViT/models_mim.py:HOGLayer`): a frozen Sobel conv and,
+    with --hog-bias, a frozen random bias (U(-1/3, 1/3); note 3)."""
 
     def __init__(self, bias=False):
         super().__init__()
@@ -110,6 +110,14 @@ class HOGConv(nn.Module):
         self.conv.weight.data = torch.stack([sobel, sobel.t()])[:, None]  # (2, 1, 3, 3)
         self.requires_grad_(False)
 
+    def forward(self, imgs):
+        """imgs (B, C, H, W) -> gx, gy (B, C, H, W), fp32: each colour through the conv as its own
+        (B, 1, H, W) image, the official call (`ViT/models_mim.py:MaskedAutoencoderViT.HOG`).
+        common.sobel's grouped call may round a gradient that is 0 in exact arithmetic to another
+        +-1 ulp and move its pixel between bins 0 and nbins-1; the same call rounds alike."""
+        g = [self.conv(imgs[:, c:c + 1].float()) for c in range(imgs.shape[1])]  # C x (B, 2, H, W)
+        return torch.stack([t[:, 0] for t in g], 1), torch.stack([t[:, 1] for t in g], 1)
+
 
 def hog_levels(imgs, nbins, cells, hog_enc):
     """HOG targets of all levels: [(B, (H/cell)^2, 3*nbins)], raster cells, [R bins | G | B].
@@ -117,12 +125,11 @@ def hog_levels(imgs, nbins, cells, hog_enc):
     the coarser cells before each level's L2 norm (equal to one HOG per level within float
     rounding). With --hog-bias every level has its own bias, hence its own gradients and HOG."""
     with torch.no_grad(), autocast_off(imgs.device):
-        gx, gy = sobel(imgs)  # (B, 3, H, W) each
         if hog_enc[0].conv.bias is not None:
-            # a conv bias adds a constant to each gradient map
-            maps = [hog_from_gradients(gx + layer.conv.bias[0], gy + layer.conv.bias[1], nbins, c, 'mean')
+            maps = [hog_from_gradients(*layer(imgs), nbins, c, 'mean')  # (B, 3*nbins, H/c, W/c)
                     for c, layer in zip(cells, hog_enc)]
         else:
+            gx, gy = hog_enc[0](imgs)  # (B, 3, H, W) each; all levels' convs are the same
             finest = hog_from_gradients(gx, gy, nbins, cells[0], 'mean', normalize=False)
             maps = []
             for c in cells:
