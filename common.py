@@ -514,32 +514,46 @@ def autocast_off(device):
 
 def sobel(imgs):
     """Per-colour gradients imgs (B, C, H, W) -> gx, gy (B, C, H, W), fp32: reflect pad, 3x3 Sobel
-    cross-correlation (gx = left - right, gy = top - bottom), as MaskFeat, FastMIM, LocalMIM."""
+    cross-correlation (gx = left - right, gy = top - bottom), as MaskFeat, FastMIM, LocalMIM.
+    The conv calls of ggjy/FastMIM.pytorch util/hog_layer.py:HOGLayerC.forward: one grouped conv
+    per direction, weight (C, 1, 3, 3). Another call (one (2C, 1, 3, 3) conv, or LocalMIM's one
+    colour at a time) may round a gradient that is 0 in exact arithmetic to +-1 ulp, which moves
+    the pixel between bins 0 and nbins-1 (an axis-aligned edge); the same call rounds alike."""
     with torch.no_grad(), autocast_off(imgs.device):
-        x = imgs.float()
+        x = F.pad(imgs.float(), (1, 1, 1, 1), mode='reflect')  # (B, C, H+2, W+2)
         C = x.shape[1]
         kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
-        weight = torch.stack([kx, kx.t()])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
-        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, groups=C)  # (B, 2C, H, W)
-        return g[:, 0::2], g[:, 1::2]  # gx, gy per colour
+        weight_x = kx.view(1, 1, 3, 3).repeat(C, 1, 1, 1)  # (C, 1, 3, 3)
+        weight_y = weight_x.transpose(2, 3)  # (C, 1, 3, 3), a transposed view as official
+        return F.conv2d(x, weight_x, groups=C), F.conv2d(x, weight_y, groups=C)
 
 
 def hog_from_gradients(gx, gy, nbins=9, cell=8, pool='sum', normalize=True):
     """HOG: gx, gy (B, C, H, W) -> (B, C*nbins, H/cell, W/cell), channel colour*nbins + bin, fp32;
-    hard bins of unsigned atan2(gx, gy) (FastMIM, LocalMIM, mmpretrain), per-cell sum, L2 norm."""
+    hard bins of unsigned atan2(gx, gy) (FastMIM, LocalMIM, mmpretrain), per-cell sum, L2 norm.
+    Each pixel's magnitude is added straight into its cell's bin, without the (B, C, nbins, H, W)
+    per-pixel histogram of the official layers (nbins x the image's memory)."""
     with torch.no_grad(), autocast_off(gx.device):
+        Hc, Wc = gx.shape[-2] // cell, gx.shape[-1] // cell  # whole cells only, as a pool
+        gx, gy = gx[..., :Hc * cell, :Wc * cell], gy[..., :Hc * cell, :Wc * cell]
         B, C, H, W = gx.shape
-        mag = torch.sqrt(gx * gx + gy * gy)
-        bins = torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins  # (B, C, H, W)
-        hist = torch.zeros(B, C, nbins, H, W, device=gx.device)
-        hist = hist.scatter_(2, bins[:, :, None], mag[:, :, None])  # (B, C, nbins, H, W)
-        hist = F.avg_pool2d(hist.view(B, C * nbins, H, W), cell)  # (B, C*nbins, H/cell, W/cell)
-        if pool == 'sum':
-            hist = hist * (cell * cell)
+        mag = torch.sqrt(gx * gx + gy * gy).flatten(2)  # (B, C, H*W)
+        # the bin by atan2, / pi, * nbins, floor in this order, as the official layers
+        # (another order, e.g. * (nbins / pi), moves pixels whose angle is on a bin edge)
+        bins = torch.atan2(gx, gy).div_(math.pi).mul_(nbins).floor_().long().remainder_(nbins)
+        rows = torch.arange(H, device=gx.device) // cell  # (H,) cell row of each pixel row
+        cols = torch.arange(W, device=gx.device) // cell  # (W,)
+        cell_id = (rows[:, None] * Wc + cols[None]).flatten()  # (H*W,) raster cell of each pixel
+        index = bins.flatten(2).mul_(Hc * Wc).add_(cell_id)  # (B, C, H*W): bin * Hc*Wc + cell
+        # CPU adds in raster order; CUDA in no fixed order (atomics) unless
+        # torch.use_deterministic_algorithms(True): fp32 round-off of the sums, run to run
+        hist = mag.new_zeros(B, C, nbins * Hc * Wc).scatter_add_(2, index, mag)
+        hist = hist.view(B, C, nbins, Hc, Wc)  # (B, C, nbins, Hc, Wc)
+        if pool == 'mean':
+            hist = hist / (cell * cell)
         if normalize:  # per colour and cell, over the bins
-            hist = hist.view(B, C, nbins, H // cell, W // cell)
-            hist = F.normalize(hist, dim=2).flatten(1, 2)  # (B, C*nbins, H/cell, W/cell)
-        return hist
+            hist = F.normalize(hist, dim=2)
+        return hist.flatten(1, 2)  # (B, C*nbins, H/cell, W/cell)
 
 
 def hog(imgs, nbins=9, cell=8, pool='sum', normalize=True):

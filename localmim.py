@@ -45,7 +45,6 @@ Where this follows the official code rather than the paper (or where the paper i
 11. Swin weight decay also skips names with `position_bias`, `token` (`Swin/run_pretrain.py:main`).
 """
 import argparse
-import math
 
 import torch
 import torch.nn as nn
@@ -54,10 +53,10 @@ from einops import rearrange
 
 from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
                     autocast_off, check_divisible, check_ratio, default_no_decay, drop_path,
-                    fill_masked, grid_picture, hog, hog_glyphs, ids_from_mask, init_weights,
-                    launch, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns,
-                    pretrain_parser, random_masking, sample_noise, sincos_pos_embed, sobel,
-                    strip_prefix, upsample_mask)
+                    fill_masked, grid_picture, hog_from_gradients, hog_glyphs, ids_from_mask,
+                    init_weights, launch, norm_pix, parse_pretrain, patchify, pick_state_dict,
+                    pixel_columns, pretrain_parser, random_masking, sample_noise,
+                    sincos_pos_embed, strip_prefix, upsample_mask)
 
 # Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
 # vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
@@ -101,8 +100,8 @@ SWIN_UNITS = (4, 2, 1, 1)  # tokens per mask unit side on the Swin level grids (
 # ----------------------------------------------------------------------------- targets
 
 class HOGConv(nn.Module):
-    """The parameters of an official HOG layer (`ViT/models_mim.py:HOGLayer`; common.hog computes
-    it): a frozen Sobel conv and, with --hog-bias, a frozen random bias (U(-1/3, 1/3); note 3)."""
+    """An official HOG layer's gradients (`ViT/models_mim.py:HOGLayer`): a frozen Sobel conv and,
+    with --hog-bias, a frozen random bias (U(-1/3, 1/3); note 3)."""
 
     def __init__(self, bias=False):
         super().__init__()
@@ -111,44 +110,27 @@ class HOGConv(nn.Module):
         self.conv.weight.data = torch.stack([sobel, sobel.t()])[:, None]  # (2, 1, 3, 3)
         self.requires_grad_(False)
 
-
-def hog_cells(gx, gy, nbins, cell):
-    """Per-colour HOG, L2-normalised, of gradients gx, gy (B, C, H, W) -> (B, C*nbins, H/cell,
-    W/cell): common.hog_from_gradients(gx, gy, nbins, cell, 'mean'), but each pixel's magnitude is
-    added straight into its cell's bin, without the (B, C, nbins, H, W) per-pixel histogram."""
-    B, C, H, W = gx.shape
-    Hc, Wc = H // cell, W // cell
-    assert Hc * cell == H and Wc * cell == W and nbins * Hc * Wc < 2 ** 24, (H, W, cell, nbins)
-    mag = torch.sqrt(gx * gx + gy * gy).flatten(2)  # (B, C, H*W)
-    # the bin by the same atan2, / pi, * nbins, floor on the same gx, gy as
-    # common.hog_from_gradients (a pixel on a bin edge lands alike); `%` and the index are taken
-    # in float, exact on whole numbers below 2^24
-    bins = torch.atan2(gx, gy).div_(math.pi).mul_(nbins).floor_().remainder_(nbins)  # (B, C, H, W)
-    rows = torch.arange(H, device=gx.device) // cell  # (H,) cell row of each pixel row
-    cols = torch.arange(W, device=gx.device) // cell  # (W,)
-    cell_id = (rows[:, None] * Wc + cols[None]).flatten()  # (H*W,) raster cell of each pixel
-    index = bins.flatten(2).mul_(Hc * Wc).add_(cell_id).long()  # (B, C, H*W): bin * Hc*Wc + cell
-    # CPU adds in raster order, like avg_pool2d; CUDA in no fixed order (atomics) unless
-    # torch.use_deterministic_algorithms(True): fp32 round-off of the sums, run to run
-    hist = mag.new_zeros(B, C, nbins * Hc * Wc).scatter_add_(2, index, mag)  # (B, C, nbins*Hc*Wc)
-    hist = hist.view(B, C, nbins, Hc, Wc) / (cell * cell)  # cell means, as avg_pool2d divides
-    return F.normalize(hist, dim=2).flatten(1, 2)  # (B, C*nbins, Hc, Wc), per colour and cell
+    def forward(self, imgs):
+        """imgs (B, C, H, W) -> gx, gy (B, C, H, W), fp32: each colour through the conv as its own
+        (B, 1, H, W) image, the official call (`ViT/models_mim.py:MaskedAutoencoderViT.HOG`).
+        common.sobel's grouped call may round a gradient that is 0 in exact arithmetic to another
+        +-1 ulp and move its pixel between bins 0 and nbins-1; the same call rounds alike."""
+        g = [self.conv(imgs[:, c:c + 1].float()) for c in range(imgs.shape[1])]  # C x (B, 2, H, W)
+        return torch.stack([t[:, 0] for t in g], 1), torch.stack([t[:, 1] for t in g], 1)
 
 
 def hog_levels(imgs, nbins, cells, hog_enc):
     """HOG targets of all levels: [(B, (H/cell)^2, 3*nbins)], raster cells, [R bins | G | B].
-    Without a bias the per-pixel histogram is computed once, at the finest cell, and mean-pooled to
+    Without a bias the cell histograms are computed once, at the finest cell, and mean-pooled to
     the coarser cells before each level's L2 norm (equal to one HOG per level within float
-    rounding). With --hog-bias every level has its own bias, hence its own gradients and HOG,
-    accumulated straight into its cells (hog_cells)."""
+    rounding). With --hog-bias every level has its own bias, hence its own gradients and HOG."""
     with torch.no_grad(), autocast_off(imgs.device):
         if hog_enc[0].conv.bias is not None:
-            # a conv bias adds a constant to each gradient map
-            gx, gy = sobel(imgs)  # (B, 3, H, W) each
-            maps = [hog_cells(gx + layer.conv.bias[0], gy + layer.conv.bias[1], nbins, c)
+            maps = [hog_from_gradients(*layer(imgs), nbins, c, 'mean')  # (B, 3*nbins, H/c, W/c)
                     for c, layer in zip(cells, hog_enc)]
         else:
-            finest = hog(imgs, nbins, cells[0], 'mean', normalize=False)  # (B, 3*nbins, H/c0, W/c0)
+            gx, gy = hog_enc[0](imgs)  # (B, 3, H, W) each; all levels' convs are the same
+            finest = hog_from_gradients(gx, gy, nbins, cells[0], 'mean', normalize=False)
             maps = []
             for c in cells:
                 hist = F.avg_pool2d(finest, c // cells[0])  # (B, 3*nbins, H/c, W/c): mean of means

@@ -2,11 +2,16 @@
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import common
 import fastmim
@@ -85,6 +90,93 @@ def test_normalised_hog_energy_is_one_ninth():
     torch.manual_seed(0)
     h = common.hog(torch.randn(2, 3, 32, 32), normalize=True)
     assert torch.allclose((h ** 2).mean(), torch.tensor(1 / 9), atol=1e-6)
+
+
+def edge_images(n=2, res=64, seed=0):
+    """(4n, 3, res, res) normalised as the loader does, of flat regions and axis-aligned edges:
+    blocks of random colours, horizontal stripes, vertical stripes, and built-in SyntheticShapes."""
+    g = torch.Generator().manual_seed(seed)
+    u8 = lambda *s: torch.randint(0, 256, s, generator=g).float()  # noqa: E731
+    blocks = u8(n, 3, res // 8, res // 8).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    rows = u8(n, 3, res // 4, 1).repeat_interleave(4, 2).expand(n, 3, res, res)
+    cols = u8(n, 3, 1, res // 4).repeat_interleave(4, 3).expand(n, 3, res, res)
+    data = common.SyntheticShapes('train', 5 * n, res, seed)
+    shapes = torch.stack([data[i][0] for i in range(5, 5 * n, 5)] + [data[0][0]]).float()  # mixed classes
+    x = torch.cat([blocks, rows, cols, shapes]) / 255  # (4n, 3, res, res)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    return (x - mean) / std
+
+
+def on_bin_edge(imgs):
+    """Pixels whose exact gradient angle is on a bin edge: (B, C, H, W) bool each, gx_zero where the
+    3x3 window's left and right columns are equal and its top and bottom rows are not (gx = 0, a
+    horizontal edge: angle 0 or pi, an edge at every nbins), gy_zero the transposed case (angle
+    +-pi/2, an edge at even nbins). There the fp32 round-off of the 0 decides the bin."""
+    x = F.pad(imgs, (1, 1, 1, 1), mode='reflect')
+    lr = x[..., :, :-2] == x[..., :, 2:]  # (B, C, H+2, W): left column == right column
+    tb = x[..., :-2, :] == x[..., 2:, :]  # (B, C, H, W+2): top row == bottom row
+    gx0 = lr[..., :-2, :] & lr[..., 1:-1, :] & lr[..., 2:, :]  # (B, C, H, W)
+    gy0 = tb[..., :-2] & tb[..., 1:-1] & tb[..., 2:]  # (B, C, H, W)
+    return gx0 & ~gy0, gy0 & ~gx0
+
+
+def bins_of(gx, gy, nbins):
+    """The hard bin of every pixel, by the official layers' formula."""
+    return torch.floor(torch.atan2(gx, gy) / math.pi * nbins).long() % nbins
+
+
+def test_hog_from_gradients_equals_the_per_pixel_histogram_with_bin_edges():
+    g = torch.Generator().manual_seed(0)
+    gx, gy = torch.randn(2, 2, 3, 32, 32, generator=g)
+    # strong pixels whose angle sits on a bin edge (0, pi/4, pi/2, -pi/4, +-pi): both bin them from
+    # the same gx, gy by the same floor, so they land alike; a pixel put in the neighbouring bin
+    # would move its 4-px cell's normalised histogram by ~0.5
+    edge_x = torch.tensor([0.0, 50.0, 50.0, -50.0, 0.0, -0.0])
+    edge_y = torch.tensor([50.0, 50.0, 0.0, 50.0, -50.0, -50.0])
+    gx[0, 0, ::4, :6], gy[0, 0, ::4, :6] = edge_x, edge_y
+    gx[1, 2], gy[1, 2] = 0.0, 0.0  # a flat colour: all-zero histograms stay zero
+    for nbins, cell in [(4, 4), (8, 4), (9, 8), (18, 16), (18, 32)]:
+        # the per-pixel histogram (B, C, nbins, H, W), summed per cell by avg_pool2d
+        per_pixel = torch.zeros(2, 3, nbins, 32, 32).scatter_(
+            2, bins_of(gx, gy, nbins)[:, :, None], torch.sqrt(gx * gx + gy * gy)[:, :, None])
+        mean = F.avg_pool2d(per_pixel.flatten(1, 2), cell)  # (B, 3*nbins, H/c, W/c)
+        unit = F.normalize(mean.view(2, 3, nbins, 32 // cell, 32 // cell), dim=2).flatten(1, 2)
+        # the same magnitudes summed per cell in another order: fp32 round-off of sums of <= 1024
+        # positive terms, ~1e-6 relative (CUDA adds in no fixed order)
+        for pool, norm, ref in [('mean', True, unit), ('mean', False, mean), ('sum', False, mean * cell ** 2)]:
+            out = common.hog_from_gradients(gx, gy, nbins, cell, pool, norm)
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6), (nbins, cell, pool, norm)
+            assert (out[1, 2 * nbins:] == 0).all()
+
+
+def test_hog_builds_no_per_pixel_histogram():
+    # the largest tensor made is an int64 per pixel and colour (the cell-and-bin index of each
+    # magnitude), not the (B, C, nbins, H, W) histogram: 4.5x less at 9 bins, 9x at 18
+    largest = []
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            largest.extend(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    imgs = torch.randn(2, 3, 64, 64)
+    with Largest():
+        common.hog(imgs, nbins=18, cell=8)
+    assert max(largest) <= 8 * imgs.numel() < 18 * 4 * imgs.numel()
+
+
+def test_official_form_hogs_under_avx2_kernels():
+    # each method's HOG equals its official conv call written out in the tests (test_fastmim,
+    # test_localmim), here again with oneDNN capped at AVX2 (fixed when torch starts, hence a
+    # process): its kernels give other +-1-ulp roundings of an exact 0 for other conv shapes
+    # (one (2C, 1, 3, 3) grouped call moved 0.15 % of the bins there), which this CPU may not
+    code = ('import conftest, test_fastmim as f, test_localmim as l\n'
+            'f.test_hog_target_is_the_official_conv_form(); f.test_bins_on_edges_follow_the_official_rounding()\n'
+            'l.test_hog_targets_are_the_official_per_colour_layer(); l.test_bins_on_edges_follow_the_official_rounding()')
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2', OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(__file__), env=env,
+                   timeout=120, check=True)
 
 
 @pytest.mark.parametrize('u', [1, 2, 4])

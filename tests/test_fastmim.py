@@ -4,10 +4,12 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 import common
 import fastmim
-from test_common import log_rows
+from test_common import bins_of, edge_images, log_rows, on_bin_edge
 
 
 def tiny_vit(**kw):
@@ -34,6 +36,49 @@ def steps(model, imgs, n=30, lr=1e-3):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def official_form_gradients(imgs):
+    """gx, gy (B, 3, H, W) by the conv calls of ggjy/FastMIM.pytorch
+    util/hog_layer.py:HOGLayerC.forward, written here in that form: reflect pad, then one grouped
+    conv per direction with a (3, 1, 3, 3) weight."""
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    x = F.pad(imgs, (1, 1, 1, 1), mode='reflect')  # (B, 3, H+2, W+2)
+    return F.conv2d(x, kx, groups=3), F.conv2d(x, kx.transpose(2, 3), groups=3)
+
+
+def official_form_cells(gx, gy, norm=True):
+    """The rest of HOGLayerC.forward: a per-pixel histogram (B, 3, 9, H, W), 8x8 sums, per-cell
+    L2 -> (B, 27, H/8, W/8)."""
+    B, C, H, W = gx.shape
+    mag = torch.stack([gx, gy], dim=-1).norm(dim=-1)  # (B, 3, H, W)
+    hist = torch.zeros(B, C, 9, H, W).scatter_add_(2, bins_of(gx, gy, 9)[:, :, None], mag[:, :, None])
+    hist = hist.unfold(3, 8, 8).unfold(4, 8, 8).sum((-1, -2))  # (B, 3, 9, H/8, W/8)
+    return (F.normalize(hist, dim=2) if norm else hist).flatten(1, 2)
+
+
+def test_hog_target_is_the_official_conv_form():
+    imgs = edge_images()  # flat regions and axis-aligned edges, where round-off decides bins
+    for norm in (True, False):
+        ref = official_form_cells(*official_form_gradients(imgs), norm)  # (B, 27, 8, 8)
+        ref = rearrange(ref, 'b c (i dy) (j dx) -> b (i j) (c dy dx)', dy=2, dx=2)  # (B, 16, 108)
+        out = fastmim.make_target(imgs, 16, 'hog', norm)
+        # the same conv calls make the same gradients, hence the same bin at every pixel; left:
+        # the magnitude (1 ulp) and the 8x8 sums in another order, ~1e-6 relative. A pixel in the
+        # other bin moves its cell by its magnitude / the cell's norm (up to 1.0: the test below)
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bins_on_edges_follow_the_official_rounding():
+    imgs = edge_images()
+    gx_zero, gy_zero = on_bin_edge(imgs)
+    assert gx_zero.float().mean() > 0.1  # pixels binned by the round-off of an exact 0 (9 bins)
+    gx, gy = common.sobel(imgs)
+    ox, oy = official_form_gradients(imgs)
+    assert torch.equal(bins_of(gx, gy, 9), bins_of(ox, oy, 9))  # integers of the same conv call
+    # those pixels rounded to +-1e-30 instead: cells move by up to 1.0, 1e5 x the tolerance above
+    up, down = (official_form_cells(torch.where(gx_zero, s, ox), oy) for s in (1e-30, -1e-30))
+    assert (up - down).abs().max() > 0.5
 
 
 def test_vit_shapes_at_128():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import common
 import finetune
 import localmim as lm
-from test_common import hog_oracle, log_rows
+from test_common import bins_of, edge_images, hog_oracle, log_rows, on_bin_edge
 
 
 def tiny_vit(**kw):
@@ -139,6 +139,61 @@ def test_pooled_hog_equals_the_per_level_oracle():
         ref = common.hog_from_gradients(g[:, :, 0], g[:, :, 1], 9, cell, 'mean')
         assert torch.equal(t, ref.flatten(2).transpose(1, 2))
         assert not torch.allclose(t, fast[[4, 8, 16, 32].index(cell)], atol=1e-3)
+
+
+def official_form_gradients(imgs, bias=None):
+    """gx, gy (B, 3, H, W) by the conv call of Haoqing-Wang/LocalMIM
+    ViT/models_mim.py:HOGLayer.forward, written here in that form: each colour as its own
+    (B, 1, H, W) image (MaskedAutoencoderViT.HOG) through Conv2d(1, 2, 3, reflect, bias)."""
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode='reflect', bias=bias is not None)
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    conv.weight.data = torch.stack([kx, kx.t()])[:, None]  # (2, 1, 3, 3)
+    if bias is not None:
+        conv.bias.data = bias.clone()
+    with torch.no_grad():
+        g = [conv(imgs[:, c:c + 1]) for c in range(3)]  # 3 x (B, 2, H, W)
+    return torch.stack([t[:, 0] for t in g], 1), torch.stack([t[:, 1] for t in g], 1)
+
+
+def official_form_cells(gx, gy, nbins, pool):
+    """The rest of HOGLayer.forward, per colour: a per-pixel histogram (B, nbins, H, W),
+    AvgPool2d(pool), L2; colours concatenated -> (B, (H/pool)*(W/pool), 3*nbins)."""
+    out = []
+    for c in range(3):
+        mag = torch.stack([gx[:, c], gy[:, c]], 1).norm(dim=1)  # (B, H, W)
+        B, H, W = mag.shape
+        hist = torch.zeros(B, nbins, H, W).scatter_(1, bins_of(gx[:, c:c + 1], gy[:, c:c + 1], nbins),
+                                                    mag[:, None])  # (B, nbins, H, W)
+        out.append(F.normalize(F.avg_pool2d(hist, pool), dim=1))  # (B, nbins, H/pool, W/pool)
+    return torch.cat(out, 1).flatten(2).transpose(1, 2)
+
+
+def test_hog_targets_are_the_official_per_colour_layer():
+    imgs = edge_images()  # flat regions and axis-aligned edges, where round-off decides bins
+    # ViT-B: 9 bins, cells 4-32 px; Swin-B (and ViT-L): 18 bins and the frozen random bias
+    for nbins, cells, bias in [(9, [4, 8, 16, 32], False), (18, [8, 16, 32, 32], True)]:
+        torch.manual_seed(0)
+        enc = [lm.HOGConv(bias) for _ in cells]
+        for t, cell, layer in zip(lm.hog_levels(imgs, nbins, cells, enc), cells, enc):
+            ref = official_form_cells(*official_form_gradients(imgs, layer.conv.bias), nbins, cell)
+            # the same conv call makes the same gradients, hence the same bin at every pixel; left:
+            # the magnitude (1 ulp) and the cell means in another order (<= 1024 terms) of unit
+            # vectors, ~1e-6. A pixel in the other bin moves its cell by up to 1.0 (the test below)
+            assert torch.allclose(t, ref, rtol=0, atol=1e-5), (nbins, cell)
+
+
+def test_bins_on_edges_follow_the_official_rounding():
+    imgs = edge_images()
+    gx_zero, gy_zero = on_bin_edge(imgs)
+    assert gx_zero.float().mean() > 0.1 and gy_zero.float().mean() > 0.1  # 18 bins: both are edges
+    gx, gy = lm.HOGConv()(imgs)
+    ox, oy = official_form_gradients(imgs)
+    for nbins in (9, 18):
+        assert torch.equal(bins_of(gx, gy, nbins), bins_of(ox, oy, nbins))  # integers of the same call
+        # those pixels rounded to +-1e-30 instead: cells move by up to 1.0, 1e5 x the tolerance above
+        up, down = (official_form_cells(torch.where(gx_zero, s, ox), torch.where(gy_zero, s, oy), nbins, 4)
+                    for s in (1e-30, -1e-30))
+        assert (up - down).abs().max() > 0.5
 
 
 # ----------------------------------------------------------------------------- per-level weights and loss
@@ -500,22 +555,3 @@ def test_swin_encoder_flops_are_linear_layers_on_visible_tokens_only():
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as count:
         m.forward_encoder(torch.randn(1, 3, 128, 128), vis)
     assert count.get_total_flops() == visible and padded > 1.1 * visible
-
-
-def test_hog_cells_equal_the_pooled_per_pixel_histogram_with_bin_edges():
-    g = torch.Generator().manual_seed(0)
-    gx, gy = torch.randn(2, 2, 3, 32, 32, generator=g)
-    # strong pixels whose angle sits on a bin edge (0, pi/4, pi/2, -pi/4, +-pi): hog_cells bins
-    # them from the same gx, gy by the same floor, so they land alike; a pixel put in the
-    # neighbouring bin would move its 4-px cell's histogram by ~0.5
-    edge_x = torch.tensor([0.0, 50.0, 50.0, -50.0, 0.0, -0.0])
-    edge_y = torch.tensor([50.0, 50.0, 0.0, 50.0, -50.0, -50.0])
-    gx[0, 0, ::4, :6], gy[0, 0, ::4, :6] = edge_x, edge_y
-    gx[1, 2], gy[1, 2] = 0.0, 0.0  # a flat colour: all-zero histograms stay zero
-    for nbins, cell in [(4, 4), (8, 4), (9, 8), (18, 16), (18, 32)]:
-        ref = common.hog_from_gradients(gx, gy, nbins, cell, 'mean')  # (B, 3*nbins, H/c, W/c)
-        out = lm.hog_cells(gx, gy, nbins, cell)
-        # the same magnitudes summed per cell in another order (scatter_add_ vs avg_pool2d; on
-        # CUDA in no fixed order): fp32 round-off of unit-norm histograms, far below 1e-6
-        assert torch.allclose(out, ref, rtol=0, atol=1e-6), (nbins, cell)
-        assert (out[1, 2 * nbins:] == 0).all()
