@@ -2187,7 +2187,9 @@ def train(model, args, make_dataset=None):
         nonlocal pending, skipped, sums, n_sum, stopping
         if pending is None:
             return
-        (flags, at, terms), pending = pending, None
+        (flags, copied, at, terms), pending = pending, None
+        if copied is not None:
+            copied.synchronize()  # the copy of a step ago: long done, so no wait and no stall
         bad, signalled_any = flags.tolist()
         stopping = stopping or bool(signalled_any)
         if not bad:
@@ -2318,8 +2320,8 @@ def train(model, args, make_dataset=None):
                 # the step's flags stay on the device: a non-finite loss makes the optimizer step
                 # a no-op there, and the host reads them one step late (resolve), so that the
                 # device queue is never drained for them
-                flags = torch.stack([nonfinite,
-                                     torch.tensor(float(bool(signalled)), device=device)])
+                flags = torch.stack([nonfinite,  # torch.full: a fill kernel, no host-to-device copy
+                                     torch.full((), float(bool(signalled)), device=device)])
                 if world > 1:
                     dist.all_reduce(flags)  # every rank decides alike; queued on the device
                 stopping = stopping or (world == 1 and bool(signalled))  # alone: no wait needed
@@ -2330,7 +2332,13 @@ def train(model, args, make_dataset=None):
                 step += 1
                 bar.update(1)
                 resolve()  # the previous step's flags
-                pending = (flags, step - 1, logged_scalars(out))
+                # on CUDA a copy into pinned memory that waits for nothing, and an event that
+                # tells when it has landed; resolve() reads it a step later
+                copied = torch.cuda.Event() if device.type == 'cuda' else None
+                host_flags = flags.to('cpu', non_blocking=True)
+                if copied is not None:
+                    copied.record()
+                pending = (host_flags, copied, step - 1, logged_scalars(out))
                 if step % args.log_freq == 0 or step == total:
                     log_interval()
                 if stopping:  # preemption: save the step, skip the evaluation, exit 0
