@@ -1091,7 +1091,8 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
 
 def sample_key(seed, epoch, index):
     """The int64 key of one sample in one epoch: seeds its crop, flip and mask noise on any rank."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    # mod 2**63: fits int64 for any --seed; the keys of seeds below ~922,000 are the product itself
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
@@ -1110,8 +1111,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         """-> (uint8 image (3, res, res), label)."""
-        g = torch.Generator().manual_seed(
-            (self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i)
+        g = torch.Generator().manual_seed(  # mod 2**64: manual_seed's range, for any seed
+            ((self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i) % (1 << 64))
         u = lambda *s: torch.rand(s, generator=g)  # noqa: E731
         label, R = self.targets[i], self.res
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R),
@@ -1572,7 +1573,7 @@ NUMBER_RULES = {
     'batch_size': (at_least(1), '1 or more images per process'),
     'accum_iter': (at_least(1), '1 or more micro-steps per optimizer step'),
     'synthetic_size': (at_least(1), '1 or more images'),
-    'seed': (at_least(0), '0 or more'),
+    'seed': (lambda v: 0 <= v < 1 << 63, 'a seed in [0, 2**63)'),
     'num_workers': (at_least(0), '0 (load in the main process) or more workers'),
     'log_freq': (at_least(1), '1 or more steps'),
     'save_freq': (at_least(1), '1 or more epochs'),
@@ -2040,7 +2041,7 @@ def train(model, args, make_dataset=None):
                 imgs = imgs.to(device, non_blocking=True)
                 if micro == 0:
                     # drop path (and fine-tuning's mixup): a function of the step
-                    torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
+                    torch.manual_seed(((args.seed * 1_000_003 + step) * 1009 + rank) % (1 << 64))
                     lr = lr_at(step / steps_per_epoch, args)
                     for g in optimizer.param_groups:
                         g['lr'] = lr * g.get('lr_scale', 1.0)
