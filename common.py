@@ -1179,6 +1179,9 @@ def read_image(path, decode=True):
         raise UnreadableImage(f'cannot read image {path}: {e}') from None
 
 
+NOTED_TOP_IMAGES = set()  # folders whose loose images image_folder has named
+
+
 def image_folder(root, split=None, loader=read_image):
     """ImageFolder at <root>/<split> (or <root>/train, else <root>); a clear error if no images.
 
@@ -1199,6 +1202,12 @@ def image_folder(root, split=None, loader=read_image):
     if not data.samples:
         raise ValueError(f'no images found in {path}; expected class folders of images '
                          f'({", ".join(data.classes[:3]) or "no folders"} hold none)')
+    top = [e.name for e in os.scandir(path)
+           if e.is_file() and e.name.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+    if top and path not in NOTED_TOP_IMAGES:  # ImageFolder reads class folders only; say so once
+        NOTED_TOP_IMAGES.add(path)
+        print0(f'note: {len(top)} image(s) at the top of {path} (e.g. {top[0]}) were not read: '
+               f'class subfolders exist, and only their images are')
     empty = sorted(set(data.classes) - {data.classes[t] for t in data.targets})
     if empty:
         print0(f'note: {len(empty)} class folder(s) of {path} hold no image: '
