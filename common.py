@@ -810,6 +810,20 @@ def load_file(path):
             return torch.load(path, map_location='cpu', weights_only=True)
 
 
+def file_fingerprint(path, chunk=1 << 20):
+    """'<size> bytes, sha256 <hex>' of a file's size, first and last MiB: cheap on a large file, and
+    a torch.save zip ends with the CRC-32 of every tensor, so any change of content shows."""
+    import hashlib
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return f'{size} bytes, sha256 {h.hexdigest()[:16]}'
+
+
 def pick_state_dict(obj, teacher=False):
     """The state dict in a file: 'model', 'state_dict' (teacher: 'ema_state_dict', 'model_ema')."""
     names = ('ema_state_dict', 'model_ema') if teacher else ('model', 'state_dict')
@@ -1844,6 +1858,7 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
 # would mean another place in another schedule). More --epochs, another --blr, --max-steps: allowed.
 RUN_DEFINING = ('method', 'mode', 'model', 'batch_size', 'accum_iter', 'mask_ratio', 'seed',
                 'data_path', 'synthetic_size', 'res_schedule')
+RUN_DEFINING += ('ckpt_content', 'teacher', 'teacher_content', 'optimizer')  # the files a run reads
 
 
 def check_same_run(ckpt, args, path, steps_per_epoch):
