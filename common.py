@@ -2121,6 +2121,7 @@ def train(model, args, make_dataset=None):
                 if at_max or step % steps_per_epoch == 0:
                     break
             if hasattr(model, 'evaluate'):
+                save(epoch, keep=False)  # first: an evaluation that fails loses no training
                 metrics = model.evaluate(epoch)
                 if metrics.pop('best', False):
                     save(epoch, keep=False, path=os.path.join(out_dir, 'checkpoint-best.pth'))
