@@ -849,6 +849,20 @@ def load_file(path):
             return torch.load(path, map_location='cpu', weights_only=True)
 
 
+def file_fingerprint(path, chunk=1 << 20):
+    """'<size> bytes, sha256 <hex>' of a file's size, first and last MiB: cheap on a large file, and
+    a torch.save zip ends with the CRC-32 of every tensor, so any change of content shows."""
+    import hashlib
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return f'{size} bytes, sha256 {h.hexdigest()[:16]}'
+
+
 def pick_state_dict(obj, teacher=False):
     """The state dict in a file: 'model', 'state_dict' (teacher: 'ema_state_dict', 'model_ema')."""
     names = ('ema_state_dict', 'model_ema') if teacher else ('model', 'state_dict')
@@ -1138,7 +1152,8 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
 
 def sample_key(seed, epoch, index):
     """The int64 key of one sample in one epoch: seeds its crop, flip and mask noise on any rank."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    # mod 2**63: fits int64 for any --seed; the keys of seeds below ~922,000 are the product itself
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
@@ -1157,8 +1172,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         """-> (uint8 image (3, res, res), label)."""
-        g = torch.Generator().manual_seed(
-            (self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i)
+        g = torch.Generator().manual_seed(  # mod 2**64: manual_seed's range, for any seed
+            ((self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i) % (1 << 64))
         u = lambda *s: torch.rand(s, generator=g)  # noqa: E731
         label, R = self.targets[i], self.res
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R),
@@ -1225,6 +1240,9 @@ def read_image(path, decode=True):
         raise UnreadableImage(f'cannot read image {path}: {e}') from None
 
 
+NOTED_TOP_IMAGES = set()  # folders whose loose images image_folder has named
+
+
 def image_folder(root, split=None, loader=read_image):
     """ImageFolder at <root>/<split> (or <root>/train, else <root>); a clear error if no images.
 
@@ -1245,6 +1263,12 @@ def image_folder(root, split=None, loader=read_image):
     if not data.samples:
         raise ValueError(f'no images found in {path}; expected class folders of images '
                          f'({", ".join(data.classes[:3]) or "no folders"} hold none)')
+    top = [e.name for e in os.scandir(path)
+           if e.is_file() and e.name.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+    if top and path not in NOTED_TOP_IMAGES:  # ImageFolder reads class folders only; say so once
+        NOTED_TOP_IMAGES.add(path)
+        print0(f'note: {len(top)} image(s) at the top of {path} (e.g. {top[0]}) were not read: '
+               f'class subfolders exist, and only their images are')
     empty = sorted(set(data.classes) - {data.classes[t] for t in data.targets})
     if empty:
         print0(f'note: {len(empty)} class folder(s) of {path} hold no image: '
@@ -1656,7 +1680,7 @@ NUMBER_RULES = {
     'batch_size': (at_least(1), '1 or more images per process'),
     'accum_iter': (at_least(1), '1 or more micro-steps per optimizer step'),
     'synthetic_size': (at_least(1), '1 or more images'),
-    'seed': (at_least(0), '0 or more'),
+    'seed': (lambda v: 0 <= v < 1 << 63, 'a seed in [0, 2**63)'),
     'num_workers': (at_least(0), '0 (load in the main process) or more workers'),
     'log_freq': (at_least(1), '1 or more steps'),
     'save_freq': (at_least(1), '1 or more epochs'),
@@ -1968,6 +1992,7 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
 # would mean another place in another schedule). More --epochs, another --blr, --max-steps: allowed.
 RUN_DEFINING = ('method', 'mode', 'model', 'batch_size', 'accum_iter', 'mask_ratio', 'seed',
                 'data_path', 'synthetic_size', 'res_schedule')
+RUN_DEFINING += ('ckpt_content', 'teacher', 'teacher_content', 'optimizer')  # the files a run reads
 
 
 def check_same_run(ckpt, args, path, steps_per_epoch):
@@ -2294,7 +2319,7 @@ def train(model, args, make_dataset=None):
                 imgs = imgs.to(device, non_blocking=True)
                 if micro == 0:
                     # drop path (and fine-tuning's mixup): a function of the step
-                    torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
+                    torch.manual_seed(((args.seed * 1_000_003 + step) * 1009 + rank) % (1 << 64))
                     lr = lr_at(step / steps_per_epoch, args)
                     for g in optimizer.param_groups:
                         g['lr'] = lr * g.get('lr_scale', 1.0)
@@ -2350,6 +2375,7 @@ def train(model, args, make_dataset=None):
                 if at_max or step % steps_per_epoch == 0:
                     break
             if hasattr(model, 'evaluate'):
+                save(epoch, keep=False)  # first: an evaluation that fails loses no training
                 metrics = model.evaluate(epoch)
                 if metrics.pop('best', False):
                     save(epoch, keep=False, path=os.path.join(out_dir, 'checkpoint-best.pth'))

@@ -368,10 +368,15 @@ def from_official(obj):
 def parse_schedule(text):
     """'128:200,160:100' -> [(128, 200), (160, 100)] (resolution, epochs)."""
     try:
-        return [(int(r), int(e)) for r, e in (part.split(':') for part in text.split(','))]
+        schedule = [(int(r), int(e)) for r, e in (part.split(':') for part in text.split(','))]
     except ValueError:
         raise ValueError(f'--res-schedule {text!r} is not of the form RES:EPOCHS,RES:EPOCHS '
                          f'(e.g. 128:200,160:100,192:100)') from None
+    bad = [f'{r}:{e}' for r, e in schedule if r < 1 or e < 1]
+    if bad:
+        raise ValueError(f'--res-schedule {text!r} has a stage {bad[0]} out of range; use a '
+                         f'positive resolution and 1 or more epochs per stage')
+    return schedule
 
 
 def res_at(schedule, epoch):
@@ -394,8 +399,8 @@ def get_args(argv=None):
     a = p.add_argument
     a('--mask-size', '--block_size', '--mask_size', dest='mask_size', type=int,
       help='mask block in px, a multiple of 8; default 16 (ViT) / 32 (Swin) (README, Tab. 10b)')
-    a('--target', '--mim_loss', dest='target', default='hog',
-      type=lambda s: {'hog': 'hog', 'HOG': 'hog', 'pixel': 'pixel', 'l2': 'pixel'}[s],
+    a('--target', '--mim_loss', dest='target', default='hog', choices=('hog', 'pixel'),
+      type=lambda s: {'hog': 'hog', 'pixel': 'pixel', 'l2': 'pixel'}.get(s.lower(), s),
       help='hog (default, README --mim_loss HOG) or pixel (--mim_loss l2)')
     a('--num-heads', dest='num_heads', type=int,
       help='ViT encoder heads; default 6 for vit_base (note 1), 12 = standard ViT-B')

@@ -35,6 +35,8 @@ import json
 import math
 import os
 import re
+import shutil
+import sys
 from functools import partial
 
 import torch
@@ -44,11 +46,11 @@ import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, SWIN_PRESETS, VIT_PRESETS,
                     ArgumentParser, KeyedDataset, SwinTransformer, SyntheticShapes,
-                    VisionTransformer, autocast_dtype, benchmark, check_run_args, eval_transform,
-                    fast_cuda, image_folder, load_encoder, load_file, make_loader,
-                    mmpretrain_vit_to_timm, pick_state_dict, plain_data, print0, read_log,
-                    run_main, save_atomic, setup_distributed, strip_prefix, swin_to_timm,
-                    train)
+                    UnreadableImage, VisionTransformer, autocast_dtype, benchmark, check_run_args,
+                    eval_transform, fast_cuda, file_fingerprint, image_folder, load_encoder,
+                    load_file, make_loader, mmpretrain_vit_to_timm, pick_state_dict, plain_data,
+                    print0, read_log, run_main, save_atomic, setup_distributed, strip_prefix,
+                    swin_to_timm, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -356,16 +358,27 @@ def linear_transform(res, scale=(0.08, 1.0)):
 
 
 class Indexed(torch.utils.data.Dataset):
-    """A share of a dataset with a fixed transform; items are (image, label, dataset index)."""
+    """A share of a dataset with a fixed transform; items are (image, label, dataset index).
 
-    def __init__(self, base, transform, indices):
+    skip_bad: an unreadable image comes as a blank one with label -1, which evaluation leaves out.
+    """
+
+    def __init__(self, base, transform, indices, skip_bad=False):
         self.base, self.transform, self.indices = base, transform, list(indices)
+        self.skip_bad = skip_bad
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, j):
-        img, label = self.base[self.indices[j]]
+        try:
+            img, label = self.base[self.indices[j]]
+        except UnreadableImage as e:
+            if not self.skip_bad:
+                raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
+            sys.stderr.write(f'warning: skipped {e}\n')
+            from PIL import Image
+            img, label = Image.new('RGB', (8, 8)), -1  # same shape after the transform
         return self.transform(img), label, self.indices[j]
 
 
@@ -384,7 +397,8 @@ def splits(args):
 
 def eval_loader(base, args, rank, world, device):
     """Sequential loader over this rank's strided share of `base` (each image once, no padding)."""
-    share = Indexed(base, eval_transform(args.res), range(rank, len(base), world))
+    share = Indexed(base, eval_transform(args.res), range(rank, len(base), world),
+                    args.skip_bad_images)
     return make_loader(share, args.batch_size, None, args.num_workers, device, drop_last=False)
 
 
@@ -411,9 +425,9 @@ def evaluate(model, loader, device, amp, world):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(imgs)
         hit = (logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-               == labels[:, None])  # (B, 5)
+               == labels[:, None])  # (B, 5); a skipped image (label -1) hits nothing
         counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(),
-                               torch.tensor(len(labels), device=device)]).double()
+                               (labels >= 0).sum()]).double()  # and is not counted
     if world > 1:
         dist.all_reduce(counts)
     model.train(was)
@@ -448,7 +462,8 @@ def extract_features(fn, loader, device, amp, world, total):
         f, y, i = f[keep], y[keep], i[keep]
     order = torch.argsort(i)
     assert torch.equal(i[order].cpu(), torch.arange(total)), 'every image must be seen exactly once'
-    return f[order], y[order]
+    f, y = f[order], y[order]
+    return f[y >= 0], y[y >= 0]  # without the images --skip-bad-images skipped (label -1)
 
 
 @torch.no_grad()
@@ -501,6 +516,21 @@ def finish(args, top1, top5, **extra):
     return row
 
 
+def knn_stamp(args, train, val, device):
+    """What the cached k-NN features depend on: the encoder file's content, every flag that
+    changes the encoder or its features, the precision, and each image's file and label."""
+    import hashlib
+    files = hashlib.sha256()
+    for base in (train, val):  # ImageFolder: its (path, label) list; SyntheticShapes: n, res, seed
+        samples = getattr(base, 'samples', None) or [(base.n, base.res, base.seed)]
+        files.update(json.dumps(samples).encode())
+    return plain_data(dict(
+        ckpt=args.ckpt_content, teacher=args.teacher, model=args.model, cfg=model_config(args),
+        res=args.res, window=args.window_size, permute_merge=args.permute_merge,
+        table_resize=args.table_resize, pool=args.pool, layer=args.probe_layer,
+        dtype=str(autocast_dtype(args.precision, device)), files=files.hexdigest()))
+
+
 def run_knn(args, obj, rank, world, device):
     """k-NN mode: features of train and val once (cached), then DINO's vote for every k."""
     train, val, K = splits(args)
@@ -508,10 +538,7 @@ def run_knn(args, obj, rank, world, device):
     load_pretrained(enc, args, obj, fresh=(), level_norm=True)
     enc = enc.to(device).eval()
     cache = os.path.join(args.output_dir, 'knn_features.pth')
-    stamp = plain_data(dict(
-        ckpt=args.ckpt, mtime=os.path.getmtime(args.ckpt) if args.ckpt else None, model=args.model,
-        res=args.res, pool=args.pool, layer=args.probe_layer, data=args.data_path,
-        teacher=args.teacher, n=[len(train), len(val)], seed=args.seed, cfg=model_config(args)))
+    stamp = knn_stamp(args, train, val, device)
     cached = (torch.load(cache, map_location='cpu', weights_only=True) if os.path.isfile(cache)
               else None)
     hit = torch.tensor(int(cached is not None and cached.get('stamp') == stamp), device=device)
@@ -527,7 +554,8 @@ def run_knn(args, obj, rank, world, device):
         for name, base in (('train', train), ('val', val)):  # DINO: eval transform for both
             feats[name], feats[name + '_labels'] = extract_features(
                 fn, eval_loader(base, args, rank, world, device), device, amp, world, len(base))
-        if rank == 0:
+        complete = len(feats['train']) == len(train) and len(feats['val']) == len(val)
+        if rank == 0 and complete:  # with skipped images: read them again once they are fixed
             save_atomic({'stamp': stamp, **{k: v.cpu() for k, v in feats.items()}}, cache)
     best = None
     for k in [int(v) for v in str(args.nb_knn).split(',')]:
@@ -559,6 +587,7 @@ class Finetuner(nn.Module):
             self.ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
         self.best = {'top1': -1.0, 'top5': 0.0, 'epoch': -1}
         self.last = None  # (top1, top5) of the latest evaluation
+        self.unevaluated = False  # trained since the latest evaluation
 
     def state_dict(self, *args, **kwargs):
         """The classifier's state dict, no `net.` prefix (MAE's fine-tuning checkpoint keys)."""
@@ -593,6 +622,7 @@ class Finetuner(nn.Module):
     @torch.no_grad()
     def after_step(self):
         """EMA update: ema <- lerp(ema, weights, 1 - decay); integer buffers are copied."""
+        self.unevaluated = True
         if self.ema is None:
             return
         for k, v in self.net.state_dict().items():
@@ -615,12 +645,12 @@ class Finetuner(nn.Module):
             self.best = {'top1': top1, 'top5': top5, 'epoch': epoch}
         row['best_top1'] = round(self.best['top1'], 4)
         print0(f'epoch {epoch}: top1 {top1:.2f} top5 {top5:.2f} (best {self.best["top1"]:.2f})')
-        self.last = (top1, top5)
+        self.last, self.unevaluated = (top1, top5), False
         return {**row, 'best': is_best}
 
     def extra_state(self):
         """The best top-1 so far, and the EMA weights with --model-ema."""
-        state = {'best': dict(self.best)}
+        state = {'best': dict(self.best), 'unevaluated': self.unevaluated}
         if self.ema is not None:
             state['model_ema'] = self.ema
         return state
@@ -628,6 +658,8 @@ class Finetuner(nn.Module):
     def load_extra_state(self, checkpoint):
         """Read back the best top-1 and the EMA weights."""
         self.best = checkpoint.get('best', self.best)
+        self.unevaluated = checkpoint.get('unevaluated', False)
+        self.saved_epoch = checkpoint['epoch']
         if self.ema is not None and 'model_ema' in checkpoint:
             self.ema = {k: v.to(self.device) for k, v in checkpoint['model_ema'].items()}
 
@@ -665,10 +697,17 @@ def run_training(args, obj, rank, world, device):
         transform = linear_transform(args.res, args.rrc_scale)
     model = train(model, args,
                   lambda a: KeyedDataset(train_base, transform, a.seed, a.skip_bad_images))
+    best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
+    if model.run_end['reason'] == 'already_finished' and model.unevaluated:
+        # saved before its final evaluation, which failed (e.g. an unreadable val image): run it
+        saved = args.resume or last_path
+        print0(f'the final evaluation of {saved} is missing: evaluating now')
+        if model.evaluate(model.saved_epoch)['best'] and rank == 0:
+            shutil.copyfile(saved, best_path)
+        model.run_end['reason'] = 'evaluated'
     if model.run_end['reason'] in ('signal', 'already_finished'):
         return dict(model.best)
     top1, top5 = model.last
-    best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
     print0(f'best top1 {model.best["top1"]:.2f} at epoch {model.best["epoch"]} ({best_path})')
     return finish(args, top1, top5, best_top1=round(model.best['top1'], 4),
                   step=model.run_end['step'])
@@ -913,9 +952,19 @@ def validate(args):
         S = len(cfg['depths'])
         SwinTransformer(args.res, 4, 1, (1,) * S, (1,) * S, args.window_size)  # checks res, window
     check_run_args(args, FINETUNE_RULES)
-    if args.export_timm and not os.path.isdir(os.path.dirname(os.path.abspath(args.export_timm))):
-        raise ValueError(f'--export-timm {args.export_timm}: its folder does not exist; create it '
-                         f'or write elsewhere')
+    if args.export_timm:
+        out = os.path.abspath(args.export_timm)
+        folder = os.path.dirname(out)
+        for path in (out, os.path.splitext(out)[0] + '.json'):
+            if os.path.isdir(path):
+                raise ValueError(f'--export-timm {args.export_timm}: {path} is a folder; give a '
+                                 f'file name such as {os.path.join(args.export_timm, "enc.pth")}')
+        if not os.path.isdir(folder):
+            raise ValueError(f'--export-timm {args.export_timm}: its folder does not exist; '
+                             f'create it or write elsewhere')
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f'--export-timm {args.export_timm}: its folder {folder} cannot be '
+                             f'written; write elsewhere')
     if args.mode == 'knn' and not all(v.strip().isdigit() and int(v) > 0
                                       for v in str(args.nb_knn).split(',')):
         raise ValueError(f'--nb-knn {args.nb_knn} must be positive integers separated by commas, '
@@ -962,6 +1011,9 @@ def run(argv=None):
                          f'state dict; give the file a pre-training run or a release wrote')
     resolve(args, obj)
     validate(args)
+    # the encoder's content, not its name, defines the run (resume, k-NN cache): a file replaced
+    # under the same name is another run; a copy elsewhere is the same
+    args.ckpt_content = file_fingerprint(args.ckpt) if args.ckpt else None
     rank, world, device = setup_distributed()
     if args.ignored_flags:
         print0(f'note: official launch/logging flags ignored: '

@@ -69,16 +69,18 @@ comments below cite these as "note N":
 import argparse
 import copy
 import os
+import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT,
-                    VisionTransformer, autocast_off, denormalize, grid_picture, hot_colours,
-                    init_weights, key_summary, launch, load_file, load_model_state, mae_config,
-                    masked_mean, parse_pretrain, patchify, pick_state_dict, pixel_columns,
-                    pretrain_parser, random_masking, sample_noise, strip_prefix, upsample_mask)
+                    VisionTransformer, autocast_off, denormalize, file_fingerprint, grid_picture,
+                    hot_colours, init_weights, key_summary, launch, load_file, load_model_state,
+                    mae_config, masked_mean, parse_pretrain, patchify, pick_state_dict,
+                    pixel_columns, pretrain_parser, random_masking, sample_noise, strip_prefix,
+                    upsample_mask)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
@@ -418,9 +420,20 @@ def load_target_model(kind, path, img_size, patch_size, head_dim=64):
     if not path:
         raise ValueError(f'--target {kind} reads a frozen {kind} ViT-B/16; give its weights with '
                          f'--teacher-path')
+    if os.path.isdir(path):
+        raise ValueError(f'--teacher-path {path} is a folder; give the {kind} state-dict file')
     if not os.path.isfile(path):
         raise ValueError(f'--teacher-path {path} does not exist; give the {kind} state-dict file')
-    sd = strip_prefix(pick_state_dict(load_file(path)))
+    if zipfile.is_zipfile(path) and any(n.endswith('/constants.pkl')
+                                        for n in zipfile.ZipFile(path).namelist()):
+        raise ValueError(f'--teacher-path {path} is TorchScript (as the CLIP release); save its '
+                         f'state dict first: torch.save(torch.jit.load(path, map_location="cpu")'
+                         f'.state_dict(), "{kind}.pth")')
+    sd = pick_state_dict(load_file(path))
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise ValueError(f'--teacher-path {path} holds a {type(sd).__name__}, not a state dict; '
+                         f'give the {kind} state-dict file (see --help)')
+    sd = strip_prefix(sd)
     if kind == 'clip':
         if any(k.startswith('visual.') for k in sd):  # a whole CLIP model: keep its image tower
             sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
@@ -582,6 +595,7 @@ def build_model(args):
     if args.target in ('dino', 'clip'):
         target_model = load_target_model(args.target, args.teacher_path, args.res,
                                          cfg['patch_size'])
+        args.teacher_content = file_fingerprint(args.teacher_path)  # a resume needs this file
     return HPM(**cfg, epochs=args.epochs, alpha_start=args.alpha_start, alpha_end=args.alpha_end,
                relative=args.relative, target=args.target, target_model=target_model)
 
