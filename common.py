@@ -1990,9 +1990,12 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
 
 # The arguments that make a run what it is: a resume with other values is refused (the saved step
 # would mean another place in another schedule). More --epochs, another --blr, --max-steps: allowed.
+# The files a run reads count by their content (file_fingerprint), named as below in a refusal.
 RUN_DEFINING = ('method', 'mode', 'model', 'batch_size', 'accum_iter', 'mask_ratio', 'seed',
-                'data_path', 'synthetic_size', 'res_schedule')
-RUN_DEFINING += ('ckpt_content', 'teacher', 'teacher_content', 'optimizer')  # the files a run reads
+                'data_path', 'synthetic_size', 'res_schedule', 'optimizer', 'teacher',
+                'ckpt_content', 'teacher_content')
+CONTENT_OF = {'ckpt_content': 'the content of the --ckpt file',
+              'teacher_content': 'the content of the --teacher-path file'}
 
 
 def check_same_run(ckpt, args, path, steps_per_epoch):
@@ -2010,7 +2013,8 @@ def check_same_run(ckpt, args, path, steps_per_epoch):
         if k == 'data_path' and a and b:
             return os.path.realpath(a) == os.path.realpath(b)
         return a == b
-    diffs = [f'--{k.replace("_", "-")} {saved[k]} -> {plain_data(getattr(args, k, None))}'
+    diffs = [f'{CONTENT_OF[k]} changed' if k in CONTENT_OF else
+             f'--{k.replace("_", "-")} {saved[k]} -> {plain_data(getattr(args, k, None))}'
              for k in names if k in saved and not same(k)]
     if ckpt.get('steps_per_epoch', steps_per_epoch) != steps_per_epoch:
         diffs.append(f'steps per epoch {ckpt["steps_per_epoch"]} -> {steps_per_epoch} (another '

@@ -83,7 +83,7 @@ def test_another_teacher_file_of_the_same_width_does_not_resume(tmp_path, capsys
     hpm.main(hpm_argv(out, a, '--max-steps', '1'))
     capsys.readouterr()
     err = one_line_error(capsys, hpm.main, hpm_argv(out, b, '--max-steps', '2'))
-    assert 'was saved by another run' in err and '--teacher-content' in err
+    assert 'was saved by another run' in err and 'the content of the --teacher-path file changed' in err
     shutil.copyfile(a, tmp_path / 'copy.pth')
     hpm.main(hpm_argv(out, tmp_path / 'copy.pth', '--max-steps', '2'))
     assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['step'] == 2
@@ -140,7 +140,7 @@ def test_fine_tuning_resume_is_refused_for_another_encoder_or_optimiser(tmp_path
     finetune.main([*argv, '--ckpt', str(tmp_path / 'a.pth'), '--max-steps', '1'])
     capsys.readouterr()
     err = one_line_error(capsys, finetune.main, [*argv, '--ckpt', str(tmp_path / 'b.pth')])
-    assert '--ckpt-content' in err
+    assert 'the content of the --ckpt file changed' in err
     err = one_line_error(capsys, finetune.main, [*argv, '--ckpt', str(tmp_path / 'a.pth'), '--optimizer', 'sgd'])
     assert '--optimizer lars -> sgd' in err  # not KeyError: 'dampening' from loading LARS state into SGD
     shutil.copyfile(tmp_path / 'a.pth', tmp_path / 'copy.pth')  # the same encoder elsewhere: the same run
