@@ -2252,7 +2252,7 @@ def train(model, args, make_dataset=None):
                     pictures[args.res] = picture_batch(args)
                 save_picture(model, args, device, picture, pictures[args.res])
                 if keep:
-                    shutil.copyfile(picture, os.path.join(out_dir, f'picture-{epoch}.png'))
+                    copy_atomic(picture, os.path.join(out_dir, f'picture-{epoch}.png'))
         if world > 1:
             dist.barrier()  # no rank runs ahead (or shuts the group down) while rank 0 writes
 
@@ -2522,7 +2522,10 @@ def benchmark(model, args, device, warmup=2):
     opt = make_optimizer(model, args, device)
     net = torch.compile(model) if args.compile else model
     times = []
-    inputs = dict(keys=keys)
+    # the mask noise as the data workers hand it to a training step: drawn, not timed
+    noise = (torch.stack([key_noise(k, model.noise_len()) for k in keys.tolist()])
+             if hasattr(model, 'noise_len') else keys)  # (B, n)
+    inputs = dict(keys=noise.to(device))
     if getattr(model, 'takes_labels', False):
         inputs['labels'] = keys.to(device) % 1000
     for i in range(warmup + args.benchmark):
