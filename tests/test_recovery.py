@@ -51,22 +51,39 @@ def finish(proc, timeout=120):
     return out
 
 
-@pytest.mark.parametrize('workers', ['0', '2'])
-def test_an_unreadable_image_ends_the_process_and_the_log_names_it(tmp_path, workers):
-    """The one-line error, exit 2, and the process ends with its data workers (they ignore the
-    SIGTERM multiprocessing sends them at exit, and it then waits for them)."""
+def unreadable_folder(tmp_path):
+    """8 readable PNGs and one text file named .jpg in one class folder -> the --data-path."""
     os.makedirs(tmp_path / 'data' / 'a')
     for i in range(8):
         Image.new('RGB', (40, 40), (i * 20, 100, 200)).save(tmp_path / 'data' / 'a' / f'{i}.png')
     (tmp_path / 'data' / 'a' / 'bad.jpg').write_text('junk')
+    return str(tmp_path / 'data')
+
+
+def assert_end_names_the_image(out):
+    """The log's end row: reason error, the UnreadableImage line naming the file."""
+    end = events(out)[-1]
+    assert end['reason'] == 'error' and end['error'].startswith('UnreadableImage: cannot read image')
+    assert 'bad.jpg' in end['error'] and '\n' not in end['error']
+
+
+def test_an_unreadable_image_ends_the_run_and_the_log_names_it(tmp_path, capsys):
+    """Without workers, in-process: the one-line error, exit 2, the error in the end row."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / 'out', '--data-path', unreadable_folder(tmp_path), '--batch-size', '9')
+    assert e.value.code == 2 and 'bad.jpg' in capsys.readouterr().err.splitlines()[-1]
+    assert_end_names_the_image(tmp_path / 'out')
+
+
+def test_an_unreadable_image_ends_the_process_with_its_workers(tmp_path):
+    """With 2 data workers: the process ends (they ignore the SIGTERM multiprocessing sends them
+    at exit, and it then waits for them), with the one-line error and exit 2."""
     proc = start(['--output-dir', str(tmp_path / 'out'), *TINY, '--data-path',
-                  str(tmp_path / 'data'), '--batch-size', '9', '--num-workers', workers],
+                  unreadable_folder(tmp_path), '--batch-size', '9', '--num-workers', '2'],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = finish(proc)
     assert proc.returncode == 2 and 'bad.jpg' in err.splitlines()[-1], err[-2000:]
-    end = events(tmp_path / 'out')[-1]
-    assert end['reason'] == 'error' and end['error'].startswith('UnreadableImage: cannot read image')
-    assert 'bad.jpg' in end['error'] and '\n' not in end['error']
+    assert_end_names_the_image(tmp_path / 'out')
 
 
 def test_a_closed_stdout_pipe_ends_the_run_with_its_data_workers(tmp_path):
