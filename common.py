@@ -4,7 +4,8 @@ The model half needs only torch and einops (torchvision for a picture's grid): t
 -> ViT -> Swin -> HOG -> masking -> pictures (what the models draw) -> the MAE baseline. Nothing in
 it uses the runner, so a copier who needs only a model can stop at the banner "the runner". The
 runner half: checkpoints and key maps -> data -> pictures on disk -> command line -> distributed
-and the entry -> the method <-> loop contract and the train loop -> benchmarks."""
+and the entry -> the loop's parts -> the method <-> loop contract and the train loop ->
+benchmarks."""
 import contextlib
 import math
 
@@ -720,7 +721,7 @@ def fill_masked(x, mask_token, ids_restore):
 
 class MaskedAutoencoderViT(VisionTransformer):
     """MAE (He et al. 2022, keys of facebookresearch/mae models_mae.py): ViT encoder on the kept
-    tokens, light decoder, per-patch pixel loss. MFF and LocalMIM replace `forward_encoder`,
+    tokens, light decoder, per-patch pixel loss. MFF replaces `forward_encoder`,
     Efficient MAE decodes part of `decoder_input`, HPM runs a second `run_decoder` on it."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -744,13 +745,6 @@ class MaskedAutoencoderViT(VisionTransformer):
             m.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def set_resolution(self, img_size):
-        """New input size: recompute both frozen sin-cos tables."""
-        super().set_resolution(img_size)
-        D = self.decoder_pos_embed.shape[-1]
-        self.decoder_pos_embed.data = (sincos_pos_embed(D, self.grid)[None]
-                                       .to(self.decoder_pos_embed.device))
-
     def masking(self, imgs, mask=None, keys=None):
         """Random (noise from the keys) or given (B, L) bool mask -> ids_keep, mask, ids_restore."""
         if mask is not None:
@@ -763,7 +757,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         return self.grid ** 2
 
     def forward_encoder(self, imgs, ids_keep):
-        """Kept tokens -> encoder -> final norm: (B, 1+K, D); MFF and LocalMIM override it."""
+        """Kept tokens -> encoder -> final norm: (B, 1+K, D); MFF overrides it."""
         return self.forward_features(imgs, ids_keep)
 
     def decoder_input(self, latent, ids_restore):
@@ -915,24 +909,6 @@ def mmpretrain_key_to_timm(key):
     return key
 
 
-def timm_key_to_mmpretrain(key):
-    """Inverse of mmpretrain_key_to_timm (MAE family): encoder -> backbone., decoder -> neck."""
-    parts = key.split('.', 2)
-    if parts[0] in ('blocks', 'decoder_blocks') and len(parts) == 3:
-        rest = parts[2]
-        for old, new in MMPRETRAIN_BLOCK:
-            if rest.startswith(new):
-                rest = old + rest[len(new):]
-        return (f'backbone.layers.{parts[1]}.{rest}' if parts[0] == 'blocks'
-                else f'neck.decoder_blocks.{parts[1]}.{rest}')
-    for ours, theirs in (('norm.', 'backbone.ln1.'), ('fc_norm.', 'backbone.ln2.'),
-                         ('decoder_norm.', 'neck.ln1.'),
-                         ('patch_embed.proj.', 'backbone.patch_embed.projection.')):
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return ('neck.' if key.startswith(('mask_token', 'decoder_')) else 'backbone.') + key
-
-
 def mmpretrain_vit_to_timm(sd, encoder_only=False):
     """mmpretrain/mmselfsup ViT (+ MAE neck, MFF proj_*) keys -> timm/MAE, timm names unchanged;
     encoder_only keeps the encoder alone, as mmpretrain's configs/mff/benchmarks load it (and drops
@@ -942,11 +918,6 @@ def mmpretrain_vit_to_timm(sd, encoder_only=False):
     if encoder_only:
         out = {k: v for k, v in out.items() if k.startswith(TIMM_ENCODER)}
     return out
-
-
-def timm_vit_to_mmpretrain(sd):
-    """Our MAE-family state dict (timm encoder, MAE decoder, MFF proj_*) -> mmpretrain names."""
-    return {timm_key_to_mmpretrain(k): v for k, v in sd.items()}
 
 
 def load_model_state(model, sd, what='checkpoint'):
@@ -1003,25 +974,9 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix=1, antialias=False):
     return torch.cat([pos_embed[:, :num_prefix], grid], dim=1)
 
 
-def swin_to_timm(sd):
-    """Microsoft Swin keys -> timm >= 0.9 (timm models/swin_transformer.py:checkpoint_filter_fn):
-    `layers.{s}.downsample` -> `layers.{s+1}.downsample`, `head.` -> `head.fc.`, buffers dropped."""
-    import re
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(REBUILT_BUFFERS):
-            continue
-        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
-        if m:
-            k = f'layers.{int(m[1]) + 1}.downsample.{m[2]}'
-        elif k.startswith('head.'):
-            k = 'head.fc.' + k[len('head.'):]
-        out[k] = v
-    return out
-
-
 def timm_to_swin(sd):
-    """timm >= 0.9 Swin keys -> Microsoft layout, inverse of swin_to_timm (buffers are rebuilt)."""
+    """timm >= 0.9 Swin keys -> Microsoft layout, inverse of finetune.swin_to_timm (buffers are
+    rebuilt)."""
     import re
     out = {}
     for k, v in sd.items():
@@ -2134,7 +2089,7 @@ def fast_cuda(device):
 #                                           resolution: the data workers draw them from the keys
 #                                           (KeyedDataset), so the step runs no loop over samples
 #                                                               [the forward draws from the keys]
-#   takes_labels (attribute)                True: the forward also gets labels=         [no labels]
+#   takes_labels (attribute)                True: the forward also gets labels (B,)     [no labels]
 #   res (attribute)                         the input side the model runs at now: after on_epoch at
 #                                           a resume, for the CUDA memory estimate and --benchmark
 #                                                                                       [args.res]
