@@ -2298,7 +2298,7 @@ class Run:
         args, device = self.args, self.device
         for micro in range(args.accum_iter):
             batch = next(batches)
-            if micro == 0:  # after the fetch, which seeds an epoch's loader from torch's RNG
+            if micro == 0:  # after the fetch: starting an epoch's loader draws from torch's RNG
                 # drop path (and fine-tuning's mixup): a function of the step
                 torch.manual_seed(((args.seed * 1_000_003 + self.step) * 1009 + self.rank)
                                   % (1 << 64))
