@@ -4,7 +4,8 @@ The model half needs only torch and einops (torchvision for a picture's grid): t
 -> ViT -> Swin -> HOG -> masking -> pictures (what the models draw) -> the MAE baseline. Nothing in
 it uses the runner, so a copier who needs only a model can stop at the banner "the runner". The
 runner half: checkpoints and key maps -> data -> pictures on disk -> command line -> distributed
-and the entry -> the method <-> loop contract and the train loop -> benchmarks."""
+and the entry -> the loop's parts -> the method <-> loop contract and the train loop ->
+benchmarks."""
 import contextlib
 import math
 
@@ -720,7 +721,7 @@ def fill_masked(x, mask_token, ids_restore):
 
 class MaskedAutoencoderViT(VisionTransformer):
     """MAE (He et al. 2022, keys of facebookresearch/mae models_mae.py): ViT encoder on the kept
-    tokens, light decoder, per-patch pixel loss. MFF and LocalMIM replace `forward_encoder`,
+    tokens, light decoder, per-patch pixel loss. MFF replaces `forward_encoder`,
     Efficient MAE decodes part of `decoder_input`, HPM runs a second `run_decoder` on it."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -744,13 +745,6 @@ class MaskedAutoencoderViT(VisionTransformer):
             m.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def set_resolution(self, img_size):
-        """New input size: recompute both frozen sin-cos tables."""
-        super().set_resolution(img_size)
-        D = self.decoder_pos_embed.shape[-1]
-        self.decoder_pos_embed.data = (sincos_pos_embed(D, self.grid)[None]
-                                       .to(self.decoder_pos_embed.device))
-
     def masking(self, imgs, mask=None, keys=None):
         """Random (noise from the keys) or given (B, L) bool mask -> ids_keep, mask, ids_restore."""
         if mask is not None:
@@ -763,7 +757,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         return self.grid ** 2
 
     def forward_encoder(self, imgs, ids_keep):
-        """Kept tokens -> encoder -> final norm: (B, 1+K, D); MFF and LocalMIM override it."""
+        """Kept tokens -> encoder -> final norm: (B, 1+K, D); MFF overrides it."""
         return self.forward_features(imgs, ids_keep)
 
     def decoder_input(self, latent, ids_restore):
@@ -817,6 +811,7 @@ class MaskedAutoencoderViT(VisionTransformer):
 # Everything below trains the models above: checkpoint files, data, pictures, the command line,
 # DDP and the loop. Its imports live here, so that the model half above stands on its own.
 import argparse  # noqa: E402
+import difflib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -914,24 +909,6 @@ def mmpretrain_key_to_timm(key):
     return key
 
 
-def timm_key_to_mmpretrain(key):
-    """Inverse of mmpretrain_key_to_timm (MAE family): encoder -> backbone., decoder -> neck."""
-    parts = key.split('.', 2)
-    if parts[0] in ('blocks', 'decoder_blocks') and len(parts) == 3:
-        rest = parts[2]
-        for old, new in MMPRETRAIN_BLOCK:
-            if rest.startswith(new):
-                rest = old + rest[len(new):]
-        return (f'backbone.layers.{parts[1]}.{rest}' if parts[0] == 'blocks'
-                else f'neck.decoder_blocks.{parts[1]}.{rest}')
-    for ours, theirs in (('norm.', 'backbone.ln1.'), ('fc_norm.', 'backbone.ln2.'),
-                         ('decoder_norm.', 'neck.ln1.'),
-                         ('patch_embed.proj.', 'backbone.patch_embed.projection.')):
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return ('neck.' if key.startswith(('mask_token', 'decoder_')) else 'backbone.') + key
-
-
 def mmpretrain_vit_to_timm(sd, encoder_only=False):
     """mmpretrain/mmselfsup ViT (+ MAE neck, MFF proj_*) keys -> timm/MAE, timm names unchanged;
     encoder_only keeps the encoder alone, as mmpretrain's configs/mff/benchmarks load it (and drops
@@ -941,11 +918,6 @@ def mmpretrain_vit_to_timm(sd, encoder_only=False):
     if encoder_only:
         out = {k: v for k, v in out.items() if k.startswith(TIMM_ENCODER)}
     return out
-
-
-def timm_vit_to_mmpretrain(sd):
-    """Our MAE-family state dict (timm encoder, MAE decoder, MFF proj_*) -> mmpretrain names."""
-    return {timm_key_to_mmpretrain(k): v for k, v in sd.items()}
 
 
 def load_model_state(model, sd, what='checkpoint'):
@@ -1002,25 +974,9 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix=1, antialias=False):
     return torch.cat([pos_embed[:, :num_prefix], grid], dim=1)
 
 
-def swin_to_timm(sd):
-    """Microsoft Swin keys -> timm >= 0.9 (timm models/swin_transformer.py:checkpoint_filter_fn):
-    `layers.{s}.downsample` -> `layers.{s+1}.downsample`, `head.` -> `head.fc.`, buffers dropped."""
-    import re
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(REBUILT_BUFFERS):
-            continue
-        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
-        if m:
-            k = f'layers.{int(m[1]) + 1}.downsample.{m[2]}'
-        elif k.startswith('head.'):
-            k = 'head.fc.' + k[len('head.'):]
-        out[k] = v
-    return out
-
-
 def timm_to_swin(sd):
-    """timm >= 0.9 Swin keys -> Microsoft layout, inverse of swin_to_timm (buffers are rebuilt)."""
+    """timm >= 0.9 Swin keys -> Microsoft layout, inverse of finetune.swin_to_timm (buffers are
+    rebuilt)."""
     import re
     out = {}
     for k, v in sd.items():
@@ -1783,48 +1739,7 @@ def launch(argv, get_args, build_model, make_dataset=None):
     return run_main(pretrain, argv)
 
 
-# --------------------------------------------------------------------- the method <-> loop contract
-#
-# train(model, args) runs any nn.Module that keeps this contract: the five methods, and
-# finetune.py's classifier.
-#
-#   model(imgs, keys=keys) -> dict      Required. imgs (B, 3, H, W) normalised, keys (B,) int64: one
-#                                       key per sample, which seeds its mask noise (with
-#                                       noise_len: the (B, n) float noise rows already drawn from
-#                                       the keys, common.sample_noise). 'loss' (0-d) is
-#                                       what is optimised; every other 0-d tensor (or list of them,
-#                                       logged as name_0, name_1, ...) is averaged over the log
-#                                       interval into log.jsonl; other entries are for picture(). A
-#                                       model whose `takes_labels` is True also gets labels=(B,).
-#
-# Optional hooks, called when the model has them (what happens without one in brackets):
-#   no_weight_decay(name, param) -> bool    the tensors AdamW does not decay
-#                                                                           [1-D tensors and biases]
-#   make_optimizer(args, fused) -> optim    its own optimiser; the loop sets each group's lr every
-#                                           step, times the group's 'lr_scale'
-#                                                                      [AdamW (0.9, 0.95), 2 groups]
-#   on_epoch(epoch) -> int | None           at the start of every epoch, also the one a resume lands
-#                                           in; an int is a new input resolution: the loop rebuilds
-#                                           the data, resizes the AdamW moments of resized tables,
-#                                           re-wraps DDP and compile (FastMIM-P)           [nothing]
-#   after_step()                            after every optimizer step, not every micro-step
-#                                                                                          [nothing]
-#   evaluate(epoch) -> dict                 after each completed epoch and at --max-steps; the
-#                                           numbers go to log.jsonl; 'best': True also writes
-#                                           checkpoint-best.pth                            [nothing]
-#   picture(imgs, out) -> uint8 (3, H, W)   drawn with every checkpoint on 8 fixed images
-#                                                                                       [no picture]
-#   extra_state() -> dict                   more top-level checkpoint entries, e.g. 'model_ema'
-#                                                                                             [none]
-#   load_extra_state(checkpoint)            reads them back on resume                      [nothing]
-#   describe() -> str                       one line printed under the config              [nothing]
-#   noise_len() -> int                      mask noise values per sample at the current
-#                                           resolution: the data workers draw them from the keys
-#                                           (KeyedDataset), so the step runs no loop over samples
-#                                                               [the forward draws from the keys]
-#
-# train() returns the model, with `model.run_end` = dict(step, total, reason) where reason is
-# 'done', 'max_steps', 'signal' or 'already_finished'.
+# --------------------------------------------------------------------- the loop's parts
 
 class NonFiniteLoss(RuntimeError):
     """Raised when a step's loss is NaN or inf."""
@@ -2135,8 +2050,398 @@ def fast_cuda(device):
         torch.backends.cudnn.benchmark = True
 
 
+# --------------------------------------------------------------------- the method <-> loop contract
+#
+# train(model, args) runs any nn.Module that keeps this contract: the five methods, and
+# finetune.py's classifier.
+#
+#   model(imgs, keys=keys) -> dict      Required. imgs (B, 3, H, W) normalised, keys (B,) int64: one
+#                                       key per sample, which seeds its mask noise (with
+#                                       noise_len: the (B, n) float noise rows already drawn from
+#                                       the keys, common.sample_noise). 'loss' (0-d) is
+#                                       what is optimised; every other 0-d tensor (or list of them,
+#                                       logged as name_0, name_1, ...) is averaged over the log
+#                                       interval into log.jsonl; other entries are for picture(). A
+#                                       model whose `takes_labels` is True also gets labels=(B,).
+#
+# Optional hooks, called when the model has them (what happens without one in brackets):
+#   no_weight_decay(name, param) -> bool    the tensors AdamW does not decay
+#                                                                           [1-D tensors and biases]
+#   make_optimizer(args, fused) -> optim    its own optimiser; the loop sets each group's lr every
+#                                           step, times the group's 'lr_scale'
+#                                                                      [AdamW (0.9, 0.95), 2 groups]
+#   on_epoch(epoch) -> int | None           at the start of every epoch, also the one a resume lands
+#                                           in; an int is a new input resolution: the loop rebuilds
+#                                           the data, resizes the AdamW moments of resized tables,
+#                                           re-wraps DDP and compile (FastMIM-P)           [nothing]
+#   after_step()                            after every optimizer step, not every micro-step
+#                                                                                          [nothing]
+#   evaluate(epoch) -> dict                 after each completed epoch and at --max-steps; the
+#                                           numbers go to log.jsonl; 'best': True also writes
+#                                           checkpoint-best.pth                            [nothing]
+#   picture(imgs, out) -> uint8 (3, H, W)   drawn with every checkpoint on 8 fixed images
+#                                                                                       [no picture]
+#   extra_state() -> dict                   more top-level checkpoint entries, e.g. 'model_ema'
+#                                                                                             [none]
+#   load_extra_state(checkpoint)            reads them back on resume                      [nothing]
+#   describe() -> str                       one line printed under the config              [nothing]
+#   noise_len() -> int                      mask noise values per sample at the current
+#                                           resolution: the data workers draw them from the keys
+#                                           (KeyedDataset), so the step runs no loop over samples
+#                                                               [the forward draws from the keys]
+#   takes_labels (attribute)                True: the forward also gets labels (B,)     [no labels]
+#   res (attribute)                         the input side the model runs at now: after on_epoch at
+#                                           a resume, for the CUDA memory estimate and --benchmark
+#                                                                                       [args.res]
+# A method of the model one typo from a hook (`on_epochs`, `picutre`) is refused at the start
+# (check_hooks): the loop would silently never call it.
+#
+# The args attributes the loop reads (pretrain_parser gives them all; finetune.py, which has no
+# flag for three of them, sets method, save_freq and benchmark_data itself):
+#   method              the run's name: progress bar, log 'start' row, errors, benchmark rows
+#   model               the log's 'start' row and the benchmark row
+#   data_path           the image folder (pretrain_dataset) and the picture batch; None = built-in
+#   synthetic_size      built-in training images (pretrain_dataset)
+#   res                 input side: crops, picture batch, benchmark; a FastMIM-P switch rewrites it
+#   rrc_scale           RandomResizedCrop scale range (pretrain_dataset)
+#   draft_decode        JPEG draft decoding before the crop (pretrain_dataset)
+#   skip_bad_images     skip unreadable images instead of stopping (pretrain_dataset)
+#   seed                sampler order, per-sample crops and mask noise, drop path
+#   batch_size          images per process per micro-step
+#   accum_iter          micro-steps per optimizer step
+#   epochs              the schedule's length: epochs x steps per epoch optimizer steps
+#   warmup_epochs       linear lr warm-up (lr_at)
+#   blr                 base lr: lr = blr x effective batch / 256 when lr is None (step_plan)
+#   lr                  absolute peak lr; None: set from blr
+#   min_lr              the floor of the half-cosine (lr_at)
+#   weight_decay        AdamW's decay (the default optimiser)
+#   clip_grad           max global gradient norm; None or 0: no clipping
+#   precision           auto | bf16 | fp16 | fp32: the autocast dtype, a GradScaler for fp16
+#   compile             torch.compile the module the steps call
+#   num_workers         data-loading processes
+#   output_dir          log.jsonl, checkpoints and pictures
+#   resume              checkpoint to resume; None: <output_dir>/checkpoint-last.pth when present
+#   log_freq            optimizer steps between log rows
+#   save_freq           also keep checkpoint-<epoch>.pth every N epochs; None or 0: never
+#   max_steps           stop (evaluate, save) after N optimizer steps; None or 0: no limit
+#   skip_nonfinite      K: drop up to K steps whose loss is NaN/inf, then stop
+#   benchmark           N > 0: time N steps on synthetic batches, print one JSON line, no training
+#   benchmark_data      N > 0: time N batches of the data pipeline alone
+# and, read with getattr (None when absent), the other names a resume must keep (RUN_DEFINING):
+#   mode                finetune.py's finetune | linear | knn
+#   mask_ratio          masked share of the tokens
+#   optimizer           finetune.py's linear-probe optimiser
+#   teacher             finetune.py's --teacher: the checkpoint's EMA weights
+#   res_schedule        FastMIM-P's --res-schedule (then res may differ at a resume)
+#   ckpt_content        fingerprint of finetune.py's --ckpt file
+#   teacher_content     fingerprint of HPM's --teacher-path file
+# All of vars(args) is saved in every checkpoint ('args').
+#
+# train() returns the model, with `model.run_end` = dict(step, total, reason) where reason is
+# 'done', 'max_steps', 'signal' or 'already_finished'.
+
+HOOKS = ('no_weight_decay', 'make_optimizer', 'on_epoch', 'after_step', 'evaluate', 'picture',
+         'extra_state', 'load_extra_state', 'describe', 'noise_len', 'takes_labels', 'res')
+
+
+def check_hooks(model):
+    """Refuse a method or class attribute of the model one typo from a hook (`on_epochs`,
+    `picutre`), which the loop would never call; nn.Module's own names and the attributes set on
+    the instance (its data: `unevaluated` is no typo of `evaluate`) are not looked at."""
+    names = {n for cls in type(model).__mro__ if cls not in nn.Module.__mro__ for n in vars(cls)}
+    for name in sorted(n for n in names if n[0] != '_' and n not in HOOKS):
+        close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f'{type(model).__name__}.{name} looks like the hook {close[0]}, which '
+                             f'the training loop would then never call; rename it (hooks: '
+                             f'{", ".join(HOOKS)})')
+
+
+class Run:
+    """What the steps of one training run share: the model and its optimiser, the step, the log
+    interval's sums and the flags read one step late. train() below calls the steps in order."""
+
+    def __init__(self, model, args, make_dataset, rank, world, device):
+        self.args, self.make_dataset, self.rank, self.world = args, make_dataset, rank, world
+        self.dataset = make_dataset(args)
+        self.per_step, self.steps_per_epoch = step_plan(len(self.dataset), args, world)
+        self.total = args.epochs * self.steps_per_epoch
+        self.model, self.device = model.to(device), device
+        self.out_dir = args.output_dir
+        self.last_path = os.path.join(self.out_dir, 'checkpoint-last.pth')
+        self.step, self.resumed_from, self.lr = 0, None, 0.0
+        self.log = self.bar = self.loader = self.sampler = self.wrapped = None
+        # res -> the picture batch: --data-path is scanned once, not at every save
+        self.pictures = {}
+        self.sums, self.n_sum, self.t_log = {}, 0, time.time()  # the log interval
+        self.waited = [0.0]  # seconds blocked on the loader since the last log row
+        self.skipped, self.pending, self.stopping, self.signalled = 0, None, False, []
+
+    def resume(self):
+        """The optimiser; with a checkpoint (--resume, else checkpoint-last.pth): the model at the
+        saved epoch's resolution, then its weights, optimiser, GradScaler and extras."""
+        model, args, spe = self.model, self.args, self.steps_per_epoch
+        ckpt = None
+        resume = args.resume or (self.last_path if os.path.isfile(self.last_path) else None)
+        if resume:
+            ckpt = load_file(resume)
+            check_same_run(ckpt, args, resume, spe)
+            resume, ckpt = newer_last(resume, ckpt, self.last_path, args, spe)
+            if hasattr(model, 'on_epoch'):  # shapes at the saved epoch's resolution (FastMIM-P)
+                model.on_epoch(ckpt['epoch'])
+                if getattr(model, 'res', args.res) != args.res:  # and the crops with them
+                    args.res = model.res
+                    self.dataset = self.make_dataset(args)
+            load_model_state(model, ckpt['model'], f'checkpoint {resume}')
+            self.step, self.resumed_from = ckpt['step'], resume
+        self.amp = autocast_dtype(args.precision, self.device)
+        self.optimizer = make_optimizer(model, args, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt['optimizer'])
+            if ckpt.get('scaler'):
+                self.scaler.load_state_dict(ckpt['scaler'])
+            if hasattr(model, 'load_extra_state'):
+                model.load_extra_state(ckpt)
+            print0(f'resumed from {resume} at epoch {self.step // spe}, step {self.step}, '
+                   f'lr {lr_at(self.step / spe, args):.3g}')
+            schedule_note(ckpt.get('args') or {}, args, self.step, spe)
+
+    def announce(self):
+        """Rank 0 prints the config, the derived numbers (world, effective batch, lr, steps per
+        epoch, parameters), the model's line, and on CUDA when a batch is too big for the card."""
+        if self.rank != 0:
+            return
+        args, model, device, world = self.args, self.model, self.device, self.world
+        os.makedirs(self.out_dir, exist_ok=True)
+        print0(f'config: {json.dumps(vars(args), default=str)}')
+        if not args.data_path:
+            print0(f'no --data-path: built-in SyntheticShapes data ({len(self.dataset)} images, '
+                   f'10 classes) and smoke preset')
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f'device {device}, world {world}, effective batch {self.per_step} ({args.batch_size}'
+               f' x {args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x '
+               f'{self.per_step}/256), {self.steps_per_epoch} steps/epoch, '
+               f'{n_params / 1e6:.2f}M trainable parameters')
+        if hasattr(model, 'describe'):
+            print0(model.describe())
+        if device.type == 'cuda':  # a batch the card cannot hold: say so before the first step
+            advice = memory_advice(estimate_memory(model, getattr(model, 'res', args.res), device,
+                                                   self.amp), args.batch_size, args.accum_iter,
+                                   torch.cuda.get_device_properties(device).total_memory)
+            if advice:
+                print0(advice)
+
+    def finished(self):
+        """True (and says so) when the run is already at its end or at --max-steps."""
+        args, step, total = self.args, self.step, self.total
+        self.model.run_end = dict(step=step, total=total, reason='already_finished')
+        if step >= total:
+            print0(f'already finished at epoch {args.epochs} ({self.last_path}): use a new '
+                   f'--output-dir or more --epochs')
+        elif args.max_steps and step >= args.max_steps:
+            print0(f'already at --max-steps {args.max_steps} ({self.last_path}): raise it, or '
+                   f'leave it out to train to the end')
+        return step >= total or bool(args.max_steps and step >= args.max_steps)
+
+    def start_epoch(self, epoch):
+        """on_epoch; the data, loader and wrapped module at the first epoch and at a new resolution
+        -> the epoch's micro-batches, from the step the run is at."""
+        model, args = self.model, self.args
+        # no step's graph is alive here (train_step's `out` ended with it): a switch may replace
+        # tables
+        before = dict(model.named_parameters())
+        new_res = model.on_epoch(epoch) if hasattr(model, 'on_epoch') else None
+        if self.loader is None or (new_res and new_res != args.res):
+            if new_res and new_res != args.res:  # FastMIM-P: new crops, moments, DDP, compile
+                print0(f'epoch {epoch}: resolution {args.res} -> {new_res}')
+                args.res = new_res
+                # the old DDP holds the old tables' gradient hooks and a bucket copy of every
+                # gradient: let it go before the new one is built
+                self.wrapped = None
+                resize_optimizer_state(model, self.optimizer, before)
+                self.dataset = self.make_dataset(args)
+            self.sampler = StepSampler(self.dataset, self.world, self.rank, args.seed)
+            if hasattr(model, 'noise_len'):  # the data workers draw the mask noise
+                self.dataset.noise_len = model.noise_len()
+            self.loader = make_loader(self.dataset, args.batch_size, self.sampler,
+                                      args.num_workers, self.device)
+            self.wrapped = wrap(model, args, self.world, self.device)
+        self.sampler.set_epoch(epoch)
+        done = self.step - epoch * self.steps_per_epoch
+        self.sampler.skip = done * args.accum_iter * args.batch_size
+        model.train()
+        return timed(self.loader, self.waited)
+
+    def forward_backward(self, batch, final):
+        """One micro-batch: forward under autocast, backward of loss / --accum-iter (under DDP the
+        gradients are all-reduced on the final micro-batch only) -> the forward's output."""
+        imgs, labels, keys, *noise = batch
+        imgs = imgs.to(self.device, non_blocking=True)
+        inputs = dict(keys=noise[0] if noise else keys)  # noise: drawn from the keys
+        if getattr(self.model, 'takes_labels', False):
+            inputs['labels'] = labels.to(self.device, non_blocking=True)
+        sync = contextlib.nullcontext() if final or self.world == 1 else self.wrapped.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                enabled=self.amp is not None):
+                out = self.wrapped(imgs, **inputs)
+            self.scaler.scale(out['loss'] / self.args.accum_iter).backward()
+        for k, v in logged_scalars(out).items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n_sum += 1
+        return out
+
+    def train_step(self, batches):
+        """One optimizer step over --accum-iter micro-batches of `batches`: forward and backward,
+        the step's flags, the update, after_step; then the flags of the step before are read."""
+        args, device = self.args, self.device
+        for micro in range(args.accum_iter):
+            batch = next(batches)
+            if micro == 0:  # after the fetch: starting an epoch's loader draws from torch's RNG
+                # drop path (and fine-tuning's mixup): a function of the step
+                torch.manual_seed(((args.seed * 1_000_003 + self.step) * 1009 + self.rank)
+                                  % (1 << 64))
+                self.lr = lr_at(self.step / self.steps_per_epoch, args)
+                for g in self.optimizer.param_groups:
+                    g['lr'] = self.lr * g.get('lr_scale', 1.0)
+            out = self.forward_backward(batch, final=micro == args.accum_iter - 1)
+            bad = (~torch.isfinite(out['loss'].detach())).float()
+            nonfinite = bad if micro == 0 else nonfinite + bad  # any micro-step's loss
+        # the step's flags stay on the device: a non-finite loss makes the optimizer step
+        # a no-op there, and the host reads them one step late (resolve), so that the
+        # device queue is never drained for them
+        flags = torch.stack([nonfinite,  # torch.full: a fill kernel, no host-to-device copy
+                             torch.full((), float(bool(self.signalled)), device=device)])
+        if self.world > 1:
+            dist.all_reduce(flags)  # every rank decides alike; queued on the device
+        # alone: no wait needed
+        self.stopping = self.stopping or (self.world == 1 and bool(self.signalled))
+        optimizer_step(self.optimizer, self.scaler, self.model.parameters(), args.clip_grad,
+                       skip=(flags[0] > 0).float())
+        if hasattr(self.model, 'after_step'):
+            self.model.after_step()  # HPM's EMA: after a dropped update too (same weights)
+        self.step += 1
+        self.bar.update(1)
+        self.resolve()  # the previous step's flags
+        # on CUDA a copy into pinned memory that waits for nothing, and an event that
+        # tells when it has landed; resolve() reads it a step later
+        copied = torch.cuda.Event() if device.type == 'cuda' else None
+        host_flags = flags.to('cpu', non_blocking=True)
+        if copied is not None:
+            copied.record()
+        self.pending = (host_flags, copied, self.step - 1, logged_scalars(out))
+
+    def resolve(self):
+        """Read the last step's flags, one step late (the device has the next step queued by
+        then): a non-finite loss, whose update the device already dropped (optimizer_step), is
+        counted against --skip-nonfinite or stops the run; a signal on any rank sets `stopping`."""
+        if self.pending is None:
+            return
+        (flags, copied, at, terms), self.pending = self.pending, None
+        if copied is not None:
+            copied.synchronize()  # the copy of a step ago: long done, so no wait and no stall
+        bad, signalled_any = flags.tolist()
+        self.stopping = self.stopping or bool(signalled_any)
+        if not bad:
+            return
+        terms = {k: float(v) for k, v in terms.items()}
+        args = self.args
+        # --skip-nonfinite: the step stays, its update is dropped
+        if self.skipped < args.skip_nonfinite:
+            self.skipped += 1
+            print0(f'warning: non-finite loss at step {at} skipped '
+                   f'({self.skipped}/{args.skip_nonfinite}): {terms}')
+            self.sums, self.n_sum = {}, 0
+            return
+        good = self.last_path if os.path.isfile(self.last_path) else 'none yet'
+        raise NonFiniteLoss(f'non-finite loss at step {at} (epoch {at // self.steps_per_epoch}) of '
+                            f'{args.method}: {terms}; last good checkpoint: {good} '
+                            f'(resume from it with a lower --blr, or pass '
+                            f'--skip-nonfinite K)')
+
+    def log_interval(self):
+        """One log.jsonl row: the means of the logged scalars since the last row (all ranks)."""
+        self.resolve()  # the values are read here anyway; a skipped step empties the interval
+        if self.n_sum == 0:
+            return
+        names = sorted(self.sums)
+        vals = torch.stack([self.sums[k] for k in names]).to(self.device) / self.n_sum
+        if self.world > 1:
+            dist.all_reduce(vals)
+            vals /= self.world
+        seconds = time.time() - self.t_log
+        row = {'step': self.step, 'epoch': round(self.step / self.steps_per_epoch, 4),
+               'lr': self.lr,
+               'img_per_s': round(self.n_sum / self.args.accum_iter * self.per_step / seconds, 2),
+               'data_wait': round(min(self.waited[0] / seconds, 1.0), 4)}  # share blocked on data
+        row.update({k: float(v) for k, v in zip(names, vals.tolist())})
+        if self.log:
+            self.log.write(row)
+            self.bar.set_postfix(loss=f'{row["loss"]:.4f}')
+        self.sums, self.n_sum, self.t_log, self.waited[0] = {}, 0, time.time(), 0.0
+
+    def save(self, epoch, keep, path=None):
+        """Rank 0 writes the checkpoint (and the picture); every rank waits for it."""
+        self.resolve()  # never save a state before its last step is known to be finite
+        path = path or self.last_path
+        if self.rank == 0:
+            state = checkpoint_state(self.model, self.optimizer, self.scaler, epoch, self.step,
+                                     self.args)
+            state['steps_per_epoch'] = self.steps_per_epoch
+            save_atomic(state, path)
+            if keep:  # a copy of the file: serialising a large model again takes as long as saving
+                copy_atomic(path, os.path.join(self.out_dir, f'checkpoint-{epoch}.pth'))
+            if hasattr(self.model, 'picture') and path == self.last_path:
+                self.draw(epoch, keep)
+        if self.world > 1:
+            dist.barrier()  # no rank runs ahead (or shuts the group down) while rank 0 writes
+
+    def draw(self, epoch, keep):
+        """picture-last.png (and a kept copy picture-<epoch>.png) on the fixed picture batch."""
+        args, picture = self.args, os.path.join(self.out_dir, 'picture-last.png')
+        if args.res not in self.pictures:  # built again only at a new resolution (FastMIM-P)
+            self.pictures.clear()
+            self.pictures[args.res] = picture_batch(args)
+        save_picture(self.model, args, self.device, picture, self.pictures[args.res])
+        if keep:
+            copy_atomic(picture, os.path.join(self.out_dir, f'picture-{epoch}.png'))
+
+    def end_epoch(self, epoch, at_max):
+        """After an epoch or at --max-steps: evaluate (saved first), log its numbers, save (kept
+        every --save-freq epochs and at the end)."""
+        args, model = self.args, self.model
+        if hasattr(model, 'evaluate'):
+            self.save(epoch, keep=False)  # first: an evaluation that fails loses no training
+            metrics = model.evaluate(epoch)
+            if metrics.pop('best', False):
+                self.save(epoch, keep=False, path=os.path.join(self.out_dir, 'checkpoint-best.pth'))
+            if self.log:
+                self.log.write({'step': self.step, 'epoch': round(self.step / self.steps_per_epoch,
+                                                                  4), **metrics})
+        keep = bool(args.save_freq) and not at_max and (epoch % args.save_freq == 0
+                                                        or self.step == self.total)
+        self.save(epoch, keep)  # kept: epochs 0, f, 2f, … and the last, as MAE and LocalMIM
+
+    def stopped(self):
+        """After a signal, with the step saved: how to continue, then end the run (exit 0)."""
+        print0(f'stopped by a signal at step {self.step}: {self.last_path} saved; run the same '
+               f'command to continue')
+        return self.end('signal')
+
+    def end(self, reason):
+        """Close the run: the last partial interval, an 'end' row, the model's run_end."""
+        self.log_interval()
+        self.bar.close()
+        if self.log:
+            self.log.close(reason, self.step, self.last_path)
+        self.model.run_end = dict(step=self.step, total=self.total, reason=reason)
+        return self.model
+
+
 def train(model, args, make_dataset=None):
     """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
+    check_hooks(model)
     make_dataset = make_dataset or pretrain_dataset
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank)  # only randomness not tied to a sample (drop path)
@@ -2145,268 +2450,50 @@ def train(model, args, make_dataset=None):
         return benchmark_data(args, device, make_dataset)
     if args.benchmark:
         return benchmark(model, args, device)
-    dataset = make_dataset(args)
-    per_step, steps_per_epoch = step_plan(len(dataset), args, world)
-    total = args.epochs * steps_per_epoch
-    model = model.to(device)
-    out_dir = args.output_dir
-    last_path = os.path.join(out_dir, 'checkpoint-last.pth')
-
-    # ---- resume: the model at the saved epoch's resolution, then its weights, optimiser and extras
-    ckpt, step = None, 0
-    resume = args.resume or (last_path if os.path.isfile(last_path) else None)
-    if resume:
-        ckpt = load_file(resume)
-        check_same_run(ckpt, args, resume, steps_per_epoch)
-        resume, ckpt = newer_last(resume, ckpt, last_path, args, steps_per_epoch)
-        if hasattr(model, 'on_epoch'):  # shapes at the saved epoch's resolution (FastMIM-P)
-            model.on_epoch(ckpt['epoch'])
-            if getattr(model, 'res', args.res) != args.res:  # and the crops with them
-                args.res = model.res
-                dataset = make_dataset(args)
-        load_model_state(model, ckpt['model'], f'checkpoint {resume}')
-        step = ckpt['step']
-    amp = autocast_dtype(args.precision, device)
-    optimizer = make_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        if hasattr(model, 'load_extra_state'):
-            model.load_extra_state(ckpt)
-        print0(f'resumed from {resume} at epoch {step // steps_per_epoch}, step {step}, '
-               f'lr {lr_at(step / steps_per_epoch, args):.3g}')
-        schedule_note(ckpt.get('args') or {}, args, step, steps_per_epoch)
-
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        print0(f'config: {json.dumps(vars(args), default=str)}')
-        if not args.data_path:
-            print0(f'no --data-path: built-in SyntheticShapes data ({len(dataset)} images, '
-                   f'10 classes) and smoke preset')
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print0(f'device {device}, world {world}, effective batch {per_step} ({args.batch_size} x '
-               f'{args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x {per_step}/256), '
-               f'{steps_per_epoch} steps/epoch, {n_params / 1e6:.2f}M trainable parameters')
-        if hasattr(model, 'describe'):
-            print0(model.describe())
-        if device.type == 'cuda':  # a batch the card cannot hold: say so before the first step
-            advice = memory_advice(estimate_memory(model, getattr(model, 'res', args.res), device,
-                                                   amp), args.batch_size, args.accum_iter,
-                                   torch.cuda.get_device_properties(device).total_memory)
-            if advice:
-                print0(advice)
-    model.run_end = dict(step=step, total=total, reason='already_finished')
-    if step >= total or (args.max_steps and step >= args.max_steps):
-        if step >= total:
-            print0(f'already finished at epoch {args.epochs} ({last_path}): use a new '
-                   f'--output-dir or more --epochs')
-        else:
-            print0(f'already at --max-steps {args.max_steps} ({last_path}): raise it, or leave '
-                   f'it out to train to the end')
-        return model
-
-    pictures = {}  # res -> the picture batch: --data-path is scanned once, not at every save
-
-    def resolve():
-        """Read the last step's flags, one step late (the device has the next step queued by
-        then): a non-finite loss, whose update the device already dropped (optimizer_step), is
-        counted against --skip-nonfinite or stops the run; a signal on any rank sets `stopping`."""
-        nonlocal pending, skipped, sums, n_sum, stopping
-        if pending is None:
-            return
-        (flags, copied, at, terms), pending = pending, None
-        if copied is not None:
-            copied.synchronize()  # the copy of a step ago: long done, so no wait and no stall
-        bad, signalled_any = flags.tolist()
-        stopping = stopping or bool(signalled_any)
-        if not bad:
-            return
-        terms = {k: float(v) for k, v in terms.items()}
-        if skipped < args.skip_nonfinite:  # --skip-nonfinite: the step stays, its update is dropped
-            skipped += 1
-            print0(f'warning: non-finite loss at step {at} skipped '
-                   f'({skipped}/{args.skip_nonfinite}): {terms}')
-            sums, n_sum = {}, 0
-            return
-        good = last_path if os.path.isfile(last_path) else 'none yet'
-        raise NonFiniteLoss(f'non-finite loss at step {at} (epoch {at // steps_per_epoch}) of '
-                            f'{args.method}: {terms}; last good checkpoint: {good} '
-                            f'(resume from it with a lower --blr, or pass '
-                            f'--skip-nonfinite K)')
-
-    def save(epoch, keep, path=last_path):
-        """Rank 0 writes the checkpoint (and the picture); every rank waits for it."""
-        resolve()  # never save a state before its last step is known to be finite
-        if rank == 0:
-            state = checkpoint_state(model, optimizer, scaler, epoch, step, args)
-            state['steps_per_epoch'] = steps_per_epoch
-            save_atomic(state, path)
-            if keep:  # a copy of the file: serialising a large model again takes as long as saving
-                copy_atomic(path, os.path.join(out_dir, f'checkpoint-{epoch}.pth'))
-            if hasattr(model, 'picture') and path == last_path:
-                picture = os.path.join(out_dir, 'picture-last.png')
-                if args.res not in pictures:  # built again only at a new resolution (FastMIM-P)
-                    pictures.clear()
-                    pictures[args.res] = picture_batch(args)
-                save_picture(model, args, device, picture, pictures[args.res])
-                if keep:
-                    copy_atomic(picture, os.path.join(out_dir, f'picture-{epoch}.png'))
-        if world > 1:
-            dist.barrier()  # no rank runs ahead (or shuts the group down) while rank 0 writes
-
-    def log_interval():
-        """One log.jsonl row: the means of the logged scalars since the last row (all ranks)."""
-        nonlocal sums, n_sum, t_log
-        resolve()  # the values are read here anyway; a skipped step empties the interval
-        if n_sum == 0:
-            return
-        names = sorted(sums)
-        vals = torch.stack([sums[k] for k in names]).to(device) / n_sum
-        if world > 1:
-            dist.all_reduce(vals)
-            vals /= world
-        seconds = time.time() - t_log
-        row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
-               'img_per_s': round(n_sum / args.accum_iter * per_step / seconds, 2),
-               'data_wait': round(min(waited[0] / seconds, 1.0), 4)}  # share blocked on data
-        row.update({k: float(v) for k, v in zip(names, vals.tolist())})
-        if log:
-            log.write(row)
-            bar.set_postfix(loss=f'{row["loss"]:.4f}')
-        sums, n_sum, t_log, waited[0] = {}, 0, time.time(), 0.0
-
-    def end(reason):
-        """Close the run: the last partial interval, an 'end' row, the model's run_end."""
-        log_interval()
-        bar.close()
-        if log:
-            log.close(reason, step, last_path)
-        model.run_end = dict(step=step, total=total, reason=reason)
-        return model
-
-    log = RunLog(out_dir, step, args, resume) if rank == 0 else None
-    signalled, restore_signals = catch_preemption()
-    loader = bar = None
+    run = Run(model, args, make_dataset, rank, world, device)
+    run.resume()
+    run.announce()
+    if run.finished():
+        return run.model
+    run.log = RunLog(run.out_dir, run.step, args, run.resumed_from) if rank == 0 else None
+    run.signalled, restore_signals = catch_preemption()
     try:
         from tqdm import tqdm
-        bar = tqdm(total=min(total, args.max_steps or total), initial=step, disable=rank != 0,
-                   desc=args.method, mininterval=2)
-        skipped, lr, pending, stopping = 0, 0.0, None, False
-        loader, wrapped, sums, n_sum, t_log = None, None, {}, 0, time.time()
-        waited = [0.0]  # seconds blocked on the loader since the last log row
-        while step < total:
-            epoch = step // steps_per_epoch
-            out = None  # drop the last step's graph before a switch replaces tables
-            before = dict(model.named_parameters())
-            new_res = model.on_epoch(epoch) if hasattr(model, 'on_epoch') else None
-            if loader is None or (new_res and new_res != args.res):
-                if new_res and new_res != args.res:  # FastMIM-P: new crops, moments, DDP, compile
-                    print0(f'epoch {epoch}: resolution {args.res} -> {new_res}')
-                    args.res = new_res
-                    # the old DDP holds the old tables' gradient hooks and a bucket copy of every
-                    # gradient: let it go before the new one is built
-                    wrapped = None
-                    resize_optimizer_state(model, optimizer, before)
-                    dataset = make_dataset(args)
-                sampler = StepSampler(dataset, world, rank, args.seed)
-                if hasattr(model, 'noise_len'):  # the data workers draw the mask noise
-                    dataset.noise_len = model.noise_len()
-                loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, device)
-                wrapped = wrap(model, args, world, device)
-            sampler.set_epoch(epoch)
-            sampler.skip = (step - epoch * steps_per_epoch) * args.accum_iter * args.batch_size
-            model.train()
-            micro, at_max = 0, False
-            for imgs, labels, keys, *noise in timed(loader, waited):
-                imgs = imgs.to(device, non_blocking=True)
-                if micro == 0:
-                    # drop path (and fine-tuning's mixup): a function of the step
-                    torch.manual_seed(((args.seed * 1_000_003 + step) * 1009 + rank) % (1 << 64))
-                    lr = lr_at(step / steps_per_epoch, args)
-                    for g in optimizer.param_groups:
-                        g['lr'] = lr * g.get('lr_scale', 1.0)
-                inputs = dict(keys=noise[0] if noise else keys)  # noise: drawn from the keys
-                if getattr(model, 'takes_labels', False):
-                    inputs['labels'] = labels.to(device, non_blocking=True)
-                final = micro == args.accum_iter - 1
-                sync = contextlib.nullcontext() if final or world == 1 else wrapped.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp or torch.float32,
-                                        enabled=amp is not None):
-                        out = wrapped(imgs, **inputs)
-                    scaler.scale(out['loss'] / args.accum_iter).backward()
-                bad = (~torch.isfinite(out['loss'].detach())).float()
-                nonfinite = bad if micro == 0 else nonfinite + bad  # any micro-step's loss
-                for k, v in logged_scalars(out).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_sum += 1
-                micro += 1
-                if not final:
-                    continue
-                micro = 0
-                # the step's flags stay on the device: a non-finite loss makes the optimizer step
-                # a no-op there, and the host reads them one step late (resolve), so that the
-                # device queue is never drained for them
-                flags = torch.stack([nonfinite,  # torch.full: a fill kernel, no host-to-device copy
-                                     torch.full((), float(bool(signalled)), device=device)])
-                if world > 1:
-                    dist.all_reduce(flags)  # every rank decides alike; queued on the device
-                stopping = stopping or (world == 1 and bool(signalled))  # alone: no wait needed
-                optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad,
-                               skip=(flags[0] > 0).float())
-                if hasattr(model, 'after_step'):
-                    model.after_step()  # HPM's EMA: after a dropped update too (same weights)
-                step += 1
-                bar.update(1)
-                resolve()  # the previous step's flags
-                # on CUDA a copy into pinned memory that waits for nothing, and an event that
-                # tells when it has landed; resolve() reads it a step later
-                copied = torch.cuda.Event() if device.type == 'cuda' else None
-                host_flags = flags.to('cpu', non_blocking=True)
-                if copied is not None:
-                    copied.record()
-                pending = (host_flags, copied, step - 1, logged_scalars(out))
-                if step % args.log_freq == 0 or step == total:
-                    log_interval()
-                if stopping:  # preemption: save the step, skip the evaluation, exit 0
-                    save(epoch, keep=False)
-                    print0(f'stopped by a signal at step {step}: {last_path} saved; run the same '
-                           f'command to continue')
-                    return end('signal')
-                at_max = bool(args.max_steps and step >= args.max_steps)
-                if at_max or step % steps_per_epoch == 0:
+        run.bar = tqdm(total=min(run.total, args.max_steps or run.total), initial=run.step,
+                       disable=rank != 0, desc=args.method, mininterval=2)
+        run.t_log = time.time()
+        while run.step < run.total:
+            epoch = run.step // run.steps_per_epoch
+            batches = run.start_epoch(epoch)
+            while True:
+                run.train_step(batches)
+                if run.step % args.log_freq == 0 or run.step == run.total:
+                    run.log_interval()
+                if run.stopping:  # preemption: save the step, skip the evaluation, exit 0
+                    run.save(epoch, keep=False)
+                    return run.stopped()
+                at_max = bool(args.max_steps and run.step >= args.max_steps)
+                if at_max or run.step % run.steps_per_epoch == 0:
                     break
-            if hasattr(model, 'evaluate'):
-                save(epoch, keep=False)  # first: an evaluation that fails loses no training
-                metrics = model.evaluate(epoch)
-                if metrics.pop('best', False):
-                    save(epoch, keep=False, path=os.path.join(out_dir, 'checkpoint-best.pth'))
-                if log:
-                    log.write({'step': step, 'epoch': round(step / steps_per_epoch, 4), **metrics})
-            keep = bool(args.save_freq) and not at_max and (epoch % args.save_freq == 0
-                                                            or step == total)
-            save(epoch, keep)  # kept: epochs 0, f, 2f, … and the last, as MAE and LocalMIM
+            batches.close()  # the epoch's micro-batches end here, as a for loop's break ends them
+            run.end_epoch(epoch, at_max)
             if at_max:
-                return end('max_steps')
-            if stopping and step < total:  # a signal read with the epoch's last step
-                print0(f'stopped by a signal at step {step}: {last_path} saved; run the same '
-                       f'command to continue')
-                return end('signal')
-        print0(f'done: {step} steps, checkpoints and pictures in {out_dir}')
-        return end('done')
+                return run.end('max_steps')
+            if run.stopping and run.step < run.total:  # a signal read with the epoch's last step
+                return run.stopped()
+        print0(f'done: {run.step} steps, checkpoints and pictures in {run.out_dir}')
+        return run.end('done')
     except BaseException as e:  # also a closed stdout pipe (BrokenPipeError) or Ctrl-C
-        if log:
-            log.close('error', step, last_path, error=e)
-        if bar is not None:  # now, not at exit: the error line stays the last line
+        if run.log:
+            run.log.close('error', run.step, run.last_path, error=e)
+        if run.bar is not None:  # now, not at exit: the error line stays the last line
             with contextlib.suppress(OSError):
-                bar.close()
+                run.bar.close()
         raise
     finally:
         restore_signals()  # also when the run ends with an error (in-process callers)
-        if loader is not None:
-            stop_workers(loader)  # every way out, before the process exits (stop_workers)
+        if run.loader is not None:
+            stop_workers(run.loader)  # every way out, before the process exits (stop_workers)
 
 
 def plain_data(obj):

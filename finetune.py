@@ -44,13 +44,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, SWIN_PRESETS, VIT_PRESETS,
-                    ArgumentParser, KeyedDataset, SwinTransformer, SyntheticShapes,
+from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, SWIN_PRESETS,
+                    VIT_PRESETS, ArgumentParser, KeyedDataset, SwinTransformer, SyntheticShapes,
                     UnreadableImage, VisionTransformer, autocast_dtype, benchmark, check_run_args,
                     eval_transform, fast_cuda, file_fingerprint, image_folder, load_encoder,
                     load_file, make_loader, mmpretrain_vit_to_timm, pick_state_dict, plain_data,
                     print0, read_log, run_main, save_atomic, setup_distributed, strip_prefix,
-                    swin_to_timm, train)
+                    train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -711,6 +711,22 @@ def run_training(args, obj, rank, world, device):
     print0(f'best top1 {model.best["top1"]:.2f} at epoch {model.best["epoch"]} ({best_path})')
     return finish(args, top1, top5, best_top1=round(model.best['top1'], 4),
                   step=model.run_end['step'])
+
+
+def swin_to_timm(sd):
+    """Microsoft Swin keys -> timm >= 0.9 (timm models/swin_transformer.py:checkpoint_filter_fn):
+    `layers.{s}.downsample` -> `layers.{s+1}.downsample`, `head.` -> `head.fc.`, buffers dropped."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(REBUILT_BUFFERS):
+            continue
+        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
+        if m:
+            k = f'layers.{int(m[1]) + 1}.downsample.{m[2]}'
+        elif k.startswith('head.'):
+            k = 'head.fc.' + k[len('head.'):]
+        out[k] = v
+    return out
 
 
 def export_timm(args, obj):

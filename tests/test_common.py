@@ -49,6 +49,29 @@ def fixed_mask(B=2, L=16, n=12, seed=0):
     return torch.zeros(B, L, dtype=torch.bool).scatter(1, ids, True)
 
 
+def timm_key_to_mmpretrain(key):
+    """Inverse of common.mmpretrain_key_to_timm (MAE family): encoder -> backbone., decoder -> neck."""
+    parts = key.split('.', 2)
+    if parts[0] in ('blocks', 'decoder_blocks') and len(parts) == 3:
+        rest = parts[2]
+        for old, new in common.MMPRETRAIN_BLOCK:
+            if rest.startswith(new):
+                rest = old + rest[len(new):]
+        return (f'backbone.layers.{parts[1]}.{rest}' if parts[0] == 'blocks'
+                else f'neck.decoder_blocks.{parts[1]}.{rest}')
+    for ours, theirs in (('norm.', 'backbone.ln1.'), ('fc_norm.', 'backbone.ln2.'),
+                         ('decoder_norm.', 'neck.ln1.'),
+                         ('patch_embed.proj.', 'backbone.patch_embed.projection.')):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return ('neck.' if key.startswith(('mask_token', 'decoder_')) else 'backbone.') + key
+
+
+def timm_vit_to_mmpretrain(sd):
+    """Our MAE-family state dict (timm encoder, MAE decoder, MFF proj_*) -> mmpretrain names."""
+    return {timm_key_to_mmpretrain(k): v for k, v in sd.items()}
+
+
 def one_channel(img):
     return common.hog(img[None, None].float(), nbins=9, cell=8, normalize=False)[0]  # (9, Hc, Wc)
 

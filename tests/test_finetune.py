@@ -13,7 +13,9 @@ import fastmim
 import finetune
 import hpm
 from common import (MaskedAutoencoderViT, SwinTransformer, VisionTransformer, load_encoder, resize_pos_embed,
-                    resize_rel_pos_table, swin_to_timm, timm_to_swin)
+                    resize_rel_pos_table, timm_to_swin)
+from finetune import swin_to_timm
+from test_common import timm_vit_to_mmpretrain
 
 quiet = dict(log=lambda *a, **k: None)
 
@@ -128,8 +130,8 @@ def test_official_vit_layouts_load(tmp_path):
         local.update({f'norm.{k}.weight': torch.randn(16), f'norm.{k}.bias': torch.randn(16),
                       f'decoder.{k}.mask_token': torch.zeros(1, 1, 8),
                       f'hog_enc.{k}.conv.weight': torch.zeros(2, 1, 3, 3)})
-    mff = common.timm_vit_to_mmpretrain({**enc, 'proj_weights': torch.zeros(3, 1, 1, 1),
-                                         'proj_layers.0.weight': torch.zeros(16, 16), 'mask_token': sd['mask_token']})
+    mff = timm_vit_to_mmpretrain({**enc, 'proj_weights': torch.zeros(3, 1, 1, 1),
+                                  'proj_layers.0.weight': torch.zeros(16, 16), 'mask_token': sd['mask_token']})
     ns = argparse.Namespace(model='mim_vit_base', input_size=128)
     torch.save({'model': fm, 'args': ns, 'epoch': 1}, tmp_path / 'fastmim.pth')  # pickles a Namespace (interop §7)
     cases = {

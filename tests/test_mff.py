@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import mff
-from test_common import fixed_mask, log_rows
+from test_common import fixed_mask, log_rows, timm_vit_to_mmpretrain
 
 MEAN = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
@@ -245,13 +245,13 @@ def test_key_map_round_trip_strict_load_and_downstream():
     theirs = mmpretrain_names(12, 8, 6)
     assert len(ours) == len(theirs) == 265
     assert set(mff.from_official({'meta': {}, 'state_dict': {k: 0 for k in theirs}})) == set(ours)
-    assert set(common.timm_vit_to_mmpretrain(ours)) == theirs
+    assert set(timm_vit_to_mmpretrain(ours)) == theirs
     assert ours['proj_weights'].shape == (6, 1, 1, 1) and ours['proj_layers.4.weight'].shape == (768, 768)
     torch.manual_seed(0)
     src, dst = tiny(fuse_layers=[1, 3]), tiny(fuse_layers=[1, 3], sincos_order='mae')
     with torch.no_grad():
         src.proj_weights.copy_(torch.tensor([0.3, -0.2]).view(2, 1, 1, 1))
-    file = {'meta': {'epoch': 300}, 'state_dict': common.timm_vit_to_mmpretrain(src.state_dict())}
+    file = {'meta': {'epoch': 300}, 'state_dict': timm_vit_to_mmpretrain(src.state_dict())}
     file['state_dict']['data_preprocessor.mean'] = torch.zeros(3, 1, 1)
     common.load_model_state(dst, mff.from_official(file))  # strict; the stored (mmpretrain-order) tables win
     assert torch.equal(dst.pos_embed, src.pos_embed)
@@ -298,7 +298,7 @@ def test_run_logs_fusion_weights_draws_them_and_saves_a_loadable_checkpoint(tmp_
     pic = Image.open(out / 'picture-last.png')
     # 4 columns x 8 images under the 14-px strip of column names, the bar chart below
     assert pic.width == 4 * 130 + 2 and pic.height == 14 + 8 * 130 + 2 + 160
-    assert mff.from_official(common.timm_vit_to_mmpretrain(ckpt['model'])).keys() == ckpt['model'].keys()
+    assert mff.from_official(timm_vit_to_mmpretrain(ckpt['model'])).keys() == ckpt['model'].keys()
 
 
 def test_defaults_and_official_spellings(tmp_path):

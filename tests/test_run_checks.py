@@ -52,6 +52,65 @@ def test_clip_grad_zero_or_below_is_off():
     assert args.clip_grad is None and fastmim.get_args(['--clip-grad', '3']).clip_grad == 3.0
 
 
+class Hooked(torch.nn.Module):
+    """A model with every hook of the loop, a data attribute and nn.Module's own near-names."""
+
+    takes_labels, res = False, 32
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.unevaluated = torch.nn.Linear(2, 2), True  # data, not a misspelt evaluate
+
+    def forward(self, imgs, keys=None):
+        return {'loss': self.lin(imgs).sum()}
+
+    def no_weight_decay(self, name, param):
+        return False
+
+    def make_optimizer(self, args, fused):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_epoch(self, epoch):
+        return None
+
+    def after_step(self):
+        pass
+
+    def evaluate(self, epoch):
+        return {}
+
+    def picture(self, imgs, out):
+        return torch.zeros(3, 2, 2, dtype=torch.uint8)
+
+    def extra_state(self):
+        return {}
+
+    def load_extra_state(self, checkpoint):
+        pass
+
+    def describe(self):
+        return 'hooked'
+
+    def noise_len(self):
+        return 0
+
+
+@pytest.mark.parametrize('typo', ['on_epochs', 'after_steps', 'extra_states', 'picutre', 'noise_length',
+                                  'take_labels'])
+def test_a_misspelt_hook_is_one_line_naming_the_hooks_before_anything_runs(capsys, typo):
+    """A hook the loop would never call, because of a typo, is refused in one line (exit 2); the empty args show
+    that nothing else was read first. The real hooks, nn.Module's names and data attributes pass."""
+    common.check_hooks(Hooked())
+    Typo = type('Typo', (Hooked,), {typo: (lambda self, *a: None) if typo != 'take_labels' else True})
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda argv: common.train(Typo(), argparse.Namespace()), [])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1
+    hook = {'on_epochs': 'on_epoch', 'after_steps': 'after_step', 'extra_states': 'extra_state',
+            'picutre': 'picture', 'noise_length': 'noise_len', 'take_labels': 'takes_labels'}[typo]
+    assert err.startswith(f'error: Typo.{typo} looks like the hook {hook},') and '(hooks: no_weight_decay, ' in err
+
+
 def test_resume_refuses_another_run_and_a_finished_max_steps_run_stays_finished(tmp_path, capsys):
     run(tmp_path, '--max-steps', '2')
     with pytest.raises(SystemExit) as e:
