@@ -1444,6 +1444,11 @@ def save_picture(model, args, device, path, batch=None):
 
 
 # --------------------------------------------------------------------- command line
+# One parser for every script: run_parser declares the flags the loop reads, pretrain_parser adds
+# the masking and model flags of the pre-training scripts, finetune.py adds its own. Defaults follow
+# one rule (fill_defaults): a flag given on the command line wins; a flag left unset takes the
+# first value it finds in the smoke preset (no --data-path), the recipe of --model, then the
+# script's defaults. The start line `from: ...` (print_sources) says which one each value came from.
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line `error: …` on stderr and exit code 2 (no usage dump)."""
@@ -1454,59 +1459,53 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-# Official launch and logging flags: accepted and ignored with a note (we always auto-resume).
+# Official launch and logging flags of the pre-training and fine-tuning scripts: accepted and
+# ignored with a note (we always auto-resume; --nb_classes comes from the data).
 LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
-                'dist_on_itp', 'opt_level', 'auto_resume', 'start_epoch')
+                'dist_on_itp', 'dist_eval', 'opt_level', 'auto_resume', 'start_epoch',
+                'nb_classes', 'experiment')
 
 
-def pretrain_parser(method, doc, decoder=(), norm_pix=False,
-                    norm_pix_help='standardise each target patch (MAE --norm_pix_loss)'):
-    """The flags all pre-training scripts share, also in official spellings; decoder: which of
-    --decoder-{dim,depth,heads} exist; norm_pix: False = no --norm-pix-loss, else its default."""
+def run_parser(method, doc, notes=None):
+    """The flags common.train reads, in our and the official spellings; each script adds its own.
+
+    notes: flag dest -> what the script says about it (its defaults), appended to the help."""
     p = ArgumentParser(prog=f'{method}.py', description=doc,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog='Defaults: a flag given here wins; a flag left out takes its value '
+                       'from the smoke preset (no --data-path), else the recipe of --model, else '
+                       'the script\'s default. The start line "from: ..." names the source of '
+                       'each value.')
     p.set_defaults(method=method)
-    a = p.add_argument
-    a('--model',
-      help='model preset (official names accepted, e.g. mim_vit_base, mae_vit_base_patch16)')
+    notes = notes or {}
+
+    def a(*flags, help, **kw):
+        """add_argument with the script's note appended to the help."""
+        note = notes.get(kw.get('dest', flags[0].lstrip('-')))
+        return p.add_argument(*flags, **kw, help=f'{help}; {note}' if note else help)
     a('--res', '--input_size', '--input-size', dest='res', type=int, help='input resolution')
-    a('--mask-ratio', '--mask_ratio', dest='mask_ratio', type=float,
-      help='fraction of masked patches')
-    a('--epochs', type=int, help='pre-training epochs')
+    a('--epochs', type=int, help='training epochs')
     a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float,
       help='linear warm-up epochs')
     a('--blr', type=float, help='base lr: lr = blr * effective batch / 256')
     a('--lr', type=float, help='absolute lr (overrides --blr)')
-    a('--min-lr', '--min_lr', dest='min_lr', type=float,
-      help='cosine floor (default 0 unless the method says)')
-    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, default=0.05,
-      help='AdamW weight decay')
+    a('--min-lr', '--min_lr', dest='min_lr', type=float, help='cosine floor')
+    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, help='weight decay')
     a('--batch-size', '--batch_size', dest='batch_size', type=int,
       help='images per process per micro-step')
     a('--accum-iter', '--accum_iter', dest='accum_iter', type=int,
-      help='gradient accumulation steps (default 1)')
+      help='gradient accumulation: micro-steps per optimizer step')
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
-      help='clip the global grad norm (none by default; 0 or below: none)')
-    names = {'dim': ('--decoder-dim', '--decoder_embed_dim'),
-             'depth': ('--decoder-depth', '--decoder_depth'),
-             'heads': ('--decoder-heads', '--decoder_num_heads')}
-    for part in decoder:
-        a(*names[part], dest=f'decoder_{part}', type=int,
-          help=f'decoder {part}; default per --model (the DEFAULTS table of {method}.py)')
-    if norm_pix is not False:
-        a('--norm-pix-loss', '--norm_pix_loss', dest='norm_pix_loss', default=norm_pix,
-          action=argparse.BooleanOptionalAction, help=norm_pix_help)
+      help='clip the global grad norm (0 or below: none)')
     a('--data-path', '--data_path', dest='data_path',
       help='ImageFolder root (<root>/train used when present); none = built-in SyntheticShapes '
       'and the CPU smoke preset')
     a('--synthetic-size', dest='synthetic_size', type=int, default=2048,
-      help='images in the built-in data')
-    a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.2, 1.0),
-      help='RandomResizedCrop scale range')
-    a('--draft-decode', dest='draft_decode', default=True, action=argparse.BooleanOptionalAction,
-      help='decode a --data-path JPEG at 1/2, 1/4 or 1/8 of its size when the crop keeps at least '
-      '--res px a side (Pillow Image.draft): the same crop box, fewer pixels (default: on)')
-    a('--output-dir', '--output_dir', dest='output_dir', help=f'default output/{method}_<model>')
+      help='images in the built-in training data')
+    a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2,
+      help='RandomResizedCrop scale range of the training images')
+    a('--output-dir', '--output_dir', dest='output_dir', help='where log.jsonl, the checkpoints '
+      'and the pictures go')
     a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth '
       'when present)')
     a('--seed', type=int, default=0, help='seed of the per-sample randomness')
@@ -1517,21 +1516,52 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     a('--compile', action='store_true', help='torch.compile the model')
     a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
     a('--save-freq', '--save_ckpt_freq', '--save_freq', dest='save_freq', type=int,
-      help='epochs between kept checkpoints (default 20; checkpoint-last.pth is written every '
-      'epoch)')
+      help='epochs between kept checkpoints (checkpoint-last.pth is written every epoch)')
     a('--max-steps', dest='max_steps', type=int,
-      help='stop (with a checkpoint) after this many optimizer steps')
+      help='stop after this many optimizer steps, with a checkpoint (and an evaluation where the '
+      'model has one)')
     a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
       help='drop the update of up to K steps whose loss is NaN/inf (each still counts as a step) '
       'instead of stopping')
     a('--skip-bad-images', dest='skip_bad_images', action='store_true',
       help='skip unreadable images (each is named on stderr) instead of stopping')
     a('--benchmark', type=int, default=0, metavar='N',
-      help='time N steps on synthetic batches and print JSON')
+      help='time N training steps on synthetic batches and print one JSON line')
     a('--benchmark-data', dest='benchmark_data', type=int, default=0, metavar='N',
-      help='time N batches of the input pipeline alone and print JSON')
+      help='time N batches of the input pipeline alone and print one JSON line')
     for flag in LAUNCH_FLAGS:
-        a(f'--{flag}', nargs='?', const=True, default=None, help=argparse.SUPPRESS)
+        p.add_argument(f'--{flag}', nargs='?', const=True, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def pretrain_parser(method, doc, decoder=(), norm_pix=False,
+                    norm_pix_help='standardise each target patch (MAE --norm_pix_loss)'):
+    """run_parser plus the flags all pre-training scripts share; decoder: which of
+    --decoder-{dim,depth,heads} exist; norm_pix: False = no --norm-pix-loss, else its default."""
+    p = run_parser(method, doc, notes=dict(
+        epochs=f'default per --model (the DEFAULTS table of {method}.py)',
+        min_lr='default 0 unless the method says', weight_decay='default 0.05 (AdamW)',
+        accum_iter='default 1', clip_grad='none by default unless the method says',
+        rrc_scale='default 0.2 1.0 (MAE pre-training)',
+        output_dir=f'default output/{method}_<model>',
+        save_freq='default 20'))
+    a = p.add_argument
+    a('--model',
+      help='model preset (official names accepted, e.g. mim_vit_base, mae_vit_base_patch16)')
+    a('--mask-ratio', '--mask_ratio', dest='mask_ratio', type=float,
+      help='fraction of masked patches')
+    names = {'dim': ('--decoder-dim', '--decoder_embed_dim'),
+             'depth': ('--decoder-depth', '--decoder_depth'),
+             'heads': ('--decoder-heads', '--decoder_num_heads')}
+    for part in decoder:
+        a(*names[part], dest=f'decoder_{part}', type=int,
+          help=f'decoder {part}; default per --model (the DEFAULTS table of {method}.py)')
+    if norm_pix is not False:
+        a('--norm-pix-loss', '--norm_pix_loss', dest='norm_pix_loss', default=norm_pix,
+          action=argparse.BooleanOptionalAction, help=norm_pix_help)
+    a('--draft-decode', dest='draft_decode', default=True, action=argparse.BooleanOptionalAction,
+      help='decode a --data-path JPEG at 1/2, 1/4 or 1/8 of its size when the crop keeps at least '
+      '--res px a side (Pillow Image.draft): the same crop box, fewer pixels (default: on)')
     return p
 
 
@@ -1562,50 +1592,79 @@ def mae_config(args):
                 norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
 
 
-# Length and pace of a run: the smoke preset's values win even under an explicit --model.
-RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', 'save_freq',
-                    'num_workers')
+def parse_run(p, argv):
+    """Parse; note in args.sources the flags given and the official launch flags (dropped)."""
+    args = p.parse_args(argv)
+    args.sources = {k: 'flag' for k, v in vars(args).items()
+                    if k not in LAUNCH_FLAGS and v != p.get_default(k)}
+    for f in LAUNCH_FLAGS:
+        if getattr(args, f) is not None:
+            args.sources[f] = 'ignored'
+        delattr(args, f)
+    return args
 
 
-def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base'):
-    """Fill unset flags: the smoke preset without --data-path, then the per-model table."""
-    ignored = [f for f in LAUNCH_FLAGS if getattr(args, f, None) is not None]
+def fill_defaults(args, *layers):
+    """The one rule for defaults: each flag still unset (None) takes its value from the first
+    layer that has it. layers: (source, {flag: value}), first wins; the source is noted in
+    args.sources for the start line."""
+    sources = vars(args).setdefault('sources', {})
+    for source, values in layers:
+        for k, v in values.items():
+            if getattr(args, k, None) is None and v is not None:
+                setattr(args, k, v)
+                sources[k] = source
+    return args
+
+
+def print_sources(args):
+    """Print the note on ignored official flags and the line `from: ...`: where each value the
+    parser's defaults do not give came from. Takes args.sources off args (not a flag)."""
+    groups = {}
+    for k, source in vars(args).pop('sources', {}).items():
+        groups.setdefault(source, []).append(k)
+    ignored = groups.pop('ignored', [])
     if ignored:
         print0(f'note: official launch/logging flags ignored: '
                f'{", ".join("--" + f for f in ignored)}')
-    for f in LAUNCH_FLAGS:
-        delattr(args, f)
-    chosen = args.model is not None  # an explicit --model keeps its architecture in the smoke run
+    print0('from: ' + ' | '.join(f'{source}: {" ".join(keys)}' for source, keys in groups.items()))
+
+
+# Length and pace of a run: the smoke preset's values win even under an explicit --model.
+RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_freq', 'save_freq',
+                    'num_workers')
+# What a pre-training script uses for a flag that neither the smoke preset nor the recipe sets.
+PRETRAIN_DEFAULTS = dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0,
+                         weight_decay=0.05, rrc_scale=(0.2, 1.0))
+
+
+def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base', **fallback):
+    """Resolve --model (official names: model_names), then fill the unset flags (fill_defaults):
+    the smoke preset without --data-path, the model's row of `table`, the defaults, `fallback`.
+    Under an explicit --model the smoke preset keeps the model's architecture (decoder, ...)."""
+    chosen = args.model is not None
     default = smoke['model'] if args.data_path is None else default_model
     args.model = (model_names or {}).get(args.model, args.model or default)
     if args.model not in table:
         raise ValueError(f'unknown --model {args.model}; choose one of {", ".join(table)}')
-    if args.data_path is None:
-        for k, v in smoke.items():
-            architecture = chosen and k in table[args.model] and k not in RUN_LENGTH_FLAGS
-            if getattr(args, k, None) is None and not architecture:
-                setattr(args, k, v)
-    for k, v in table[args.model].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    for k, v in dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    if not chosen:
+        vars(args).setdefault('sources', {})['model'] = 'smoke' if args.data_path is None \
+            else 'default'
+    recipe = table[args.model]
+    smoke = {k: v for k, v in smoke.items()
+             if not (chosen and k in recipe and k not in RUN_LENGTH_FLAGS)}
+    return fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
+                         (f'recipe({args.model})', recipe),
+                         ('default', dict(PRETRAIN_DEFAULTS, **fallback,
+                                          output_dir=f'output/{args.method}_{args.model}')))
 
 
 def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
-    """Parse, fill the presets (apply_defaults), then unset flags from `fallback` (e.g. res=128)."""
-    args = p.parse_args(argv)
+    """Parse (parse_run), fill the defaults (apply_defaults; `fallback` e.g. res=128 comes last),
+    check the numbers."""
+    args = parse_run(p, argv)
     try:
-        apply_defaults(args, table, smoke, model_names)
-    except ValueError as e:
-        p.error(str(e))
-    for k, v in fallback.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    args.output_dir = args.output_dir or f'output/{args.method}_{args.model}'
-    try:
+        apply_defaults(args, table, smoke, model_names, **fallback)
         check_run_args(args)
     except ValueError as e:
         p.error(str(e))
@@ -1735,7 +1794,9 @@ def launch(argv, get_args, build_model, make_dataset=None):
     def pretrain(argv):
         args = get_args(argv)
         torch.manual_seed(args.seed)
-        return train(build_model(args), args, make_dataset)
+        model = build_model(args)
+        print_sources(args)
+        return train(model, args, make_dataset)
     return run_main(pretrain, argv)
 
 
@@ -2096,8 +2157,8 @@ def fast_cuda(device):
 # A method of the model one typo from a hook (`on_epochs`, `picutre`) is refused at the start
 # (check_hooks): the loop would silently never call it.
 #
-# The args attributes the loop reads (pretrain_parser gives them all; finetune.py, which has no
-# flag for three of them, sets method, save_freq and benchmark_data itself):
+# The args attributes the loop reads (run_parser gives them all, to the pre-training scripts
+# and finetune.py alike):
 #   method              the run's name: progress bar, log 'start' row, errors, benchmark rows
 #   model               the log's 'start' row and the benchmark row
 #   data_path           the image folder (pretrain_dataset) and the picture batch; None = built-in

@@ -40,15 +40,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import (MAE_DEFAULTS, MAE_NAMES, MaskedAutoencoderViT, autocast_off, check_ratio,
-                    grid_picture, hot_colours, ids_from_mask, launch, mae_config, masked_mean,
-                    parse_pretrain, pixel_columns, pretrain_parser, random_masking, sample_noise,
+from common import (MaskedAutoencoderViT, autocast_off, check_ratio, grid_picture, hot_colours,
+                    ids_from_mask, masked_mean, pixel_columns, random_masking, sample_noise,
                     upsample_mask)
 
-DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # MAE's recipe (note 6)
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=16, warmup_epochs=2, blr=1.5e-3,
-             decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
-             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns
 METRICS = ('p2dist', 'count3', 'invdist5', 'nearest')
 INVDIST5_MAX = sum(1 / math.hypot(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dy or dx)
 RANK_STEP = 1e-4  # difficulties this close tie when ranking, so round-off cannot decide (note 5)
@@ -311,6 +306,16 @@ def decoder_targets(d, mask, n_drop, noise=None):
 
 
 # ----------------------------------------------------------------------------- command line
+
+# The runner's names, for the command line below.
+from common import (MAE_DEFAULTS, MAE_NAMES, launch, mae_config, parse_pretrain,  # noqa: E402
+                    pretrain_parser)
+
+DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # MAE's recipe (note 6)
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=16, warmup_epochs=2, blr=1.5e-3,
+             decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
+             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns
+
 
 def get_args(argv=None):
     """Parse the command line and fill the per-model defaults."""

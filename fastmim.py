@@ -57,38 +57,10 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
-                    check_ratio, denormalize, grid_picture, hog, hog_glyphs,
-                    init_weights, launch, masked_mean, norm_pix, parse_pretrain, patchify,
-                    pick_state_dict, pretrain_parser, sample_noise, strip_prefix,
-                    unpatchify, upsample_mask)
+from common import (Block, SwinTransformer, VisionTransformer, check_ratio, denormalize,
+                    grid_picture, hog, hog_glyphs, init_weights, masked_mean, norm_pix, patchify,
+                    sample_noise, unpatchify, upsample_mask)
 
-# Per-model defaults. vit_base, swin_base: the official README commands. vit_large, swin_large: the
-# paper (decoders Sec. 4.1, Swin-L window App. A.3.2, epochs Tab. 3), the rest as their base
-# models; there is no official command for them. vit_tiny, vit_small, swin_tiny: ours, for CPUs.
-DEFAULTS = {
-    'vit_tiny': dict(mask_size=16, decoder_dim=128, decoder_depth=1, num_heads=3, batch_size=256,
-                     epochs=100, warmup_epochs=5),
-    'vit_small': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512,
-                      epochs=800, warmup_epochs=20),
-    # official code, not the paper: 6 heads (note 1); warm-up 20, 512 a process x 8 (note 7)
-    'vit_base': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512,
-                     epochs=800, warmup_epochs=20),
-    'vit_large': dict(mask_size=16, decoder_dim=512, decoder_depth=8, num_heads=16, batch_size=512,
-                      epochs=800, warmup_epochs=20),
-    'swin_tiny': dict(mask_size=32, decoder_dim=128, decoder_depth=1, window_size=4,
-                      batch_size=256, epochs=100, warmup_epochs=5),
-    'swin_base': dict(mask_size=32, decoder_dim=256, decoder_depth=4, window_size=4,
-                      batch_size=256, epochs=400, warmup_epochs=10),
-    'swin_large': dict(mask_size=32, decoder_dim=512, decoder_depth=4, window_size=8,
-                       batch_size=256, epochs=400, warmup_epochs=10),
-}
-# ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns, as in the other four files
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=6, warmup_epochs=1, blr=1.5e-3,
-             decoder_dim=128, log_freq=8, save_freq=3, num_workers=2)
-# the official factory names (models_mae.py); mim_vit_large is ours, as there is no official one
-OFFICIAL_NAMES = {'mim_vit_base': 'vit_base', 'mim_vit_large': 'vit_large',
-                  'mim_swin_base': 'swin_base', 'mim_swin_large': 'swin_large'}
 HOG_CELL, HOG_BINS = 8, 9  # FastMIM Sec. 4.1 "Prediction Target": 9 bins, 8x8 cells, after MaskFeat
 
 
@@ -391,6 +363,38 @@ def res_at(schedule, epoch):
 
 # ----------------------------------------------------------------------------- command line
 
+# The runner's names: for the command line below, and for from_official above (checkpoints).
+from common import (SWIN_PRESETS, VIT_PRESETS, launch, parse_pretrain,  # noqa: E402
+                    pick_state_dict, pretrain_parser, strip_prefix)
+
+# Per-model defaults. vit_base, swin_base: the official README commands. vit_large, swin_large: the
+# paper (decoders Sec. 4.1, Swin-L window App. A.3.2, epochs Tab. 3), the rest as their base
+# models; there is no official command for them. vit_tiny, vit_small, swin_tiny: ours, for CPUs.
+DEFAULTS = {
+    'vit_tiny': dict(mask_size=16, decoder_dim=128, decoder_depth=1, num_heads=3, batch_size=256,
+                     epochs=100, warmup_epochs=5),
+    'vit_small': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512,
+                      epochs=800, warmup_epochs=20),
+    # official code, not the paper: 6 heads (note 1); warm-up 20, 512 a process x 8 (note 7)
+    'vit_base': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512,
+                     epochs=800, warmup_epochs=20),
+    'vit_large': dict(mask_size=16, decoder_dim=512, decoder_depth=8, num_heads=16, batch_size=512,
+                      epochs=800, warmup_epochs=20),
+    'swin_tiny': dict(mask_size=32, decoder_dim=128, decoder_depth=1, window_size=4,
+                      batch_size=256, epochs=100, warmup_epochs=5),
+    'swin_base': dict(mask_size=32, decoder_dim=256, decoder_depth=4, window_size=4,
+                      batch_size=256, epochs=400, warmup_epochs=10),
+    'swin_large': dict(mask_size=32, decoder_dim=512, decoder_depth=4, window_size=8,
+                       batch_size=256, epochs=400, warmup_epochs=10),
+}
+# ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns, as in the other four files
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=6, warmup_epochs=1, blr=1.5e-3,
+             decoder_dim=128, log_freq=8, save_freq=3, num_workers=2)
+# the official factory names (models_mae.py); mim_vit_large is ours, as there is no official one
+OFFICIAL_NAMES = {'mim_vit_base': 'vit_base', 'mim_vit_large': 'vit_large',
+                  'mim_swin_base': 'swin_base', 'mim_swin_large': 'swin_large'}
+
+
 def get_args(argv=None):
     """Parse the command line and fill the per-model defaults."""
     p = pretrain_parser('fastmim', __doc__, decoder=('dim', 'depth'), norm_pix=True,
@@ -421,6 +425,7 @@ def get_args(argv=None):
             p.error(f'--res-schedule covers {covered} epochs but --epochs is {args.epochs}; '
                     f'make them agree')
         args.res = args.schedule[0][0]
+        args.sources['res'] = '--res-schedule'
     return args
 
 

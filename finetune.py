@@ -45,12 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, SWIN_PRESETS,
-                    VIT_PRESETS, ArgumentParser, KeyedDataset, SwinTransformer, SyntheticShapes,
-                    UnreadableImage, VisionTransformer, autocast_dtype, benchmark, check_run_args,
-                    eval_transform, fast_cuda, file_fingerprint, image_folder, load_encoder,
-                    load_file, make_loader, mmpretrain_vit_to_timm, pick_state_dict, plain_data,
-                    print0, read_log, run_main, save_atomic, setup_distributed, strip_prefix,
-                    train)
+                    VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, UnreadableImage,
+                    VisionTransformer, autocast_dtype, benchmark, check_run_args, eval_transform,
+                    fast_cuda, file_fingerprint, fill_defaults, image_folder, load_encoder,
+                    load_file, make_loader, mmpretrain_vit_to_timm, parse_run, pick_state_dict,
+                    plain_data, print0, print_sources, read_log, run_main, run_parser,
+                    save_atomic, setup_distributed, strip_prefix, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -95,8 +95,6 @@ SMOKE = dict(model='vit_tiny', res=64, batch_size=64, accum_iter=1, epochs=4, wa
              window_size=4, num_workers=2, log_freq=8)  # ours: a couple of minutes on 2 CPU cores
 METHOD_RECIPE = {'mae': 'mae', 'hpm': 'hpm', 'fastmim': 'fastmim', 'localmim': 'localmim',
                  'mff': 'mff', 'efficient_mae': 'mae'}  # Efficient MAE publishes none: MAE's
-LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
-                'dist_on_itp', 'dist_eval', 'nb_classes', 'experiment', 'opt_level')
 TIMM_SWIN_WINDOW = 7  # timm names: swin_*_patch4_window7_224; other windows go to OUT.json
 
 
@@ -697,6 +695,8 @@ def run_training(args, obj, rank, world, device):
         transform = linear_transform(args.res, args.rrc_scale)
     model = train(model, args,
                   lambda a: KeyedDataset(train_base, transform, a.seed, a.skip_bad_images))
+    if args.benchmark_data:  # train() timed the input pipeline alone: its JSON row
+        return model
     best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
     if model.run_end['reason'] == 'already_finished' and model.unevaluated:
         # saved before its final evaluation, which failed (e.g. an unreadable val image): run it
@@ -775,9 +775,18 @@ def canonical_model(name):
 
 
 def get_args(argv=None):
-    """Parse the command line; resolve() fills the unset flags (smoke preset, recipe, defaults)."""
-    p = ArgumentParser(prog='finetune.py', description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse the command line (common.run_parser plus fine-tuning's flags); resolve() fills the
+    unset flags (smoke preset, recipe, mode defaults)."""
+    p = run_parser('finetune', __doc__, notes=dict(
+        res='default 224 (smoke: 64)', epochs='default: 100 finetune (50 ViT-L/H) / 90 linear '
+        '(100 HPM)', warmup_epochs='default 5 / 10 (20 LocalMIM)',
+        blr='MAE 5e-4, LARS 0.1; per recipe', min_lr='1e-6 finetune, 0 linear',
+        weight_decay='0.05 finetune, 0 linear', accum_iter='per recipe',
+        data_path='fine-tuning, linear probing and k-NN read <root>/train and <root>/val',
+        synthetic_size='the built-in val set has --synthetic-val-size',
+        rrc_scale='default 0.08 1.0 (timm / MAE)', output_dir='default output/<mode>_<model>',
+        save_freq='default none: checkpoint-last.pth and checkpoint-best.pth only',
+        benchmark='1000 classes'))
     a = p.add_argument
     a('--mode', choices=('finetune', 'linear', 'knn'), default='finetune', help='default finetune')
     a('--ckpt', '--finetune', dest='ckpt',
@@ -786,28 +795,15 @@ def get_args(argv=None):
     a('--teacher', action='store_true', help='load the EMA teacher (HPM ema_state_dict, model_ema)')
     a('--model', help='preset: vit_tiny|vit_small|vit_base|vit_large|vit_huge|swin_tiny|swin_base|'
       'swin_large (or official names, e.g. vit_base_patch16); default: from --ckpt, else vit_base')
-    a('--res', '--input_size', '--input-size', dest='res', type=int, help='default 224 (smoke: 64)')
     a('--patch-size', dest='patch_size', type=int, help='override the preset (custom / tiny ViTs)')
     a('--embed-dim', dest='embed_dim', type=int, help='override the preset width')
     a('--depth', help='override the preset depth (Swin: comma list per stage)')
     a('--num-heads', dest='num_heads', help='override the preset heads (Swin: comma list); FastMIM '
       'ViT-B is pre-trained with 6 (its mim_vit_pretrain.py), fine-tuned with 12')
     a('--window-size', '--window_size', dest='window_size', type=int, help='7; LocalMIM Swin-L 14')
-    a('--epochs', type=int, help='default: 100 finetune (50 ViT-L/H) / 90 linear (100 HPM)')
-    a('--warmup-epochs', '--warmup_epochs', dest='warmup_epochs', type=float,
-      help='default 5 / 10 (20 LocalMIM)')
-    a('--blr', type=float, help='lr = blr x effective batch / 256 (MAE 5e-4, LARS 0.1; per recipe)')
-    a('--lr', type=float, help='absolute lr (overrides --blr)')
-    a('--min-lr', '--min_lr', dest='min_lr', type=float, help='1e-6 finetune, 0 linear')
-    a('--weight-decay', '--weight_decay', dest='weight_decay', type=float,
-      help='0.05 finetune, 0 linear')
     a('--layer-decay', '--layer_decay', dest='layer_decay', type=float,
       help='layer-wise lr decay, per recipe (MAE ViT-B: 0.65)')
     a('--drop-path', '--drop_path', dest='drop_path', type=float, help='stochastic depth (0.1)')
-    a('--batch-size', '--batch_size', dest='batch_size', type=int,
-      help='images per process per micro-step')
-    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int, help='micro-steps per update')
-    a('--clip-grad', '--clip_grad', dest='clip_grad', type=float, help='max global grad norm')
     a('--pool', choices=('avg', 'cls'), help='finetune avg (patch mean + fc_norm), linear/k-NN cls')
     a('--global_pool', dest='pool', action='store_const', const='avg', help=argparse.SUPPRESS)
     a('--cls_token', dest='pool', action='store_const', const='cls', help=argparse.SUPPRESS)
@@ -820,8 +816,6 @@ def get_args(argv=None):
     a('--reprob', type=float, help='random erasing probability (default 0.25)')
     a('--randaug', action=argparse.BooleanOptionalAction, default=None,
       help='RandAugment(2 ops, m9) (default on)')
-    a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2, default=(0.08, 1.0),
-      help='RandomResizedCrop scale range of the training images (timm / MAE: 0.08 1.0)')
     a('--aa', help='timm auto-augment: rand-m9-mstd0.5-inc1 = --randaug, none = --no-randaug')
     a('--model-ema', '--model_ema', dest='model_ema', action='store_true',
       help='keep and evaluate an EMA')
@@ -841,90 +835,66 @@ def get_args(argv=None):
     a('--export-timm', dest='export_timm', metavar='OUT.pth', help='write timm-named encoder, exit')
     a('--summary', metavar='DIR', help='print the final top-1 of every DIR/<encoder>/<protocol> run '
       'as a table, exit (the README comparison)')
-    a('--data-path', '--data_path', dest='data_path', help='root of train/, val/; none = built-in')
-    a('--synthetic-size', dest='synthetic_size', type=int, default=2048, help='built-in train set')
     a('--synthetic-val-size', dest='synthetic_val_size', type=int, default=512,
       help='built-in val images')
-    a('--output-dir', '--output_dir', dest='output_dir', help='default output/<mode>_<model>')
-    a('--resume', help='checkpoint to resume (default <output-dir>/checkpoint-last.pth if present)')
-    a('--seed', type=int, default=0, help='seed of the per-sample randomness')
-    a('--num-workers', '--num_workers', dest='num_workers', type=int, help='workers (default 8)')
-    a('--precision', choices=('auto', 'bf16', 'fp16', 'fp32'), default='auto',
-      help='auto = bf16 on CUDA, fp32 on CPU')
-    a('--compile', action='store_true', help='torch.compile the model')
-    a('--log-freq', dest='log_freq', type=int, help='optimizer steps between log rows (default 20)')
-    a('--max-steps', dest='max_steps', type=int, help='stop (eval, save) after N optimizer steps')
-    a('--skip-bad-images', dest='skip_bad_images', action='store_true',
-      help='skip unreadable images')
-    a('--skip-nonfinite', dest='skip_nonfinite', type=int, default=0, metavar='K',
-      help='skip up to K steps whose loss is NaN/inf instead of stopping')
-    a('--benchmark', type=int, default=0, metavar='N',
-      help='time N fine-tuning steps (1000 classes) on synthetic batches and print one JSON line')
-    for flag in LAUNCH_FLAGS:  # official launch/logging flags, --nb_classes (from data): ignored
-        a(f'--{flag}', nargs='?', const=True, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    ignored = [f for f in LAUNCH_FLAGS if getattr(args, f) is not None]
-    for f in LAUNCH_FLAGS:
-        delattr(args, f)
-    args.method = 'finetune'
-    args.ignored_flags = ignored
-    # the loop keeps only checkpoint-last and -best; no data benchmark
-    args.save_freq, args.benchmark_data = None, 0
-    if args.aa is not None and args.randaug is None:
-        args.randaug = args.aa.lower() not in ('none', '')
+    args = parse_run(p, argv)
+    if args.aa is not None:
+        fill_defaults(args, ('--aa', dict(randaug=args.aa.lower() not in ('none', ''))))
     return args
 
 
 def resolve(args, obj):
-    """Fill unset flags: smoke preset, model (flag, checkpoint or shapes), recipe, mode defaults."""
+    """Fill unset flags (common.fill_defaults): smoke preset, model (checkpoint or shapes), recipe
+    (model, family, all), mode defaults."""
     if args.ckpt is None and args.export_timm:
         raise ValueError('--export-timm needs --ckpt')
-    if args.data_path is None and not args.export_timm:
-        for k, v in SMOKE.items():
-            if getattr(args, k, None) is None and not (k == 'model' and obj is not None):
-                setattr(args, k, v)
+    if args.data_path is None and not args.export_timm:  # a checkpoint keeps its model
+        fill_defaults(args, ('smoke', {k: v for k, v in SMOKE.items()
+                                       if not (k == 'model' and obj is not None)}))
     sd = strip_prefix(pick_state_dict(obj, args.teacher)) if obj is not None else {}
     ck = plain_args(obj)
     if args.model is None and obj is not None:
         if ck.get('method') in METHOD_RECIPE or ck.get('method') == 'finetune':  # ours: its preset
-            args.model = canonical_model(ck.get('model'))[0]
-            if ck.get('method') == 'finetune':  # and its size overrides
-                for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size'):
-                    if getattr(args, k) is None and ck.get(k) is not None:
-                        setattr(args, k, ck[k])
-        args.model = args.model or infer_model(sd)
+            size = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size')  # overrides
+            fill_defaults(args, ('ckpt', dict(model=canonical_model(ck.get('model'))[0],
+                                              **{k: ck.get(k) for k in size
+                                                 if ck.get('method') == 'finetune'})))
+        if args.model is None:
+            fill_defaults(args, ('ckpt', dict(model=infer_model(sd))))
         if args.model is None:
             raise ValueError(f'cannot tell the model of {args.ckpt} from its shapes; pass --model '
                              f'(and --embed-dim/--depth/--num-heads for a custom size)')
-    args.model, window = canonical_model(args.model or 'vit_base')
+    fill_defaults(args, ('default', dict(model='vit_base')))
+    args.model, window = canonical_model(args.model)
     if args.model not in VIT_PRESETS and args.model not in SWIN_PRESETS:
         raise ValueError(f'unknown --model {args.model}; choose one of '
                          f'{", ".join([*VIT_PRESETS, *SWIN_PRESETS])}')
-    if args.window_size is None and window is not None:
-        args.window_size = window
+    fill_defaults(args, ('model name', dict(window_size=window)))
     if args.export_timm:  # keep the checkpoint's own geometry unless told otherwise
-        if args.res is None and 'pos_embed' in sd and args.model.startswith('vit'):
-            args.res = math.isqrt(sd['pos_embed'].shape[1] - 1) * (
+        geometry = {}
+        if 'pos_embed' in sd and args.model.startswith('vit'):
+            geometry['res'] = math.isqrt(sd['pos_embed'].shape[1] - 1) * (
                 args.patch_size or VIT_PRESETS[args.model]['patch_size'])
         tables = [v for k, v in sd.items() if k.endswith('relative_position_bias_table')]
-        if args.window_size is None and tables:
-            args.window_size = (math.isqrt(tables[0].shape[0]) + 1) // 2
-        if args.num_heads is None and ck.get('num_heads') and args.model.startswith('vit'):
-            args.num_heads = ck['num_heads']  # e.g. FastMIM's 6-head ViT-B
-        args.res = args.res or ck.get('res') or 224
-    args.recipe = args.recipe or (detect_recipe(obj, sd) if obj is not None else 'mae')
+        if tables:
+            geometry['window_size'] = (math.isqrt(tables[0].shape[0]) + 1) // 2
+        if ck.get('num_heads') and args.model.startswith('vit'):
+            geometry['num_heads'] = ck['num_heads']  # e.g. FastMIM's 6-head ViT-B
+        fill_defaults(args, ('ckpt', geometry), ('ckpt', dict(res=ck.get('res'))),
+                      ('default', dict(res=224)))
+    if args.recipe is None:
+        fill_defaults(args, ('ckpt', dict(recipe=detect_recipe(obj, sd))) if obj is not None
+                      else ('default', dict(recipe='mae')))
     family = 'vit' if args.model.startswith('vit') else 'swin'
     table = RECIPES[args.recipe].get(args.mode, {})
-    for source in (table.get(args.model, {}), table.get(family, {}), table.get('all', {}),
-                   MODE_DEFAULTS[args.mode]):
-        for k, v in source.items():
-            if getattr(args, k, None) is None:
-                setattr(args, k, v)
-    for k, v in dict(res=224, num_workers=8, log_freq=20).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.output_dir = args.output_dir or f'output/{args.mode}_{args.model}'
-    return args
+    recipe = f'recipe({args.recipe} {args.mode}'
+    return fill_defaults(args, (f'{recipe} {args.model})', table.get(args.model, {})),
+                         (f'{recipe} {family})', table.get(family, {})),
+                         (f'{recipe})', table.get('all', {})),
+                         (f'mode({args.mode})', MODE_DEFAULTS[args.mode]),
+                         ('default', dict(res=224, num_workers=8, log_freq=20,
+                                          rrc_scale=(0.08, 1.0),
+                                          output_dir=f'output/{args.mode}_{args.model}')))
 
 
 def fraction(v):
@@ -1031,9 +1001,7 @@ def run(argv=None):
     # under the same name is another run; a copy elsewhere is the same
     args.ckpt_content = file_fingerprint(args.ckpt) if args.ckpt else None
     rank, world, device = setup_distributed()
-    if args.ignored_flags:
-        print0(f'note: official launch/logging flags ignored: '
-               f'{", ".join("--" + f for f in args.ignored_flags)}')
+    print_sources(args)
     torch.manual_seed(args.seed)  # the same initial head / random-init encoder on every rank
     if args.export_timm:
         return export_timm(args, obj)

@@ -75,17 +75,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, Block, MaskedAutoencoderViT,
-                    VisionTransformer, autocast_off, denormalize, file_fingerprint, grid_picture,
-                    hot_colours, init_weights, key_summary, launch, load_file, load_model_state,
-                    mae_config, masked_mean, parse_pretrain, patchify, pick_state_dict,
-                    pixel_columns, pretrain_parser, random_masking, sample_noise, strip_prefix,
-                    upsample_mask)
+from common import (Block, MaskedAutoencoderViT, VisionTransformer, autocast_off, denormalize,
+                    grid_picture, hot_colours, init_weights, masked_mean, patchify, pixel_columns,
+                    random_masking, sample_noise, upsample_mask)
 
-DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
-             decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
-             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr to learn visibly
 EPS = 1e-6  # inside the log of the relative loss (note 10)
 # official --learn_feature_loss: none (= pixel) | ema | dino | clip
 TARGETS = ('pixel', 'ema', 'dino', 'clip')
@@ -534,6 +527,18 @@ def easy_to_hard_mask(scores, mask_ratio, alpha, noise):
 
 # ----------------------------------------------------------------------------- command line
 
+# The runner's names: for the command line below, and for from_official and load_target_model
+# above (checkpoint files).
+from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, file_fingerprint,  # noqa: E402
+                    fill_defaults, key_summary, launch, load_file, load_model_state, mae_config,
+                    parse_pretrain, pick_state_dict, pretrain_parser, strip_prefix)
+
+DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
+             decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
+             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr to learn visibly
+
+
 def get_args(argv=None):
     """Parse the command line and fill the per-method and per-model defaults."""
     p = pretrain_parser('hpm', __doc__, decoder=('dim', 'depth', 'heads'), norm_pix=None,
@@ -562,13 +567,13 @@ def get_args(argv=None):
            'torch.jit.load(f).state_dict()); official --dino_path / --clip_path')
     a('--token_size', '--token-size', dest='token_size', type=int,
       help='official mask-generator grid side; derived from --res, checked when given')
-    a('--experiment', help='official run name, only used for file names there: accepted, ignored')
     args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=224, mask_ratio=0.75,
                           blr=1.5e-4)
-    if args.norm_pix_loss is None:  # hpm: raw pixels (note 8); mae: MAE's recipe
-        args.norm_pix_loss = args.method == 'mae'
-    if args.clip_grad is None and args.method == 'hpm':
-        args.clip_grad = 5.0  # official code, not the paper (note 9); MAE does not clip
+    # hpm: raw pixels (note 8) and clipping at 5 (official code, not the paper: note 9); mae: the
+    # MAE recipe, which standardises and does not clip
+    fill_defaults(args, (f'method({args.method})', dict(norm_pix_loss=args.method == 'mae',
+                                                         clip_grad=5.0 if args.method == 'hpm'
+                                                         else None)))
     if args.target != 'pixel' and args.method == 'mae':
         p.error(f'--target {args.target} needs --method hpm; the MAE baseline here predicts pixels')
     if args.target != 'pixel' and args.norm_pix_loss:
@@ -580,9 +585,6 @@ def get_args(argv=None):
     if args.token_size is not None and args.token_size * patch != args.res:
         p.error(f'--token_size {args.token_size} does not match res {args.res} / patch {patch}; '
                 f'drop it or use {args.res // patch}')
-    if args.experiment is not None and int(os.environ.get('RANK', 0)) == 0:
-        print(f'note: official --experiment {args.experiment} ignored (our files live in '
-              f'--output-dir)')
     return args
 
 

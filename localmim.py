@@ -51,48 +51,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
-                    autocast_off, check_divisible, check_ratio, default_no_decay, drop_path,
-                    fill_masked, grid_picture, hog_from_gradients, hog_glyphs, ids_from_mask,
-                    init_weights, launch, norm_pix, parse_pretrain, patchify, pick_state_dict,
-                    pixel_columns, pretrain_parser, random_masking, sample_noise,
-                    sincos_pos_embed, strip_prefix, upsample_mask)
+from common import (Block, SwinTransformer, VisionTransformer, autocast_off, check_divisible,
+                    check_ratio, drop_path, fill_masked, grid_picture, hog_from_gradients,
+                    hog_glyphs, ids_from_mask, init_weights, norm_pix, patchify, pixel_columns,
+                    random_masking, sample_noise, sincos_pos_embed, upsample_mask)
 
-# Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
-# vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
-DEFAULTS = {
-    'vit_tiny': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=9,
-                     hog_bias=False, batch_size=256, epochs=100, warmup_epochs=10, blr=2e-4,
-                     min_lr=1e-6, save_freq=50),
-    'vit_small': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=9,
-                      hog_bias=False, batch_size=256, epochs=1600, warmup_epochs=40, blr=2e-4,
-                      min_lr=1e-6, save_freq=50),
-    'vit_base': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=9,
-                     hog_bias=False, batch_size=256, epochs=1600, warmup_epochs=40, blr=2e-4,
-                     min_lr=1e-6, save_freq=50),
-    'vit_large': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=18,
-                      hog_bias=True, batch_size=128, accum_iter=4, epochs=800, warmup_epochs=40,
-                      blr=1.5e-4, min_lr=1e-6, save_freq=50),
-    'swin_tiny': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
-                      hog_bias=True, window_size=7, batch_size=256, epochs=100, warmup_epochs=10,
-                      blr=1e-4, min_lr=0.0, save_freq=20),
-    'swin_base': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
-                      hog_bias=True, window_size=7, batch_size=256, epochs=400, warmup_epochs=40,
-                      blr=1e-4, min_lr=0.0, save_freq=20),
-    'swin_base_win14': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
-                            hog_bias=True, window_size=14, batch_size=256, epochs=400,
-                            warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20),
-    'swin_large': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
-                       hog_bias=True, window_size=14, batch_size=128, accum_iter=4, epochs=800,
-                       warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20),
-}
-# ours: about 2 minutes on 2 CPU cores
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=10, warmup_epochs=1, blr=2e-3,
-             decoder_dim=64, decoder_heads=4, log_freq=8, save_freq=5, num_workers=2)
-OFFICIAL_NAMES = {'MIM_vit_small_patch16': 'vit_small', 'MIM_vit_base_patch16': 'vit_base',
-                  'MIM_vit_large_patch16': 'vit_large', 'mim_swin_base_patch4_win7': 'swin_base',
-                  'mim_swin_base_patch4_win14': 'swin_base_win14',
-                  'mim_swin_large_patch4_win14': 'swin_large'}
 VIT_SCALES = (4, 2, 1, 0.5)  # grid multiplier of each ViT level (official `self.scale`)
 SWIN_UNITS = (4, 2, 1, 1)  # tokens per mask unit side on the Swin level grids (28/14/7/7 at 224)
 
@@ -570,6 +533,48 @@ def from_official(obj):
 
 
 # ----------------------------------------------------------------------------- command line
+
+# The runner's names: for the command line below, and for from_official and the Swin
+# no_weight_decay above (checkpoints, the loop's default rule).
+from common import (SWIN_PRESETS, VIT_PRESETS, default_no_decay, launch,  # noqa: E402
+                    parse_pretrain, pick_state_dict, pretrain_parser, strip_prefix)
+
+# Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
+# vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
+DEFAULTS = {
+    'vit_tiny': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=9,
+                     hog_bias=False, batch_size=256, epochs=100, warmup_epochs=10, blr=2e-4,
+                     min_lr=1e-6, save_freq=50),
+    'vit_small': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=9,
+                      hog_bias=False, batch_size=256, epochs=1600, warmup_epochs=40, blr=2e-4,
+                      min_lr=1e-6, save_freq=50),
+    'vit_base': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=9,
+                     hog_bias=False, batch_size=256, epochs=1600, warmup_epochs=40, blr=2e-4,
+                     min_lr=1e-6, save_freq=50),
+    'vit_large': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=18,
+                      hog_bias=True, batch_size=128, accum_iter=4, epochs=800, warmup_epochs=40,
+                      blr=1.5e-4, min_lr=1e-6, save_freq=50),
+    'swin_tiny': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
+                      hog_bias=True, window_size=7, batch_size=256, epochs=100, warmup_epochs=10,
+                      blr=1e-4, min_lr=0.0, save_freq=20),
+    'swin_base': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
+                      hog_bias=True, window_size=7, batch_size=256, epochs=400, warmup_epochs=40,
+                      blr=1e-4, min_lr=0.0, save_freq=20),
+    'swin_base_win14': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
+                            hog_bias=True, window_size=14, batch_size=256, epochs=400,
+                            warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20),
+    'swin_large': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
+                       hog_bias=True, window_size=14, batch_size=128, accum_iter=4, epochs=800,
+                       warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20),
+}
+# ours: about 2 minutes on 2 CPU cores
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=10, warmup_epochs=1, blr=2e-3,
+             decoder_dim=64, decoder_heads=4, log_freq=8, save_freq=5, num_workers=2)
+OFFICIAL_NAMES = {'MIM_vit_small_patch16': 'vit_small', 'MIM_vit_base_patch16': 'vit_base',
+                  'MIM_vit_large_patch16': 'vit_large', 'mim_swin_base_patch4_win7': 'swin_base',
+                  'mim_swin_base_patch4_win14': 'swin_base_win14',
+                  'mim_swin_large_patch4_win14': 'swin_large'}
+
 
 def get_args(argv=None):
     """Parse the command line and fill the per-model defaults."""

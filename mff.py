@@ -70,35 +70,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT,
-                    autocast_off, denormalize, grid_picture, init_weights, launch, mae_config,
-                    mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict, pixel_columns,
-                    pretrain_dataset, pretrain_parser, sincos_pos_embed, strip_prefix)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT, autocast_off, denormalize,
+                    grid_picture, init_weights, pixel_columns, sincos_pos_embed)
 
-# Per-model defaults: ViT-B from the released configs (configs/mff/*_800e_in1k.py), the others
-# with ViT-B's decoder (note 11); vit_tiny is ours, for CPUs.
-DEFAULTS = {
-    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
-                     warmup_epochs=5),
-    # ViT-S: the supplement gives no decoder of its own
-    'vit_small': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                      epochs=800, warmup_epochs=40),
-    # 8 x 512 = 4096 as in the config's name and lr; configs/mff/metafile.yml says 2048
-    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                     epochs=800, warmup_epochs=40),
-    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                      epochs=800, warmup_epochs=40),  # MAE's ViT-L recipe
-    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                     epochs=800, warmup_epochs=40),
-}
-# ours: about 2 minutes on 2 CPU cores; 10x blr so a short run visibly learns
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=12, warmup_epochs=1, blr=1.5e-3,
-             decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
-             num_workers=2)
-OFFICIAL_NAMES = {'b': 'vit_base', 'base': 'vit_base', 'l': 'vit_large', 'large': 'vit_large',
-                  'h': 'vit_huge', 'huge': 'vit_huge', 'mff_vit-base-p16': 'vit_base',
-                  'mae_vit_base_patch16': 'vit_base', 'mae_vit_large_patch16': 'vit_large',
-                  'mae_vit_huge_patch14': 'vit_huge'}
 LOWFREQ_RADIUS_224 = 40  # mmselfsup PixMIM config: LowFreqTargetGenerator(radius=40, img_size=224)
 
 
@@ -369,6 +343,38 @@ def from_official(obj):
 
 # ----------------------------------------------------------------------------- command line
 
+# The runner's names: for the command line below, and for make_dataset and from_official above
+# (data, checkpoints).
+from common import (VIT_PRESETS, fill_defaults, launch, mae_config,  # noqa: E402
+                    mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict, pretrain_dataset,
+                    pretrain_parser, strip_prefix)
+
+# Per-model defaults: ViT-B from the released configs (configs/mff/*_800e_in1k.py), the others
+# with ViT-B's decoder (note 11); vit_tiny is ours, for CPUs.
+DEFAULTS = {
+    'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
+                     warmup_epochs=5),
+    # ViT-S: the supplement gives no decoder of its own
+    'vit_small': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
+                      epochs=800, warmup_epochs=40),
+    # 8 x 512 = 4096 as in the config's name and lr; configs/mff/metafile.yml says 2048
+    'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
+                     epochs=800, warmup_epochs=40),
+    'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
+                      epochs=800, warmup_epochs=40),  # MAE's ViT-L recipe
+    'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
+                     epochs=800, warmup_epochs=40),
+}
+# ours: about 2 minutes on 2 CPU cores; 10x blr so a short run visibly learns
+SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=12, warmup_epochs=1, blr=1.5e-3,
+             decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
+             num_workers=2)
+OFFICIAL_NAMES = {'b': 'vit_base', 'base': 'vit_base', 'l': 'vit_large', 'large': 'vit_large',
+                  'h': 'vit_huge', 'huge': 'vit_huge', 'mff_vit-base-p16': 'vit_base',
+                  'mae_vit_base_patch16': 'vit_base', 'mae_vit_large_patch16': 'vit_large',
+                  'mae_vit_huge_patch14': 'vit_huge'}
+
+
 def get_args(argv=None):
     """Parse the command line and fill the per-model defaults."""
     p = pretrain_parser('mff', __doc__, decoder=('dim', 'depth', 'heads'), norm_pix=True,
@@ -406,6 +412,7 @@ def get_args(argv=None):
     args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=224, mask_ratio=0.75,
                           blr=1.5e-4)
     depth = VIT_PRESETS[args.model]['depth']
+    fill_defaults(args, ('default', dict(fuse_layers='L6')))
     try:
         args.fuse_layers = check_fuse_layers(args.fuse_layers or 'L6', depth, args.allow_truncated)
     except ValueError as e:
@@ -415,8 +422,9 @@ def get_args(argv=None):
                 'run it in one process')
     if args.lowfreq_radius is not None and args.target != 'lowfreq':
         p.error(f'--lowfreq-radius {args.lowfreq_radius:g} needs --target lowfreq')
-    if args.lowfreq_radius is None and args.target == 'lowfreq':
-        args.lowfreq_radius = LOWFREQ_RADIUS_224 * args.res / 224  # note 8
+    if args.target == 'lowfreq':  # note 8
+        fill_defaults(args, ('target(lowfreq)', dict(lowfreq_radius=LOWFREQ_RADIUS_224 * args.res
+                                                      / 224)))
     return args
 
 
