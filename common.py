@@ -1727,7 +1727,7 @@ def check_run_args(args, rules=NUMBER_RULES):
                 else f'{value:g}'
             raise ValueError(f'--{name.replace("_", "-")} {shown} is out of range; use {use}')
     if getattr(args, 'clip_grad', None) is not None and args.clip_grad <= 0:
-        args.clip_grad = None
+        args.clip_grad = 0.0  # off, and set: a method's own default (HPM's 5) does not fill it
     if args.data_path and not os.path.exists(args.data_path):
         raise ValueError(f'--data-path {args.data_path} does not exist')
     if args.data_path and not os.path.isdir(args.data_path):
@@ -2176,7 +2176,7 @@ def fast_cuda(device):
 #   lr                  absolute peak lr; None: set from blr
 #   min_lr              the floor of the half-cosine (lr_at)
 #   weight_decay        AdamW's decay (the default optimiser)
-#   clip_grad           max global gradient norm; None or 0: no clipping
+#   clip_grad           max global gradient norm; None or 0 (--clip-grad 0 or below): none
 #   precision           auto | bf16 | fp16 | fp32: the autocast dtype, a GradScaler for fp16
 #   compile             torch.compile the module the steps call
 #   num_workers         data-loading processes

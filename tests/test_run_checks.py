@@ -14,6 +14,7 @@ from PIL import Image
 
 import common
 import fastmim
+import hpm
 from test_common import log_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,9 @@ def test_a_bad_number_is_one_line_that_names_it_and_nothing_is_written(tmp_path,
 
 def test_clip_grad_zero_or_below_is_off():
     args = fastmim.get_args(['--clip-grad', '-1', '--num-workers', '0'])
-    assert args.clip_grad is None and fastmim.get_args(['--clip-grad', '3']).clip_grad == 3.0
+    assert not args.clip_grad and fastmim.get_args(['--clip-grad', '3']).clip_grad == 3.0
+    # a method that clips by default (HPM at 5) is turned off by the flag too
+    assert hpm.get_args([]).clip_grad == 5.0 and not hpm.get_args(['--clip-grad', '0']).clip_grad
 
 
 class Hooked(torch.nn.Module):
