@@ -12,17 +12,27 @@ import fastmim
 from test_common import bins_of, edge_images, log_rows, on_bin_edge
 
 
+def vit(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, **kw):
+    """FastMIM on a ViT encoder of these sizes; kw go to FastMIM."""
+    return fastmim.FastMIM(common.VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads), **kw)
+
+
+def swin(img_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2, **kw):
+    """FastMIM on a Swin encoder (patch 4) of these sizes; kw go to FastMIM."""
+    return fastmim.FastMIM(common.SwinTransformer(img_size, 4, embed_dim, depths, num_heads, window_size), **kw)
+
+
 def tiny_vit(**kw):
     cfg = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mask_size=16, decoder_dim=32)
     cfg.update(kw)
-    return fastmim.FastMIMViT(**cfg)
+    return vit(**cfg)
 
 
 def tiny_swin(**kw):
     cfg = dict(img_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2, mask_size=32,
                decoder_dim=32, decoder_depth=1)
     cfg.update(kw)
-    return fastmim.FastMIMSwin(**cfg)
+    return swin(**cfg)
 
 
 def steps(model, imgs, n=30, lr=1e-3):
@@ -82,17 +92,17 @@ def test_bins_on_edges_follow_the_official_rounding():
 
 
 def test_vit_shapes_at_128():
-    m = fastmim.FastMIMViT(128, 16, 16, 1, 2, decoder_dim=32)
+    m = vit(128, 16, 16, 1, 2, decoder_dim=32)
     out = m(torch.randn(2, 3, 128, 128))
     assert out['pred'].shape == (2, 64, 108) and out['target'].shape == (2, 64, 108)
     assert out['mask'].shape == (2, 8, 8) and (out['mask'].flatten(1).sum(1) == 48).all()
-    assert fastmim.FastMIMViT(128, 16, 16, 1, 2, decoder_dim=32, target='pixel')(torch.randn(1, 3, 128, 128))['pred'].shape == (1, 64, 768)
+    assert vit(128, 16, 16, 1, 2, decoder_dim=32, target='pixel')(torch.randn(1, 3, 128, 128))['pred'].shape == (1, 64, 768)
 
 
 @pytest.mark.parametrize('res,window,expect', [(128, 4, (2, 16, 432)), (224, 7, (2, 49, 432))])
 def test_swin_shapes(res, window, expect):
-    m = fastmim.FastMIMSwin(res, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=window,
-                            decoder_dim=32, decoder_depth=1)
+    m = swin(res, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=window, decoder_dim=32,
+             decoder_depth=1)
     out = m(torch.randn(2, 3, res, res))
     assert out['pred'].shape == expect and out['mask'].shape == (2, res // 32, res // 32)
 
@@ -164,8 +174,8 @@ def test_from_official_round_trip_and_key_counts():
     s2.load_state_dict(fastmim.from_official(s.state_dict()), strict=True)
     assert any(k.startswith('encoder.layers.0.blocks.0.attn.relative_position_bias_table') for k in s.state_dict())
     with torch.device('meta'):
-        vit_b = fastmim.FastMIMViT(128, 16, 768, 12, 6)
-        swin_b = fastmim.FastMIMSwin(128)
+        vit_b = vit(128, 16, 768, 12, 6)
+        swin_b = swin(128, 128, (2, 2, 18, 2), (4, 8, 16, 32), 4, decoder_depth=4)
     assert len(vit_b.state_dict()) == 169  # fastmim.md §13: official ViT-B pre-training checkpoint
     assert len(swin_b.state_dict()) == 417  # and Swin-B at 128 / window 4, buffers included
     assert vit_b.state_dict()['decoder_pred.weight'].shape == (108, 256)
