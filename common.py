@@ -603,6 +603,19 @@ def ids_from_mask(mask):
     return ids_shuffle[:, :len_keep], mask, torch.argsort(ids_shuffle, dim=1)
 
 
+def token_masking(imgs, L, mask_ratio, mask=None, keys=None, policy=random_masking):
+    """MAE-family masking of L tokens -> (ids_keep, mask, ids_restore), noise (B, L).
+
+    A given (B, L) bool mask (True = masked) is used as it is (noise None); else noise from the
+    sample keys (sample_noise) and `policy(noise, mask_ratio)`: MAE's random_masking, or a policy
+    that ranks the same noise otherwise (HPM's easy-to-hard mask).
+    """
+    if mask is not None:
+        return ids_from_mask(mask.to(imgs.device)), None
+    noise = sample_noise(imgs.shape[0], L, imgs.device, keys)  # (B, L)
+    return policy(noise, mask_ratio), noise
+
+
 def upsample_mask(mask, factor):
     """Nearest upsampling of a grid mask (B, g, g) -> (B, g*factor, g*factor)."""
     return mask.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
@@ -753,10 +766,7 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     def masking(self, imgs, mask=None, keys=None):
         """Random (noise from the keys) or given (B, L) bool mask -> ids_keep, mask, ids_restore."""
-        if mask is not None:
-            return ids_from_mask(mask.to(imgs.device))
-        return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys),
-                              self.mask_ratio)
+        return token_masking(imgs, self.grid ** 2, self.mask_ratio, mask, keys)[0]
 
     def noise_len(self):
         """Mask noise values per sample (one per token), drawn by the data workers from its key."""

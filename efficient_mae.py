@@ -41,9 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (MAE_DEFAULTS, MAE_NAMES, MaskedAutoencoderViT, autocast_off, check_ratio,
-                    grid_picture, hot_colours, ids_from_mask, launch, mae_config, masked_mean,
-                    parse_pretrain, pixel_columns, pretrain_parser, random_masking, sample_noise,
-                    upsample_mask)
+                    grid_picture, hot_colours, launch, mae_config, masked_mean, parse_pretrain,
+                    pixel_columns, pretrain_parser, token_masking, upsample_mask)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # MAE's recipe (note 6)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=16, warmup_epochs=2, blr=1.5e-3,
@@ -126,13 +125,10 @@ class EfficientMAE(MaskedAutoencoderViT):
 
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> MAE dict + difficulty, weights, kept_targets[, loss_unweighted]."""
-        B, L = imgs.shape[0], self.grid ** 2
-        noise = None
-        if mask is None:  # = MAE's models_mae.py:random_masking; noise kept for ties (note 5)
-            noise = sample_noise(B, L, imgs.device, keys)
-            ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
-        else:
-            ids_keep, mask, ids_restore = ids_from_mask(mask.to(imgs.device))  # uneven rows: error
+        L = self.grid ** 2
+        # MAE's masking (models_mae.py:random_masking); its noise breaks ties (note 5), None for a
+        # given mask (uneven rows: ValueError)
+        (ids_keep, mask, ids_restore), noise = token_masking(imgs, L, self.mask_ratio, mask, keys)
         n_masked = L - ids_keep.shape[1]
         n_drop = n_masked - keep_count(n_masked, self.decoder_drop)
         d = self.difficulty(mask)  # (B, L), no grad

@@ -53,10 +53,10 @@ from einops import rearrange
 
 from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTransformer,
                     autocast_off, check_divisible, check_ratio, default_no_decay, drop_path,
-                    fill_masked, grid_picture, hog_from_gradients, hog_glyphs, ids_from_mask,
-                    init_weights, launch, norm_pix, parse_pretrain, patchify, pick_state_dict,
-                    pixel_columns, pretrain_parser, random_masking, sample_noise,
-                    sincos_pos_embed, strip_prefix, upsample_mask)
+                    fill_masked, grid_picture, hog_from_gradients, hog_glyphs, init_weights,
+                    launch, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns,
+                    pretrain_parser, sample_noise, sincos_pos_embed, strip_prefix, token_masking,
+                    upsample_mask)
 
 # Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
 # vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
@@ -251,10 +251,7 @@ class LocalMIMViT(VisionTransformer):
 
     def masking(self, imgs, mask=None, keys=None):
         """MAE masking (noise from the sample keys) or a given (B, L) bool mask (True = masked)."""
-        if mask is not None:
-            return ids_from_mask(mask.to(imgs.device))
-        return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys),
-                              self.mask_ratio)
+        return token_masking(imgs, self.grid ** 2, self.mask_ratio, mask, keys)[0]
 
     def noise_len(self):
         """Mask noise values per sample (one per token), drawn by the data workers from its key."""
