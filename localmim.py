@@ -55,8 +55,8 @@ from common import (SWIN_PRESETS, VIT_PRESETS, Block, SwinTransformer, VisionTra
                     autocast_off, check_divisible, check_ratio, default_no_decay, drop_path,
                     fill_masked, grid_picture, hog_from_gradients, hog_glyphs, init_weights,
                     launch, norm_pix, parse_pretrain, patchify, pick_state_dict, pixel_columns,
-                    pretrain_parser, sample_noise, sincos_pos_embed, strip_prefix, token_masking,
-                    upsample_mask)
+                    pretrain_parser, sample_noise, sincos_pos_embed, sobel_kernel, strip_prefix,
+                    token_masking, upsample_mask)
 
 # Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
 # vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
@@ -106,8 +106,8 @@ class HOGConv(nn.Module):
     def __init__(self, bias=False):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode='reflect', bias=bias)
-        sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-        self.conv.weight.data = torch.stack([sobel, sobel.t()])[:, None]  # (2, 1, 3, 3)
+        kx = sobel_kernel()  # (3, 3), as common.sobel's
+        self.conv.weight.data = torch.stack([kx, kx.t()])[:, None]  # (2, 1, 3, 3)
         self.requires_grad_(False)
 
     def forward(self, imgs):

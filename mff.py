@@ -71,9 +71,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MaskedAutoencoderViT,
-                    autocast_off, denormalize, grid_picture, init_weights, launch, mae_config,
-                    mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict, pixel_columns,
-                    pretrain_dataset, pretrain_parser, sincos_pos_embed, strip_prefix)
+                    autocast_off, denormalize, grid_picture, imagenet_mean_std, init_weights,
+                    launch, mae_config, mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict,
+                    pixel_columns, pretrain_dataset, pretrain_parser, sincos_pos_embed,
+                    strip_prefix)
 
 # Per-model defaults: ViT-B from the released configs (configs/mff/*_800e_in1k.py), the others
 # with ViT-B's decoder (note 11); vit_tiny is ours, for CPUs.
@@ -175,8 +176,7 @@ def low_pass(x, radius):
 def lowfreq_image(imgs, radius):
     """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (fp32, no grad)."""
     with torch.no_grad(), autocast_off(imgs.device):
-        mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+        mean, std = imagenet_mean_std(imgs.device)  # (1, 3, 1, 1) each
         rgb = imgs.float() * std + mean  # back to [0, 1] RGB, not clamped (note 7)
         return (low_pass(rgb, radius) - mean) / std
 

@@ -250,6 +250,22 @@ def test_token_masking_is_the_one_mae_masking(monkeypatch):
         assert calls == [name], (name, calls)
 
 
+def test_one_imagenet_mean_std_and_one_sobel_kernel():
+    """The normalisation the pictures undo is the one the data applies; LocalMIM's HOG conv holds common's kernel."""
+    import localmim
+    mean, std = common.imagenet_mean_std()
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(common.denormalize((x - mean) / std), x, atol=1e-6)  # fp32 round-off of two ops
+    crop = common.DecodeCrop(8)
+    assert torch.equal(crop.mean, mean[0]) and torch.equal(crop.std, std[0])
+    kx = common.sobel_kernel()
+    assert torch.equal(localmim.HOGConv().conv.weight, torch.stack([kx, kx.t()])[:, None])
+    gx, gy = common.sobel(x)
+    padded = F.pad(x, (1, 1, 1, 1), mode='reflect')
+    assert torch.allclose(gx[:, :1], F.conv2d(padded[:, :1], kx.view(1, 1, 3, 3)), atol=1e-6)
+    assert torch.allclose(gy[:, :1], F.conv2d(padded[:, :1], kx.t().reshape(1, 1, 3, 3)), atol=1e-6)
+
+
 def test_sample_noise_is_keyed_per_sample():
     a = common.sample_noise(2, 10, 'cpu', torch.tensor([5, 7]))
     b = common.sample_noise(2, 10, 'cpu', torch.tensor([7, 5]))
