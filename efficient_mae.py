@@ -53,6 +53,131 @@ INVDIST5_MAX = sum(1 / math.hypot(dy, dx) for dy in range(-2, 3) for dx in range
 RANK_STEP = 1e-4  # difficulties this close tie when ranking, so round-off cannot decide (note 5)
 
 
+# ----------------------------------------------------------------------------- masking: difficulty
+
+@torch.no_grad()
+def p2dist(mask, grid, samples):
+    """P²Dist (supp. C) as we read it (note 2): mask (B, L) -> (B, L), mean distance of s x s points
+    per patch to the nearest visible patch square (patch units), 0 on visible patches. Square j
+    spans [j, j+1]; the squared distance from a point to a square is a row gap² plus a column gap²,
+    so its min over the visible squares takes two passes (rows of each column, then columns).
+    Memory B (G s)² G floats (ViT-B/16, s 16, 512 images: 1.4 GB)."""
+    B, G, s, dev = mask.shape[0], grid, samples, mask.device
+    with autocast_off(dev):
+        pos = (torch.arange(G * s, device=dev, dtype=torch.float32) + 0.5) / s  # (G*s,) points
+        start = torch.arange(G, device=dev, dtype=torch.float32)  # (G,) square j covers [j, j+1]
+        gap2 = ((start[None] - pos[:, None]).clamp(min=0)
+                + (pos[:, None] - start[None] - 1).clamp(min=0)) ** 2  # (G*s, G)
+        hidden = mask.reshape(B, G, G).float() * (4.0 * G * G)  # (B, G, G) masked: out of reach
+        col_min = (gap2[None, :, :, None] + hidden[:, None]).amin(2)  # (B, G*s, G) min over rows
+        dist2 = (col_min[:, :, None, :] + gap2[None, None]).amin(-1)  # (B, G*s, G*s) over columns
+        d = dist2.sqrt().view(B, G, s, G, s).mean((2, 4))  # (B, G, G) mean over s x s points
+    return d.reshape(B, G * G)  # (B, L)
+
+
+@torch.no_grad()
+def neighbour_sum(mask, grid, kernel):
+    """Visible patches weighted by `kernel` (k, k) around each patch, none outside: (B, L)."""
+    B = mask.shape[0]
+    with autocast_off(mask.device):
+        visible = (~mask).float().view(B, 1, grid, grid)  # (B, 1, G, G)
+        weights = kernel.to(mask.device, torch.float32)[None, None]  # (1, 1, k, k)
+        summed = F.conv2d(visible, weights, padding=kernel.shape[-1] // 2)  # (B, 1, G, G)
+        return summed.reshape(B, grid * grid)  # (B, L)
+
+
+def count3(mask, grid):
+    """Supp. C "Number of Patches in 3x3": visible patches around each patch (note 3), (B, L)."""
+    kernel = torch.ones(3, 3)
+    kernel[1, 1] = 0
+    return neighbour_sum(mask, grid, kernel)
+
+
+def invdist5(mask, grid):
+    """Supp. C "Sum of Patch Distance in 5x5": visible patches weighted by 1/distance (note 3)."""
+    offsets = torch.arange(-2, 3, dtype=torch.float64)
+    dist = (offsets[:, None] ** 2 + offsets[None] ** 2).sqrt()  # (5, 5)
+    return neighbour_sum(mask, grid, torch.where(dist > 0, 1 / dist.clamp(min=1e-12), 0).float())
+
+
+@torch.no_grad()
+def nearest(mask, grid):
+    """Supp. C "Nearest Patch Distance": centre to nearest visible centre, patch units, (B, L)."""
+    dev = mask.device
+    with autocast_off(dev):
+        index = torch.arange(grid, device=dev, dtype=torch.float32)
+        yx = torch.stack(torch.meshgrid(index, index, indexing='ij')).reshape(2, -1)  # (2, L)
+        dist = (yx[:, :, None] - yx[:, None, :]).square().sum(0).sqrt()  # (L, L) centre distances
+        hidden = mask.float()[:, None, :] * (4.0 * grid * grid)  # (B, 1, L) masked: out of reach
+        return (dist[None] + hidden).amin(-1)  # (B, L)
+
+
+@torch.no_grad()
+def difficulty(mask, grid, metric='p2dist', samples=16):
+    """Per-patch difficulty (B, L), growing with difficulty, 0 on visible patches (note 3)."""
+    if metric == 'p2dist':
+        d = p2dist(mask, grid, samples)
+    elif metric == 'nearest':
+        d = nearest(mask, grid)
+    elif metric == 'count3':
+        d = 8 - count3(mask, grid)
+    elif metric == 'invdist5':
+        d = INVDIST5_MAX - invdist5(mask, grid)
+    else:
+        raise ValueError(f'unknown --difficulty {metric}; choose one of {", ".join(METRICS)}')
+    return d * mask
+
+
+# ----------------------------------------------------------------------------- loss: DFL
+
+@torch.no_grad()
+def dfl_weights(d, kept, mode='hist', gamma=1.0, bin_width=0.5, bins=8, scope='batch', clip=0.0,
+                counted=None):
+    """DFL weights (B, L), constants: supp. B's higher weight on rare easy targets, as note 4.
+    hist: w = n_bin^-gamma, n_bin = targets of `counted` (default `kept`) in bins of width
+    `bin_width`, the last of `bins` open-ended; monotone: w = (bin_width + d)^-gamma. Then mean 1
+    over `kept` in each scope (batch or image), 0 elsewhere, then w <= clip when clip > 0."""
+    counted = kept if counted is None else counted
+    dims = (0, 1) if scope == 'batch' else (1,)  # the scope: bin counts and the mean run over these
+    kept_float = kept.float()
+    if mode == 'hist':
+        bin_id = torch.floor(d.float() / bin_width).clamp(0, bins - 1).long()  # (B, L)
+        onehot = bin_id[..., None] == torch.arange(bins, device=d.device)  # (B, L, bins)
+        n_bin = (onehot & counted[..., None]).sum(dims, keepdim=True).float()  # (1 or B, 1, bins)
+        w = (onehot.float() * n_bin.clamp(min=1).pow(-gamma)).sum(-1)  # (B, L)
+    elif mode == 'monotone':
+        w = (bin_width + d.float()).pow(-gamma)  # (B, L); epsilon = the bin width (note 4)
+    else:
+        raise ValueError(f'unknown --dfl-mode {mode}; choose hist or monotone')
+    w = w * kept_float
+    mean = w.sum(dims, keepdim=True) / kept_float.sum(dims, keepdim=True).clamp(min=1)
+    w = w / mean.clamp(min=1e-12)
+    return w.clamp(max=clip) if clip > 0 else w
+
+
+# ----------------------------------------------------------------------------- masking: decoder
+
+def keep_count(n_masked, drop):
+    """Masked patches decoded and in the loss: round((1 - drop) n_masked), Python round (note 5)."""
+    return round((1 - drop) * n_masked)
+
+
+@torch.no_grad()
+def decoder_targets(d, mask, n_drop, noise=None):
+    """Masked patches kept (B, L) bool: the n_drop hardest of each row are dropped (note 5); ties
+    (within RANK_STEP) put larger noise first or, with no noise (a given mask), the lower index."""
+    B, L = mask.shape
+    key = torch.where(mask, torch.round(d.float() / RANK_STEP), -1.0)  # (B, L) visible last
+    if noise is None:
+        order = torch.arange(L, device=mask.device).expand(B, L)  # ties: lower raster index first
+    else:
+        order = torch.argsort(noise, dim=1, descending=True, stable=True)  # (B, L) larger noise 1st
+    by_d = torch.argsort(torch.gather(key, 1, order), dim=1, descending=True, stable=True)  # (B, L)
+    order = torch.gather(order, 1, by_d)  # (B, L) hardest first
+    dropped = torch.zeros_like(mask).scatter(1, order[:, :n_drop], True)  # (B, L)
+    return mask & ~dropped
+
+
 # ----------------------------------------------------------------------------- model
 
 class EfficientMAE(MaskedAutoencoderViT):
@@ -179,131 +304,6 @@ class EfficientMAE(MaskedAutoencoderViT):
         """Per-patch values (B, L) -> per-pixel map (B, 1, H, W)."""
         B, (H, W), p = v.shape[0], imgs.shape[-2:], self.patch_size
         return upsample_mask(v.reshape(B, H // p, W // p), p)[:, None]  # (B, 1, H, W)
-
-
-# ----------------------------------------------------------------------------- loss: DFL
-
-@torch.no_grad()
-def dfl_weights(d, kept, mode='hist', gamma=1.0, bin_width=0.5, bins=8, scope='batch', clip=0.0,
-                counted=None):
-    """DFL weights (B, L), constants: supp. B's higher weight on rare easy targets, as note 4.
-    hist: w = n_bin^-gamma, n_bin = targets of `counted` (default `kept`) in bins of width
-    `bin_width`, the last of `bins` open-ended; monotone: w = (bin_width + d)^-gamma. Then mean 1
-    over `kept` in each scope (batch or image), 0 elsewhere, then w <= clip when clip > 0."""
-    counted = kept if counted is None else counted
-    dims = (0, 1) if scope == 'batch' else (1,)  # the scope: bin counts and the mean run over these
-    kept_float = kept.float()
-    if mode == 'hist':
-        bin_id = torch.floor(d.float() / bin_width).clamp(0, bins - 1).long()  # (B, L)
-        onehot = bin_id[..., None] == torch.arange(bins, device=d.device)  # (B, L, bins)
-        n_bin = (onehot & counted[..., None]).sum(dims, keepdim=True).float()  # (1 or B, 1, bins)
-        w = (onehot.float() * n_bin.clamp(min=1).pow(-gamma)).sum(-1)  # (B, L)
-    elif mode == 'monotone':
-        w = (bin_width + d.float()).pow(-gamma)  # (B, L); epsilon = the bin width (note 4)
-    else:
-        raise ValueError(f'unknown --dfl-mode {mode}; choose hist or monotone')
-    w = w * kept_float
-    mean = w.sum(dims, keepdim=True) / kept_float.sum(dims, keepdim=True).clamp(min=1)
-    w = w / mean.clamp(min=1e-12)
-    return w.clamp(max=clip) if clip > 0 else w
-
-
-# ----------------------------------------------------------------------------- masking: difficulty
-
-@torch.no_grad()
-def p2dist(mask, grid, samples):
-    """P²Dist (supp. C) as we read it (note 2): mask (B, L) -> (B, L), mean distance of s x s points
-    per patch to the nearest visible patch square (patch units), 0 on visible patches. Square j
-    spans [j, j+1]; the squared distance from a point to a square is a row gap² plus a column gap²,
-    so its min over the visible squares takes two passes (rows of each column, then columns).
-    Memory B (G s)² G floats (ViT-B/16, s 16, 512 images: 1.4 GB)."""
-    B, G, s, dev = mask.shape[0], grid, samples, mask.device
-    with autocast_off(dev):
-        pos = (torch.arange(G * s, device=dev, dtype=torch.float32) + 0.5) / s  # (G*s,) points
-        start = torch.arange(G, device=dev, dtype=torch.float32)  # (G,) square j covers [j, j+1]
-        gap2 = ((start[None] - pos[:, None]).clamp(min=0)
-                + (pos[:, None] - start[None] - 1).clamp(min=0)) ** 2  # (G*s, G)
-        hidden = mask.reshape(B, G, G).float() * (4.0 * G * G)  # (B, G, G) masked: out of reach
-        col_min = (gap2[None, :, :, None] + hidden[:, None]).amin(2)  # (B, G*s, G) min over rows
-        dist2 = (col_min[:, :, None, :] + gap2[None, None]).amin(-1)  # (B, G*s, G*s) over columns
-        d = dist2.sqrt().view(B, G, s, G, s).mean((2, 4))  # (B, G, G) mean over s x s points
-    return d.reshape(B, G * G)  # (B, L)
-
-
-@torch.no_grad()
-def neighbour_sum(mask, grid, kernel):
-    """Visible patches weighted by `kernel` (k, k) around each patch, none outside: (B, L)."""
-    B = mask.shape[0]
-    with autocast_off(mask.device):
-        visible = (~mask).float().view(B, 1, grid, grid)  # (B, 1, G, G)
-        weights = kernel.to(mask.device, torch.float32)[None, None]  # (1, 1, k, k)
-        summed = F.conv2d(visible, weights, padding=kernel.shape[-1] // 2)  # (B, 1, G, G)
-        return summed.reshape(B, grid * grid)  # (B, L)
-
-
-def count3(mask, grid):
-    """Supp. C "Number of Patches in 3x3": visible patches around each patch (note 3), (B, L)."""
-    kernel = torch.ones(3, 3)
-    kernel[1, 1] = 0
-    return neighbour_sum(mask, grid, kernel)
-
-
-def invdist5(mask, grid):
-    """Supp. C "Sum of Patch Distance in 5x5": visible patches weighted by 1/distance (note 3)."""
-    offsets = torch.arange(-2, 3, dtype=torch.float64)
-    dist = (offsets[:, None] ** 2 + offsets[None] ** 2).sqrt()  # (5, 5)
-    return neighbour_sum(mask, grid, torch.where(dist > 0, 1 / dist.clamp(min=1e-12), 0).float())
-
-
-@torch.no_grad()
-def nearest(mask, grid):
-    """Supp. C "Nearest Patch Distance": centre to nearest visible centre, patch units, (B, L)."""
-    dev = mask.device
-    with autocast_off(dev):
-        index = torch.arange(grid, device=dev, dtype=torch.float32)
-        yx = torch.stack(torch.meshgrid(index, index, indexing='ij')).reshape(2, -1)  # (2, L)
-        dist = (yx[:, :, None] - yx[:, None, :]).square().sum(0).sqrt()  # (L, L) centre distances
-        hidden = mask.float()[:, None, :] * (4.0 * grid * grid)  # (B, 1, L) masked: out of reach
-        return (dist[None] + hidden).amin(-1)  # (B, L)
-
-
-@torch.no_grad()
-def difficulty(mask, grid, metric='p2dist', samples=16):
-    """Per-patch difficulty (B, L), growing with difficulty, 0 on visible patches (note 3)."""
-    if metric == 'p2dist':
-        d = p2dist(mask, grid, samples)
-    elif metric == 'nearest':
-        d = nearest(mask, grid)
-    elif metric == 'count3':
-        d = 8 - count3(mask, grid)
-    elif metric == 'invdist5':
-        d = INVDIST5_MAX - invdist5(mask, grid)
-    else:
-        raise ValueError(f'unknown --difficulty {metric}; choose one of {", ".join(METRICS)}')
-    return d * mask
-
-
-# ----------------------------------------------------------------------------- masking: decoder
-
-def keep_count(n_masked, drop):
-    """Masked patches decoded and in the loss: round((1 - drop) n_masked), Python round (note 5)."""
-    return round((1 - drop) * n_masked)
-
-
-@torch.no_grad()
-def decoder_targets(d, mask, n_drop, noise=None):
-    """Masked patches kept (B, L) bool: the n_drop hardest of each row are dropped (note 5); ties
-    (within RANK_STEP) put larger noise first or, with no noise (a given mask), the lower index."""
-    B, L = mask.shape
-    key = torch.where(mask, torch.round(d.float() / RANK_STEP), -1.0)  # (B, L) visible last
-    if noise is None:
-        order = torch.arange(L, device=mask.device).expand(B, L)  # ties: lower raster index first
-    else:
-        order = torch.argsort(noise, dim=1, descending=True, stable=True)  # (B, L) larger noise 1st
-    by_d = torch.argsort(torch.gather(key, 1, order), dim=1, descending=True, stable=True)  # (B, L)
-    order = torch.gather(order, 1, by_d)  # (B, L) hardest first
-    dropped = torch.zeros_like(mask).scatter(1, order[:, :n_drop], True)  # (B, L)
-    return mask & ~dropped
 
 
 # ----------------------------------------------------------------------------- command line

@@ -218,6 +218,25 @@ class Decoder(nn.Module):
         return self.pred(x).flatten(2).transpose(1, 2)  # (B, (sG)^2, C_out)
 
 
+# ----------------------------------------------------------------------------- pictures
+
+def level_labels(n):
+    """Column names of n levels' target and prediction."""
+    return [f'{kind} {k}' for k in range(n) for kind in ('target', 'pred')]
+
+
+def hog_columns(out, weights, nbins, res):
+    """Per level: target glyphs, and prediction glyphs where the loss is taken (else target)."""
+    cols = []
+    for p, t, w in zip(out['pred'], out['target'], weights):
+        G = int(t.shape[1] ** 0.5)
+        shown = torch.where(w[..., None] > 0, p.float(), t)  # (B, L_k, 3*nbins)
+        for hist in (t, shown):  # (B, G*G, C) -> (B, C, G, G) glyphs
+            cols.append(hog_glyphs(rearrange(hist.clamp(min=0), 'b (h w) c -> b c h w', h=G),
+                                   nbins, res // G))
+    return cols
+
+
 # ----------------------------------------------------------------------------- ViT
 
 class LocalMIMViT(VisionTransformer):
@@ -298,23 +317,6 @@ class LocalMIMViT(VisionTransformer):
                              self.patch_size, False)[:2]
         hogs = hog_columns(out, self.level_weights(out['mask']), self.nbins, imgs.shape[-1])
         return grid_picture(cols + hogs, ['input', 'masked'] + level_labels(len(hogs) // 2))
-
-
-def level_labels(n):
-    """Column names of n levels' target and prediction."""
-    return [f'{kind} {k}' for k in range(n) for kind in ('target', 'pred')]
-
-
-def hog_columns(out, weights, nbins, res):
-    """Per level: target glyphs, and prediction glyphs where the loss is taken (else target)."""
-    cols = []
-    for p, t, w in zip(out['pred'], out['target'], weights):
-        G = int(t.shape[1] ** 0.5)
-        shown = torch.where(w[..., None] > 0, p.float(), t)  # (B, L_k, 3*nbins)
-        for hist in (t, shown):  # (B, G*G, C) -> (B, C, G, G) glyphs
-            cols.append(hog_glyphs(rearrange(hist.clamp(min=0), 'b (h w) c -> b c h w', h=G),
-                                   nbins, res // G))
-    return cols
 
 
 # ----------------------------------------------------------------------------- Swin, visible tokens
