@@ -163,6 +163,24 @@ def test_loss_decreases_on_a_fixed_batch(make):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_one_fastmim_over_either_encoder_keeps_the_official_keys():
+    """One class over a ViT or a Swin: ViT keys at the top level in the official order, Swin's under `encoder.`;
+    the ViT's encoder object and the model hold the same tensors, also after a conversion."""
+    enc = common.VisionTransformer(32, 16, 32, 2, 2)
+    enc_keys = list(enc.state_dict())
+    m = fastmim.FastMIM(enc, decoder_dim=32)
+    keys = list(m.state_dict())
+    assert keys[:3] == ['cls_token', 'pos_embed', 'mask_token'] and set(enc_keys) <= set(keys)
+    assert all(k == 'mask_token' or k.startswith('decoder_') for k in set(keys) - set(enc_keys))
+    m = m.to(torch.float64)
+    assert m.encoder.pos_embed is m.pos_embed and m.encoder.blocks is m.blocks and m.pos_embed.dtype == torch.float64
+    s_enc = common.SwinTransformer(64, 4, 8, (1, 1, 1, 1), (1, 1, 2, 2), 2)
+    s = fastmim.FastMIM(s_enc, decoder_dim=32)
+    own = {k for k in s.state_dict() if k == 'mask_token' or k.startswith('decoder_')}
+    assert set(s.state_dict()) - own == {'encoder.' + k for k in s_enc.state_dict()}
+    assert (m.stride, m.mask_size, s.stride, s.mask_size) == (16, 16, 32, 32)  # the default block: the stride
+
+
 def test_from_official_round_trip_and_key_counts():
     m = tiny_vit()
     sd = {'module.' + k: v for k, v in m.state_dict().items()}
