@@ -261,6 +261,15 @@ class FastMIM(nn.Module):
         if self.swin:
             self.window_at_128 = encoder.window_size * 128 / res  # FastMIM-P, note 8
 
+    def _apply(self, fn, *args, **kwargs):
+        """model.to() and kin: a conversion that makes new tensors (to 'meta', say) gives them to
+        this model; a ViT encoder is handed the same ones, so that both keep holding one set."""
+        super()._apply(fn, *args, **kwargs)
+        if not self.swin:
+            for name in self.encoder._parameters:  # cls_token, pos_embed
+                self.encoder._parameters[name] = self._parameters[name]
+        return self
+
     def forward_decoder(self, x):
         """Encoder tokens (B, N, D) -> per-token predictions (B, N, P)."""
         x = self.decoder_embed(x)

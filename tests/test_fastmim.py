@@ -172,8 +172,10 @@ def test_one_fastmim_over_either_encoder_keeps_the_official_keys():
     keys = list(m.state_dict())
     assert keys[:3] == ['cls_token', 'pos_embed', 'mask_token'] and set(enc_keys) <= set(keys)
     assert all(k == 'mask_token' or k.startswith('decoder_') for k in set(keys) - set(enc_keys))
-    m = m.to(torch.float64)
-    assert m.encoder.pos_embed is m.pos_embed and m.encoder.blocks is m.blocks and m.pos_embed.dtype == torch.float64
+    for to in (torch.float64, 'meta'):  # meta: new tensors, not new data in the old ones
+        m = m.to(to)
+        assert m.encoder.pos_embed is m.pos_embed and m.encoder.cls_token is m.cls_token and m.encoder.blocks is m.blocks
+    assert m.pos_embed.is_meta and m(torch.zeros(2, 3, 32, 32, device='meta', dtype=torch.float64))['pred'].is_meta
     s_enc = common.SwinTransformer(64, 4, 8, (1, 1, 1, 1), (1, 1, 2, 2), 2)
     s = fastmim.FastMIM(s_enc, decoder_dim=32)
     own = {k for k in s.state_dict() if k == 'mask_token' or k.startswith('decoder_')}
