@@ -513,6 +513,11 @@ def autocast_off(device):
     return contextlib.nullcontext()  # e.g. 'meta', where FLOPs are counted
 
 
+def sobel_kernel(device=None):
+    """The 3x3 Sobel kernel of gx = left - right (its transpose: gy = top - bottom)."""
+    return torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=device)
+
+
 def sobel(imgs):
     """Per-colour gradients imgs (B, C, H, W) -> gx, gy (B, C, H, W), fp32: reflect pad, 3x3 Sobel
     cross-correlation (gx = left - right, gy = top - bottom), as MaskFeat, FastMIM, LocalMIM.
@@ -523,7 +528,7 @@ def sobel(imgs):
     with torch.no_grad(), autocast_off(imgs.device):
         x = F.pad(imgs.float(), (1, 1, 1, 1), mode='reflect')  # (B, C, H+2, W+2)
         C = x.shape[1]
-        kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
+        kx = sobel_kernel(x.device)  # (3, 3)
         weight_x = kx.view(1, 1, 3, 3).repeat(C, 1, 1, 1)  # (C, 1, 3, 3)
         weight_y = weight_x.transpose(2, 3)  # (C, 1, 3, 3), a transposed view as official
         return F.conv2d(x, weight_x, groups=C), F.conv2d(x, weight_y, groups=C)
@@ -604,6 +609,19 @@ def ids_from_mask(mask):
     return ids_shuffle[:, :len_keep], mask, torch.argsort(ids_shuffle, dim=1)
 
 
+def token_masking(imgs, L, mask_ratio, mask=None, keys=None, policy=random_masking):
+    """MAE-family masking of L tokens -> (ids_keep, mask, ids_restore), noise (B, L).
+
+    A given (B, L) bool mask (True = masked) is used as it is (noise None); else noise from the
+    sample keys (sample_noise) and `policy(noise, mask_ratio)`: MAE's random_masking, or a policy
+    that ranks the same noise otherwise (HPM's easy-to-hard mask).
+    """
+    if mask is not None:
+        return ids_from_mask(mask.to(imgs.device)), None
+    noise = sample_noise(imgs.shape[0], L, imgs.device, keys)  # (B, L)
+    return policy(noise, mask_ratio), noise
+
+
 def upsample_mask(mask, factor):
     """Nearest upsampling of a grid mask (B, g, g) -> (B, g*factor, g*factor)."""
     return mask.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
@@ -611,10 +629,15 @@ def upsample_mask(mask, factor):
 
 # --------------------------------------------------------------------- what the models draw
 
+def imagenet_mean_std(device=None):
+    """ImageNet's per-colour mean and std, each (1, 3, 1, 1) fp32: normalised = (x - mean) / std."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def denormalize(imgs):
     """ImageNet-normalised (B, 3, H, W) -> [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    mean, std = imagenet_mean_std(imgs.device)  # (1, 3, 1, 1) each
     return (imgs.float() * std + mean).clamp(0, 1)
 
 
@@ -747,10 +770,7 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     def masking(self, imgs, mask=None, keys=None):
         """Random (noise from the keys) or given (B, L) bool mask -> ids_keep, mask, ids_restore."""
-        if mask is not None:
-            return ids_from_mask(mask.to(imgs.device))
-        return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys),
-                              self.mask_ratio)
+        return token_masking(imgs, self.grid ** 2, self.mask_ratio, mask, keys)[0]
 
     def noise_len(self):
         """Mask noise values per sample (one per token), drawn by the data workers from its key."""
@@ -1252,8 +1272,7 @@ class DecodeCrop:
 
     def __init__(self, res, scale=(0.2, 1.0), draft=True):
         self.res, self.scale, self.draft = res, tuple(scale), draft
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean, self.std = (t[0] for t in imagenet_mean_std())  # (3, 1, 1) each
 
     def __call__(self, img):
         """read_image(path, decode=False) -> (3, res, res) float, ImageNet-normalised."""

@@ -41,170 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from common import (MaskedAutoencoderViT, autocast_off, check_ratio, grid_picture, hot_colours,
-                    ids_from_mask, masked_mean, pixel_columns, random_masking, sample_noise,
-                    upsample_mask)
+                    masked_mean, pixel_columns, token_masking, upsample_mask)
 
 METRICS = ('p2dist', 'count3', 'invdist5', 'nearest')
 INVDIST5_MAX = sum(1 / math.hypot(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dy or dx)
 RANK_STEP = 1e-4  # difficulties this close tie when ranking, so round-off cannot decide (note 5)
-
-
-# ----------------------------------------------------------------------------- model
-
-class EfficientMAE(MaskedAutoencoderViT):
-    """MAE + difficulty, DFL and decoder masking; keys as common.MaskedAutoencoderViT, no more."""
-
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_pix_loss=True, mask_ratio=0.85, metric='p2dist', samples=None,
-                 dfl_mode='hist', dfl_gamma=1.0, dfl_bin_width=0.5, dfl_bins=8, dfl_scope='batch',
-                 dfl_clip=0.0, dfl_after_drop=True, decoder_drop=0.25):
-        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
-                         decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
-        L = self.grid ** 2
-        n_masked = L - int(L * (1 - mask_ratio))
-        if n_masked == L:
-            raise ValueError(f'mask ratio {mask_ratio} leaves no visible patch of {L}; '
-                             'use a lower --mask-ratio')
-        check_ratio(decoder_drop, '--decoder-drop')
-        if n_masked and keep_count(n_masked, decoder_drop) == 0:
-            raise ValueError(f'--decoder-drop {decoder_drop} keeps none of the {n_masked} masked '
-                             'patches; lower it')
-        if metric not in METRICS:
-            raise ValueError(f'unknown --difficulty {metric}; choose one of {", ".join(METRICS)}')
-        samples = patch_size if samples is None else samples
-        checks = (
-            (samples >= 1, f'--p2dist-samples {samples} must be at least 1'),
-            (dfl_gamma >= 0,
-             f'--dfl-gamma {dfl_gamma} must be >= 0 (0 = MAE, 1 = full flattening)'),
-            (dfl_bin_width > 0, f'--dfl-bin-width {dfl_bin_width} must be > 0'),
-            (dfl_bins >= 1, f'--dfl-bins {dfl_bins} must be at least 1'),
-            (dfl_clip == 0 or dfl_clip >= 1,
-             f'--dfl-clip {dfl_clip}: use 0 (off) or a cap >= 1 (mean weight)'),
-            (dfl_mode in ('hist', 'monotone'),
-             f'unknown --dfl-mode {dfl_mode}; choose hist or monotone'),
-            (dfl_scope in ('batch', 'image'),
-             f'unknown --dfl-scope {dfl_scope}; choose batch or image'))
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        self.metric, self.samples, self.decoder_drop = metric, samples, decoder_drop
-        self.dfl = dict(mode=dfl_mode, gamma=dfl_gamma, bin_width=dfl_bin_width, bins=dfl_bins,
-                        scope=dfl_scope, clip=dfl_clip)
-        self.dfl_after_drop = dfl_after_drop
-
-    def decode_subset(self, latent, ids_restore, keep, n):
-        """Decoder Masking (note 5): only the positions `keep` (B, L) bool, n in every row, enter
-        the decoder (with the cls token) -> (B, L, P), the other rows zero. n is passed in, not
-        counted, so nothing waits on the device (FLOPs on 'meta', torch.compile)."""
-        x = self.decoder_input(latent, ids_restore)  # (B, 1+L, Dd)
-        ids = torch.argsort((~keep).int(), dim=1, stable=True)[:, :n]  # (B, n) kept, ascending
-        xs = torch.gather(x[:, 1:], 1, ids[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, Dd)
-        parts = (self.decoder_blocks, self.decoder_norm, self.decoder_pred)
-        out = self.run_decoder(torch.cat([x[:, :1], xs], dim=1), *parts)  # (B, n, P)
-        pred = out.new_zeros(x.shape[0], x.shape[1] - 1, out.shape[-1])  # (B, L, P)
-        return pred.scatter(1, ids[..., None].expand(-1, -1, out.shape[-1]), out)
-
-    def describe(self):
-        """One line for the log: visible, masked, decoded and dropped patches, the DFL."""
-        L = self.grid ** 2
-        K = int(L * (1 - self.mask_ratio))
-        n_keep = keep_count(L - K, self.decoder_drop)
-        return (f'efficient_mae: {L} patches per image, {K} visible to the encoder, {L - K} '
-                f'masked, {n_keep} decoded and in the loss ({L - K - n_keep} hardest dropped by '
-                f'{self.metric}); decoder length {1 + K + n_keep} (MAE: {1 + L}); DFL '
-                f'{self.dfl["mode"]} gamma {self.dfl["gamma"]:g}')
-
-    def difficulty(self, mask):
-        """Difficulty (B, L) of a mask with this model's metric (supp. C; notes 2 and 3)."""
-        return difficulty(mask, self.grid, self.metric, self.samples)
-
-    def forward(self, imgs, mask=None, keys=None):
-        """imgs (B, 3, H, W) -> MAE dict + difficulty, weights, kept_targets[, loss_unweighted]."""
-        B, L = imgs.shape[0], self.grid ** 2
-        noise = None
-        if mask is None:  # = MAE's models_mae.py:random_masking; noise kept for ties (note 5)
-            noise = sample_noise(B, L, imgs.device, keys)
-            ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
-        else:
-            ids_keep, mask, ids_restore = ids_from_mask(mask.to(imgs.device))  # uneven rows: error
-        n_masked = L - ids_keep.shape[1]
-        n_drop = n_masked - keep_count(n_masked, self.decoder_drop)
-        d = self.difficulty(mask)  # (B, L), no grad
-        kept = decoder_targets(d, mask, n_drop, noise) if n_drop else mask  # (B, L) masked, kept
-
-        latent = self.forward_encoder(imgs, ids_keep)  # (B, 1+K, D)
-        if n_drop:  # Decoder Masking (abstract; note 5): cls + visible + kept mask tokens only
-            pred = self.decode_subset(latent, ids_restore, ~mask | kept,
-                                      L - n_drop)  # (B, L, P), dropped rows zero
-        else:
-            pred = self.forward_decoder(latent, ids_restore)  # (B, L, P) = MAE
-        target = self.target(imgs)
-        per_patch = self.patch_loss(pred, target)  # (B, L) fp32
-
-        out = dict(pred=pred * kept[..., None].to(pred.dtype), target=target, mask=mask,
-                   difficulty=d, kept_targets=kept)
-        if self.dfl['gamma'] == 0:  # flat weights: MAE's own loss (models_mae.py:forward_loss)
-            out.update(loss=masked_mean(per_patch, kept), weights=kept.float())
-            return out
-        counted = kept if self.dfl_after_drop else mask  # our reading (note 4)
-        weights = dfl_weights(d, kept, counted=counted, **self.dfl)  # (B, L) constants
-        out.update(loss=(per_patch * weights).sum() / weights.sum().clamp(min=1e-12),
-                   weights=weights, loss_unweighted=masked_mean(per_patch.detach(), kept))
-        return out
-
-    def picture(self, imgs, out):
-        """input | masked | difficulty | weight (dropped: red) | prediction, uint8 (3, H, W)."""
-        p, mask, kept = self.patch_size, out['mask'], out['kept_targets']
-        inputs, masked, recon = pixel_columns(imgs, out['pred'], mask, p, self.norm_pix_loss)
-        dropped = mask & ~kept
-        recon = recon * (1 - self.patch_map(dropped.float(), imgs))  # dropped: no prediction, black
-        d = out['difficulty'].float() * mask
-        heat = self.patch_map(d / d.amax().clamp(min=1e-12), imgs)  # (B, 1, H, W)
-        d_column = hot_colours(heat)  # (B, 3, H, W)
-        w = out['weights'].float() * kept
-        w_map = self.patch_map(w / w.amax().clamp(min=1e-12), imgs)  # (B, 1, H, W)
-        gray = 0.15 + 0.85 * w_map.expand(-1, 3, -1, -1)  # (B, 3, H, W)
-        red = torch.tensor([0.8, 0.0, 0.0], device=imgs.device).view(1, 3, 1, 1)
-        w_column = torch.where(self.patch_map(dropped.float(), imgs) > 0, red, gray)
-        visible = self.patch_map((~mask).float(), imgs)  # (B, 1, H, W)
-        blue = torch.tensor([0.3, 0.3, 0.9], device=imgs.device).view(1, 3, 1, 1)
-        blue_input = inputs.mean(1, keepdim=True) * blue  # (B, 3, H, W)
-        d_column, w_column = (torch.where(visible > 0, blue_input, c) for c in (d_column, w_column))
-        return grid_picture([inputs, masked, d_column, w_column, recon],
-                            ['input', 'masked', 'difficulty', 'loss weight', 'prediction'])
-
-    def patch_map(self, v, imgs):
-        """Per-patch values (B, L) -> per-pixel map (B, 1, H, W)."""
-        B, (H, W), p = v.shape[0], imgs.shape[-2:], self.patch_size
-        return upsample_mask(v.reshape(B, H // p, W // p), p)[:, None]  # (B, 1, H, W)
-
-
-# ----------------------------------------------------------------------------- loss: DFL
-
-@torch.no_grad()
-def dfl_weights(d, kept, mode='hist', gamma=1.0, bin_width=0.5, bins=8, scope='batch', clip=0.0,
-                counted=None):
-    """DFL weights (B, L), constants: supp. B's higher weight on rare easy targets, as note 4.
-    hist: w = n_bin^-gamma, n_bin = targets of `counted` (default `kept`) in bins of width
-    `bin_width`, the last of `bins` open-ended; monotone: w = (bin_width + d)^-gamma. Then mean 1
-    over `kept` in each scope (batch or image), 0 elsewhere, then w <= clip when clip > 0."""
-    counted = kept if counted is None else counted
-    dims = (0, 1) if scope == 'batch' else (1,)  # the scope: bin counts and the mean run over these
-    kept_float = kept.float()
-    if mode == 'hist':
-        bin_id = torch.floor(d.float() / bin_width).clamp(0, bins - 1).long()  # (B, L)
-        onehot = bin_id[..., None] == torch.arange(bins, device=d.device)  # (B, L, bins)
-        n_bin = (onehot & counted[..., None]).sum(dims, keepdim=True).float()  # (1 or B, 1, bins)
-        w = (onehot.float() * n_bin.clamp(min=1).pow(-gamma)).sum(-1)  # (B, L)
-    elif mode == 'monotone':
-        w = (bin_width + d.float()).pow(-gamma)  # (B, L); epsilon = the bin width (note 4)
-    else:
-        raise ValueError(f'unknown --dfl-mode {mode}; choose hist or monotone')
-    w = w * kept_float
-    mean = w.sum(dims, keepdim=True) / kept_float.sum(dims, keepdim=True).clamp(min=1)
-    w = w / mean.clamp(min=1e-12)
-    return w.clamp(max=clip) if clip > 0 else w
 
 
 # ----------------------------------------------------------------------------- masking: difficulty
@@ -282,6 +123,33 @@ def difficulty(mask, grid, metric='p2dist', samples=16):
     return d * mask
 
 
+# ----------------------------------------------------------------------------- loss: DFL
+
+@torch.no_grad()
+def dfl_weights(d, kept, mode='hist', gamma=1.0, bin_width=0.5, bins=8, scope='batch', clip=0.0,
+                counted=None):
+    """DFL weights (B, L), constants: supp. B's higher weight on rare easy targets, as note 4.
+    hist: w = n_bin^-gamma, n_bin = targets of `counted` (default `kept`) in bins of width
+    `bin_width`, the last of `bins` open-ended; monotone: w = (bin_width + d)^-gamma. Then mean 1
+    over `kept` in each scope (batch or image), 0 elsewhere, then w <= clip when clip > 0."""
+    counted = kept if counted is None else counted
+    dims = (0, 1) if scope == 'batch' else (1,)  # the scope: bin counts and the mean run over these
+    kept_float = kept.float()
+    if mode == 'hist':
+        bin_id = torch.floor(d.float() / bin_width).clamp(0, bins - 1).long()  # (B, L)
+        onehot = bin_id[..., None] == torch.arange(bins, device=d.device)  # (B, L, bins)
+        n_bin = (onehot & counted[..., None]).sum(dims, keepdim=True).float()  # (1 or B, 1, bins)
+        w = (onehot.float() * n_bin.clamp(min=1).pow(-gamma)).sum(-1)  # (B, L)
+    elif mode == 'monotone':
+        w = (bin_width + d.float()).pow(-gamma)  # (B, L); epsilon = the bin width (note 4)
+    else:
+        raise ValueError(f'unknown --dfl-mode {mode}; choose hist or monotone')
+    w = w * kept_float
+    mean = w.sum(dims, keepdim=True) / kept_float.sum(dims, keepdim=True).clamp(min=1)
+    w = w / mean.clamp(min=1e-12)
+    return w.clamp(max=clip) if clip > 0 else w
+
+
 # ----------------------------------------------------------------------------- masking: decoder
 
 def keep_count(n_masked, drop):
@@ -303,6 +171,134 @@ def decoder_targets(d, mask, n_drop, noise=None):
     order = torch.gather(order, 1, by_d)  # (B, L) hardest first
     dropped = torch.zeros_like(mask).scatter(1, order[:, :n_drop], True)  # (B, L)
     return mask & ~dropped
+
+
+# ----------------------------------------------------------------------------- model
+
+class EfficientMAE(MaskedAutoencoderViT):
+    """MAE + difficulty, DFL and decoder masking; keys as common.MaskedAutoencoderViT, no more."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_pix_loss=True, mask_ratio=0.85, metric='p2dist', samples=None,
+                 dfl_mode='hist', dfl_gamma=1.0, dfl_bin_width=0.5, dfl_bins=8, dfl_scope='batch',
+                 dfl_clip=0.0, dfl_after_drop=True, decoder_drop=0.25):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
+                         decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
+        L = self.grid ** 2
+        n_masked = L - int(L * (1 - mask_ratio))
+        if n_masked == L:
+            raise ValueError(f'mask ratio {mask_ratio} leaves no visible patch of {L}; '
+                             'use a lower --mask-ratio')
+        check_ratio(decoder_drop, '--decoder-drop')
+        if n_masked and keep_count(n_masked, decoder_drop) == 0:
+            raise ValueError(f'--decoder-drop {decoder_drop} keeps none of the {n_masked} masked '
+                             'patches; lower it')
+        if metric not in METRICS:
+            raise ValueError(f'unknown --difficulty {metric}; choose one of {", ".join(METRICS)}')
+        samples = patch_size if samples is None else samples
+        checks = (
+            (samples >= 1, f'--p2dist-samples {samples} must be at least 1'),
+            (dfl_gamma >= 0,
+             f'--dfl-gamma {dfl_gamma} must be >= 0 (0 = MAE, 1 = full flattening)'),
+            (dfl_bin_width > 0, f'--dfl-bin-width {dfl_bin_width} must be > 0'),
+            (dfl_bins >= 1, f'--dfl-bins {dfl_bins} must be at least 1'),
+            (dfl_clip == 0 or dfl_clip >= 1,
+             f'--dfl-clip {dfl_clip}: use 0 (off) or a cap >= 1 (mean weight)'),
+            (dfl_mode in ('hist', 'monotone'),
+             f'unknown --dfl-mode {dfl_mode}; choose hist or monotone'),
+            (dfl_scope in ('batch', 'image'),
+             f'unknown --dfl-scope {dfl_scope}; choose batch or image'))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        self.metric, self.samples, self.decoder_drop = metric, samples, decoder_drop
+        self.dfl = dict(mode=dfl_mode, gamma=dfl_gamma, bin_width=dfl_bin_width, bins=dfl_bins,
+                        scope=dfl_scope, clip=dfl_clip)
+        self.dfl_after_drop = dfl_after_drop
+
+    def decode_subset(self, latent, ids_restore, keep, n):
+        """Decoder Masking (note 5): only the positions `keep` (B, L) bool, n in every row, enter
+        the decoder (with the cls token) -> (B, L, P), the other rows zero. n is passed in, not
+        counted, so nothing waits on the device (FLOPs on 'meta', torch.compile)."""
+        x = self.decoder_input(latent, ids_restore)  # (B, 1+L, Dd)
+        ids = torch.argsort((~keep).int(), dim=1, stable=True)[:, :n]  # (B, n) kept, ascending
+        xs = torch.gather(x[:, 1:], 1, ids[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, Dd)
+        parts = (self.decoder_blocks, self.decoder_norm, self.decoder_pred)
+        out = self.run_decoder(torch.cat([x[:, :1], xs], dim=1), *parts)  # (B, n, P)
+        pred = out.new_zeros(x.shape[0], x.shape[1] - 1, out.shape[-1])  # (B, L, P)
+        return pred.scatter(1, ids[..., None].expand(-1, -1, out.shape[-1]), out)
+
+    def describe(self):
+        """One line for the log: visible, masked, decoded and dropped patches, the DFL."""
+        L = self.grid ** 2
+        K = int(L * (1 - self.mask_ratio))
+        n_keep = keep_count(L - K, self.decoder_drop)
+        return (f'efficient_mae: {L} patches per image, {K} visible to the encoder, {L - K} '
+                f'masked, {n_keep} decoded and in the loss ({L - K - n_keep} hardest dropped by '
+                f'{self.metric}); decoder length {1 + K + n_keep} (MAE: {1 + L}); DFL '
+                f'{self.dfl["mode"]} gamma {self.dfl["gamma"]:g}')
+
+    def difficulty(self, mask):
+        """Difficulty (B, L) of a mask with this model's metric (supp. C; notes 2 and 3)."""
+        return difficulty(mask, self.grid, self.metric, self.samples)
+
+    def forward(self, imgs, mask=None, keys=None):
+        """imgs (B, 3, H, W) -> MAE dict + difficulty, weights, kept_targets[, loss_unweighted]."""
+        L = self.grid ** 2
+        # MAE's masking (models_mae.py:random_masking); its noise breaks ties (note 5), None for a
+        # given mask (uneven rows: ValueError)
+        (ids_keep, mask, ids_restore), noise = token_masking(imgs, L, self.mask_ratio, mask, keys)
+        n_masked = L - ids_keep.shape[1]
+        n_drop = n_masked - keep_count(n_masked, self.decoder_drop)
+        d = self.difficulty(mask)  # (B, L), no grad
+        kept = decoder_targets(d, mask, n_drop, noise) if n_drop else mask  # (B, L) masked, kept
+
+        latent = self.forward_encoder(imgs, ids_keep)  # (B, 1+K, D)
+        if n_drop:  # Decoder Masking (abstract; note 5): cls + visible + kept mask tokens only
+            pred = self.decode_subset(latent, ids_restore, ~mask | kept,
+                                      L - n_drop)  # (B, L, P), dropped rows zero
+        else:
+            pred = self.forward_decoder(latent, ids_restore)  # (B, L, P) = MAE
+        target = self.target(imgs)
+        per_patch = self.patch_loss(pred, target)  # (B, L) fp32
+
+        out = dict(pred=pred * kept[..., None].to(pred.dtype), target=target, mask=mask,
+                   difficulty=d, kept_targets=kept)
+        if self.dfl['gamma'] == 0:  # flat weights: MAE's own loss (models_mae.py:forward_loss)
+            out.update(loss=masked_mean(per_patch, kept), weights=kept.float())
+            return out
+        counted = kept if self.dfl_after_drop else mask  # our reading (note 4)
+        weights = dfl_weights(d, kept, counted=counted, **self.dfl)  # (B, L) constants
+        out.update(loss=(per_patch * weights).sum() / weights.sum().clamp(min=1e-12),
+                   weights=weights, loss_unweighted=masked_mean(per_patch.detach(), kept))
+        return out
+
+    def picture(self, imgs, out):
+        """input | masked | difficulty | weight (dropped: red) | prediction, uint8 (3, H, W)."""
+        p, mask, kept = self.patch_size, out['mask'], out['kept_targets']
+        inputs, masked, recon = pixel_columns(imgs, out['pred'], mask, p, self.norm_pix_loss)
+        dropped = mask & ~kept
+        recon = recon * (1 - self.patch_map(dropped.float(), imgs))  # dropped: no prediction, black
+        d = out['difficulty'].float() * mask
+        heat = self.patch_map(d / d.amax().clamp(min=1e-12), imgs)  # (B, 1, H, W)
+        d_column = hot_colours(heat)  # (B, 3, H, W)
+        w = out['weights'].float() * kept
+        w_map = self.patch_map(w / w.amax().clamp(min=1e-12), imgs)  # (B, 1, H, W)
+        gray = 0.15 + 0.85 * w_map.expand(-1, 3, -1, -1)  # (B, 3, H, W)
+        red = torch.tensor([0.8, 0.0, 0.0], device=imgs.device).view(1, 3, 1, 1)
+        w_column = torch.where(self.patch_map(dropped.float(), imgs) > 0, red, gray)
+        visible = self.patch_map((~mask).float(), imgs)  # (B, 1, H, W)
+        blue = torch.tensor([0.3, 0.3, 0.9], device=imgs.device).view(1, 3, 1, 1)
+        blue_input = inputs.mean(1, keepdim=True) * blue  # (B, 3, H, W)
+        d_column, w_column = (torch.where(visible > 0, blue_input, c) for c in (d_column, w_column))
+        return grid_picture([inputs, masked, d_column, w_column, recon],
+                            ['input', 'masked', 'difficulty', 'loss weight', 'prediction'])
+
+    def patch_map(self, v, imgs):
+        """Per-patch values (B, L) -> per-pixel map (B, 1, H, W)."""
+        B, (H, W), p = v.shape[0], imgs.shape[-2:], self.patch_size
+        return upsample_mask(v.reshape(B, H // p, W // p), p)[:, None]  # (B, 1, H, W)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -65,8 +65,8 @@ HOG_CELL, HOG_BINS = 8, 9  # FastMIM Sec. 4.1 "Prediction Target": 9 bins, 8x8 c
 
 
 # ----------------------------------------------------------------------------- the method
-# What the ViT and the Swin variant share, as plain functions: the block mask, the painted input,
-# the decoder, the HOG / pixel target and the loss. The two models below call them in forward.
+# The parts as plain functions (the block mask, the painted input, the HOG / pixel target, the
+# loss), then one model over either encoder, ViT or Swin, that calls them in forward.
 
 def block_mask(noise, m0, mask_ratio):
     """FastMIM/SimMIM block mask: noise (B, m0*m0) -> (B, m0, m0) bool, int(m0^2 (1-r)) visible."""
@@ -89,43 +89,6 @@ def check_sizes(stride, res, mask_size, mask_ratio, target):
         raise ValueError(f'the HOG target needs an output stride divisible by {HOG_CELL}, '
                          f'got {stride}')
     check_ratio(mask_ratio, '--mask-ratio')
-
-
-def mask_colour():
-    """[M], one learnable RGB colour (1, 3, 1, 1) (FastMIM Sec. 4); N(0, 0.02^2) as the official
-    code."""
-    token = nn.Parameter(torch.zeros(1, 3, 1, 1))
-    nn.init.normal_(token, std=0.02)
-    return token
-
-
-def add_decoder(model, in_dim, dim, depth, out_dim, eps):
-    """FastMIM's decoder (Sec. 4.1 "Decoder"): Linear -> blocks -> LayerNorm -> Linear, per token.
-
-    No positional embedding (Sec. 4) and no mask tokens: the mask is already painted into the
-    input. Depth 0 skips the projection and keeps only the norm
-    (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder).
-    """
-    if depth and dim % 32:
-        raise ValueError(f'--decoder-dim {dim}: the decoder has dim // 32 heads (note 2); use a '
-                         f'multiple of 32')
-    if depth == 0 and in_dim != dim:
-        raise ValueError(f'--decoder-depth 0 needs --decoder-dim equal to the encoder width '
-                         f'{in_dim}')
-    model.decoder_embed = nn.Linear(in_dim, dim) if depth else nn.Identity()
-    # official code, not the paper: dim // 32 heads (note 2)
-    model.decoder_blocks = nn.ModuleList([Block(dim, dim // 32, 4.0, eps=eps)
-                                          for _ in range(depth)])
-    model.decoder_norm = nn.LayerNorm(dim, eps=eps)
-    model.decoder_pred = nn.Linear(dim, out_dim)
-
-
-def decode(model, x):
-    """The decoder of `model` on encoder tokens (B, N, D) -> per-token predictions (B, N, P)."""
-    x = model.decoder_embed(x)
-    for blk in model.decoder_blocks:
-        x = blk(x)
-    return model.decoder_pred(model.decoder_norm(x))
 
 
 def out_dim(stride, target):
@@ -184,136 +147,14 @@ def masked_loss(pred, target, mask, stride, mask_size):
     return masked_mean(((pred_cells - target_cells) ** 2).mean(-1), cell_mask)
 
 
-def draw(model, imgs, out):
-    """input | masked input | target | prediction (HOG as orientation glyphs, pixels as RGB)."""
-    masked = denormalize(paint(imgs, out['mask'], model.mask_token))
-    H, W = imgs.shape[-2:]
-    stride, mask_size = model.stride, model.mask_size
-    # show predictions where the loss is taken, the target elsewhere
-    if mask_size >= stride:
-        use_pred = upsample_mask(out['mask'], mask_size // stride).flatten(1)[..., None].float()
-    else:
-        use_pred = torch.ones_like(out['target'][..., :1])  # (B, L, 1)
-    shown = out['target'] * (1 - use_pred) + out['pred'].float() * use_pred
-    if model.target_kind == 'hog':
-        cells, G = stride // HOG_CELL, H // stride
-        to_map = 'b (gh gw) (c dy dx) -> b c (gh dy) (gw dx)'
-        maps = [rearrange(t, to_map, gh=G, dy=cells, dx=cells)  # (B, 27, Hc, Hc)
-                for t in (out['target'], shown)]
-        columns = [hog_glyphs(cell_map.clamp(min=0), HOG_BINS) for cell_map in maps]
-    else:
-        columns = [denormalize(unpatchify(t, stride, H, W))  # (B, 3, H, W)
-                   for t in (patchify(imgs, stride), shown)]
-    return grid_picture([denormalize(imgs), masked] + columns,
-                        ['input', 'masked', 'target', 'prediction'])
-
-
-# ----------------------------------------------------------------------------- the models
-
-class FastMIMViT(VisionTransformer):
-    """FastMIM on a ViT; official checkpoint keys: timm ViT, `mask_token`, `decoder_*`.
-
-    No `no_weight_decay` method: the loop's default rule decays `mask_token` and `cls_token`
-    (official code, not the paper: note 6).
-    """
-
-    def __init__(self, img_size=128, patch_size=16, embed_dim=768, depth=12, num_heads=6,
-                 mask_size=16, mask_ratio=0.75, decoder_dim=256, decoder_depth=1, target='hog',
-                 norm_pix_loss=True, res_schedule=None):
-        super().__init__(img_size, patch_size, embed_dim, depth, num_heads)
-        check_sizes(patch_size, img_size, mask_size, mask_ratio, target)
-        self.stride, self.res, self.mask_size = patch_size, img_size, mask_size
-        self.mask_ratio, self.target_kind, self.norm_pix_loss = mask_ratio, target, norm_pix_loss
-        self.res_schedule = res_schedule
-        self.mask_token = mask_colour()
-        add_decoder(self, embed_dim, decoder_dim, decoder_depth, out_dim(patch_size, target),
-                    eps=1e-6)
-        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            part.apply(init_weights)
-
-    def forward(self, imgs, mask=None, keys=None):
-        """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
-        if mask is None:
-            mask = make_mask(imgs, self.mask_size, self.mask_ratio, keys)
-        mask = mask.to(imgs.device)
-        x = self.forward_features(paint(imgs, mask, self.mask_token))  # (B, 1+L, D): every token
-        # the cls token is kept (App. A.3.2), passes the decoder and is dropped after the head
-        # (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder)
-        pred = decode(self, x)[:, 1:]  # (B, L, P)
-        target = make_target(imgs, self.stride, self.target_kind, self.norm_pix_loss)
-        loss = masked_loss(pred, target, mask, self.stride, self.mask_size)
-        return dict(loss=loss, pred=pred, target=target, mask=mask)
-
-    def noise_len(self):
-        """Mask noise values per sample (one per mask block at the current resolution)."""
-        return (self.res // self.mask_size) ** 2
-
-    def on_epoch(self, epoch):
-        """FastMIM-P (Sec. 4.2, note 8): the fixed sin-cos table is recomputed for this epoch's
-        resolution (exact); returns the new resolution, or None."""
-        res = res_at(self.res_schedule, epoch) if self.res_schedule else self.res
-        if res == self.res:
-            return None
-        self.set_resolution(res)
-        self.res = res
-        return res
-
-    def picture(self, imgs, out):
-        """input | masked input | target | prediction."""
-        return draw(self, imgs, out)
-
-
-class FastMIMSwin(nn.Module):
-    """FastMIM on Swin; official checkpoint keys: `encoder.` Swin, `mask_token`, `decoder_*`."""
-
-    def __init__(self, img_size=128, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                 window_size=4, mask_size=32, mask_ratio=0.75, decoder_dim=256, decoder_depth=4,
-                 target='hog', norm_pix_loss=True, linear_init='xavier', res_schedule=None):
-        super().__init__()
-        self.encoder = SwinTransformer(img_size, 4, embed_dim, depths, num_heads, window_size)
-        # mim_swin_pretrain.py:mim_swin_base's patch_size=32 is this output stride, not Swin's patch
-        stride = 4 * 2 ** (len(depths) - 1)
-        check_sizes(stride, img_size, mask_size, mask_ratio, target)
-        self.stride, self.res, self.mask_size = stride, img_size, mask_size
-        self.mask_ratio, self.target_kind, self.norm_pix_loss = mask_ratio, target, norm_pix_loss
-        self.res_schedule = res_schedule
-        self.mask_token = mask_colour()
-        width = embed_dim * 2 ** (len(depths) - 1)
-        add_decoder(self, width, decoder_dim, decoder_depth, out_dim(stride, target), eps=1e-5)
-        if linear_init == 'xavier':
-            # official code, not the paper: every Linear xavier, bias 0 (note 3)
-            self.apply(init_weights)
-        self.window_at_128 = window_size * 128 / img_size  # FastMIM-P, note 8
-
-    def forward(self, imgs, mask=None, keys=None):
-        """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
-        if mask is None:
-            mask = make_mask(imgs, self.mask_size, self.mask_ratio, keys)
-        mask = mask.to(imgs.device)
-        # (B, L, C): the last stage's tokens
-        x = self.encoder.forward_features(paint(imgs, mask, self.mask_token))
-        pred = decode(self, x)  # (B, L, P)
-        target = make_target(imgs, self.stride, self.target_kind, self.norm_pix_loss)
-        loss = masked_loss(pred, target, mask, self.stride, self.mask_size)
-        return dict(loss=loss, pred=pred, target=target, mask=mask)
-
-    def noise_len(self):
-        """Mask noise values per sample (one per mask block at the current resolution)."""
-        return (self.res // self.mask_size) ** 2
-
-    def on_epoch(self, epoch):
-        """FastMIM-P (Sec. 4.2, note 8): this epoch's resolution and its window; tables resized,
-        indices and masks rebuilt; returns the new resolution, or None."""
-        res = res_at(self.res_schedule, epoch) if self.res_schedule else self.res
-        if res == self.res:
-            return None
-        self.encoder.set_resolution(res, swin_window(self.window_at_128, res))
-        self.res = res
-        return res
-
-    def picture(self, imgs, out):
-        """input | masked input | target | prediction."""
-        return draw(self, imgs, out)
+def res_at(schedule, epoch):
+    """FastMIM-P (Sec. 4.2): the resolution of the schedule stage that holds `epoch`."""
+    end = 0
+    for res, epochs in schedule:
+        end += epochs
+        if epoch < end:
+            return res
+    return schedule[-1][0]
 
 
 def swin_window(window_at_128, res):
@@ -324,6 +165,146 @@ def swin_window(window_at_128, res):
         raise ValueError(f'res {res} gives Swin window {window:g}; FastMIM-P needs a resolution '
                          f'that is a multiple of {step:g} (e.g. {int(round(res / step) * step)})')
     return int(round(window))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class FastMIM(nn.Module):
+    """FastMIM on `encoder`, a common.VisionTransformer or common.SwinTransformer.
+
+    Official checkpoint keys: a ViT's at the top level (timm ViT, `mask_token`, `decoder_*`), a
+    Swin under `encoder.` (+ top-level `mask_token`, `decoder_*`). No `no_weight_decay` method:
+    the loop's default rule decays `mask_token` and `cls_token` (official code, not the paper:
+    note 6).
+    """
+
+    def __init__(self, encoder, mask_size=None, mask_ratio=0.75, decoder_dim=256,
+                 decoder_depth=1, target='hog', norm_pix_loss=True, linear_init='xavier',
+                 res_schedule=None):
+        super().__init__()
+        self.swin = isinstance(encoder, SwinTransformer)
+        if self.swin:
+            self.encoder = encoder  # keys `encoder.*`
+            # mim_swin_pretrain.py:mim_swin_base's patch_size=32 is this output stride
+            stride = encoder.patch_size * 2 ** (len(encoder.depths) - 1)
+            res, width, eps = encoder.img_size, encoder.num_features, 1e-5
+        else:
+            # the official ViT keys have no prefix: the encoder's tensors and blocks are
+            # registered as this model's own, in the encoder's order; `self.encoder` is the
+            # same object, kept out of the registry so that nothing is registered twice
+            object.__setattr__(self, 'encoder', encoder)
+            for name, param in encoder.named_parameters(recurse=False):  # cls_token, pos_embed
+                self.register_parameter(name, param)
+            stride = encoder.patch_size
+            res, width, eps = encoder.grid * stride, encoder.embed_dim, 1e-6
+        mask_size = stride if mask_size is None else mask_size  # 16 (ViT-B/16) / 32 (Swin)
+        check_sizes(stride, res, mask_size, mask_ratio, target)
+        self.stride, self.res, self.mask_size = stride, res, mask_size
+        self.mask_ratio, self.target_kind, self.norm_pix_loss = mask_ratio, target, norm_pix_loss
+        self.res_schedule = res_schedule
+        # [M], one learnable RGB colour (FastMIM Sec. 4); N(0, 0.02^2) as the official code
+        self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        nn.init.normal_(self.mask_token, std=0.02)
+        if not self.swin:
+            for name, module in encoder.named_children():  # patch_embed, blocks, norm
+                self.add_module(name, module)
+        # the decoder (Sec. 4.1 "Decoder"): Linear -> blocks -> LayerNorm -> Linear, per token;
+        # no positional embedding (Sec. 4) and no mask tokens: the mask is painted into the input
+        if decoder_depth and decoder_dim % 32:
+            raise ValueError(f'--decoder-dim {decoder_dim}: the decoder has dim // 32 heads '
+                             f'(note 2); use a multiple of 32')
+        if decoder_depth == 0 and width != decoder_dim:
+            raise ValueError(f'--decoder-depth 0 needs --decoder-dim equal to the encoder width '
+                             f'{width}')
+        # depth 0 keeps only the norm (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder)
+        self.decoder_embed = nn.Linear(width, decoder_dim) if decoder_depth else nn.Identity()
+        # official code, not the paper: dim // 32 heads (note 2)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_dim // 32, 4.0, eps=eps)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=eps)
+        self.decoder_pred = nn.Linear(decoder_dim, out_dim(stride, target))
+        if not self.swin:
+            for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm,
+                         self.decoder_pred):
+                part.apply(init_weights)
+        elif linear_init == 'xavier':
+            # official code, not the paper: every Linear xavier, bias 0 (note 3)
+            self.apply(init_weights)
+        if self.swin:
+            self.window_at_128 = encoder.window_size * 128 / res  # FastMIM-P, note 8
+
+    def _apply(self, fn, *args, **kwargs):
+        """model.to() and kin: a conversion that makes new tensors (to 'meta', say) gives them to
+        this model; a ViT encoder is handed the same ones, so that both keep holding one set."""
+        super()._apply(fn, *args, **kwargs)
+        if not self.swin:
+            for name in self.encoder._parameters:  # cls_token, pos_embed
+                self.encoder._parameters[name] = self._parameters[name]
+        return self
+
+    def forward_decoder(self, x):
+        """Encoder tokens (B, N, D) -> per-token predictions (B, N, P)."""
+        x = self.decoder_embed(x)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def forward(self, imgs, mask=None, keys=None):
+        """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
+        if mask is None:
+            mask = make_mask(imgs, self.mask_size, self.mask_ratio, keys)
+        mask = mask.to(imgs.device)
+        # every token of the painted image: ViT (B, 1+L, D), Swin's last stage (B, L, C)
+        x = self.encoder.forward_features(paint(imgs, mask, self.mask_token))
+        pred = self.forward_decoder(x)
+        if not self.swin:
+            # the cls token is kept (App. A.3.2), passes the decoder and is dropped after the head
+            # (mim_vit_pretrain.py:MaskedAutoencoderViT.forward_decoder)
+            pred = pred[:, 1:]  # (B, L, P)
+        target = make_target(imgs, self.stride, self.target_kind, self.norm_pix_loss)
+        loss = masked_loss(pred, target, mask, self.stride, self.mask_size)
+        return dict(loss=loss, pred=pred, target=target, mask=mask)
+
+    def noise_len(self):
+        """Mask noise values per sample (one per mask block at the current resolution)."""
+        return (self.res // self.mask_size) ** 2
+
+    def on_epoch(self, epoch):
+        """FastMIM-P (Sec. 4.2, note 8): this epoch's resolution; ViT: the fixed sin-cos table
+        recomputed (exact); Swin: its window, tables resized, indices and masks rebuilt. Returns
+        the new resolution, or None."""
+        res = res_at(self.res_schedule, epoch) if self.res_schedule else self.res
+        if res == self.res:
+            return None
+        if self.swin:
+            self.encoder.set_resolution(res, swin_window(self.window_at_128, res))
+        else:
+            self.encoder.set_resolution(res)
+        self.res = res
+        return res
+
+    def picture(self, imgs, out):
+        """input | masked input | target | prediction (HOG as orientation glyphs, pixels as RGB)."""
+        masked = denormalize(paint(imgs, out['mask'], self.mask_token))
+        H, W = imgs.shape[-2:]
+        stride, mask_size = self.stride, self.mask_size
+        # show predictions where the loss is taken, the target elsewhere
+        if mask_size >= stride:
+            use_pred = upsample_mask(out['mask'], mask_size // stride).flatten(1)[..., None].float()
+        else:
+            use_pred = torch.ones_like(out['target'][..., :1])  # (B, L, 1)
+        shown = out['target'] * (1 - use_pred) + out['pred'].float() * use_pred
+        if self.target_kind == 'hog':
+            cells, G = stride // HOG_CELL, H // stride
+            to_map = 'b (gh gw) (c dy dx) -> b c (gh dy) (gw dx)'
+            maps = [rearrange(t, to_map, gh=G, dy=cells, dx=cells)  # (B, 27, Hc, Hc)
+                    for t in (out['target'], shown)]
+            columns = [hog_glyphs(cell_map.clamp(min=0), HOG_BINS) for cell_map in maps]
+        else:
+            columns = [denormalize(unpatchify(t, stride, H, W))  # (B, 3, H, W)
+                       for t in (patchify(imgs, stride), shown)]
+        return grid_picture([denormalize(imgs), masked] + columns,
+                            ['input', 'masked', 'target', 'prediction'])
 
 
 def from_official(obj):
@@ -349,16 +330,6 @@ def parse_schedule(text):
         raise ValueError(f'--res-schedule {text!r} has a stage {bad[0]} out of range; use a '
                          f'positive resolution and 1 or more epochs per stage')
     return schedule
-
-
-def res_at(schedule, epoch):
-    """The resolution of the schedule stage that holds `epoch`."""
-    end = 0
-    for res, epochs in schedule:
-        end += epochs
-        if epoch < end:
-            return res
-    return schedule[-1][0]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -436,17 +407,18 @@ def build_model(args):
                   decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                   target=args.target, norm_pix_loss=args.norm_pix_loss, res_schedule=schedule)
     if args.model.startswith('vit'):
-        model = FastMIMViT(args.res, **dict(VIT_PRESETS[args.model], num_heads=args.num_heads),
-                           **shared)
+        encoder = VisionTransformer(args.res, **dict(VIT_PRESETS[args.model],
+                                                     num_heads=args.num_heads))
     else:
-        model = FastMIMSwin(args.res, window_size=args.window_size,
-                            linear_init=args.swin_linear_init, **SWIN_PRESETS[args.model], **shared)
+        encoder = SwinTransformer(args.res, 4, window_size=args.window_size,
+                                  **SWIN_PRESETS[args.model])
+    model = FastMIM(encoder, linear_init=args.swin_linear_init, **shared)
     for res, _ in schedule or []:  # not hours into the run
         if res % model.mask_size or res % model.stride:
             raise ValueError(f'--res-schedule resolution {res} is not divisible by the mask size '
                              f'{model.mask_size} and the stride {model.stride}; use a multiple of '
                              f'{max(model.mask_size, model.stride)}')
-        if isinstance(model, FastMIMSwin):
+        if model.swin:
             swin_window(model.window_at_128, res)
     return model
 

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from common import (Block, MaskedAutoencoderViT, VisionTransformer, autocast_off, denormalize,
                     grid_picture, hot_colours, init_weights, masked_mean, patchify, pixel_columns,
-                    random_masking, sample_noise, upsample_mask)
+                    random_masking, token_masking, upsample_mask)
 
 EPS = 1e-6  # inside the log of the relative loss (note 10)
 # official --learn_feature_loss: none (= pixel) | ema | dino | clip
@@ -99,6 +99,81 @@ def alpha_at(epoch, epochs, alpha_start=0.0, alpha_end=0.5):
 def hard_count(L, mask_ratio, alpha):
     """Hard patches per image, int((L - len_keep) alpha), len_keep = int(L (1 - r)) (note 3)."""
     return int((L - int(L * (1 - mask_ratio))) * alpha)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def ranking_loss(p, t):
+    """Relative loss (note 10): predicted p, true t (B, M) -> 0-d, fp32.
+
+    All ordered pairs (i, j) of one image: z = p_j - p_i, label t_j > t_i, ties ignored,
+    -log(sigmoid(z) + 1e-6) or -log(1 - sigmoid(z) + 1e-6), summed and divided by the batch's
+    non-tied pair count.
+    """
+    with autocast_off(p.device):  # ours fp32, the official loop fp16 (note 10)
+        p, t = p.float(), t.float()
+        pos = (t[:, None, :] > t[:, :, None]).float()  # (B, M, M) [i, j] = t_j > t_i
+        neg = (t[:, None, :] < t[:, :, None]).float()  # (B, M, M)
+        prob = torch.sigmoid(p[:, None, :] - p[:, :, None])  # (B, M, M) sigmoid(p_j - p_i)
+        loss = -pos * torch.log(prob + EPS) - neg * torch.log(1 - prob + EPS)
+        return loss.sum() / (pos + neg).sum().clamp(min=1)  # the code: 0/0 if all tie (note 10)
+
+
+def absolute_loss(p, t):
+    """Absolute ablation (`--no-relative`): MSE to per-image standardised losses, fp32.
+
+    Unbiased variance, as forward_learning_loss with relative=False.
+    """
+    with autocast_off(p.device):
+        t = t.float()
+        t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5
+        return ((p.float() - t) ** 2).mean()
+
+
+def feature_loss(pred, target):
+    """Feature-target loss per token: pred, target (B, L, C) -> (B, L) fp32, |p^ - t^|^2 = 2 - 2cos.
+
+    As models_mae_learn_feature_loss.py:MaskedAutoencoderViT.forward_loss (^ = L2-normalised):
+    its mean over the masked tokens is L_rec, its per-token values the ranking target.
+    """
+    with autocast_off(pred.device):
+        p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)  # (B, L, C)
+        return ((p - t) ** 2).sum(dim=-1)  # (B, L)
+
+
+# ----------------------------------------------------------------------------- easy-to-hard masking
+
+def easy_to_hard_mask(scores, mask_ratio, alpha, noise):
+    """Easy-to-hard mask (Alg. S1, note 4): scores, noise (B, L) -> (ids_keep, mask, ids_restore)
+    as common.random_masking, mask (B, L) bool, True = masked.
+
+    Supp. Sec. C: of the masked patches an alpha_t share are those of highest predicted loss, the
+    rest random. The hard_count top-scored patches are always masked; of the others the len_keep
+    with the smallest noise U[0,1) stay visible. alpha = 0 is MAE random masking on the same
+    noise. Vectorised: the same distribution as the official per-sample loop, not the same draws.
+    """
+    B, L = scores.shape
+    n_hard = hard_count(L, mask_ratio, alpha)  # Alg. S1 len_pred (note 3)
+    # Alg. S1 argsort(pred_t)[-len_pred:]: the top scores, stable so ties go to the higher index
+    ids_hard = torch.argsort(scores, dim=1, stable=True)[:, L - n_hard:]  # (B, n_hard)
+    # (B, L), True at the hard patches
+    hard = torch.zeros(B, L, dtype=torch.bool, device=scores.device).scatter(1, ids_hard, True)
+    # Alg. S1 "random masking for remained patches": hard patches get infinite noise, never kept;
+    # random_masking keeps the len_keep smallest (Alg. S1 len_keep, mask and restore; note 4)
+    return random_masking(noise.masked_fill(hard, float('inf')), mask_ratio)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def difficulty_map(scores, imgs, p):
+    """Scores (B, L) -> heat map (B, 3, H, W) in [0, 1], min-max per image, over the dim input."""
+    B = scores.shape[0]
+    H, W = imgs.shape[-2:]
+    s = scores.float()
+    lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
+    v = ((s - lo) / (hi - lo).clamp(min=1e-12)).reshape(B, H // p, W // p)  # (B, G, G)
+    v = upsample_mask(v, p)[:, None]  # (B, 1, H, W)
+    return 0.3 * denormalize(imgs).mean(1, keepdim=True) + 0.7 * hot_colours(v)  # (B, 3, H, W)
 
 
 class HPM(MaskedAutoencoderViT):
@@ -196,11 +271,12 @@ class HPM(MaskedAutoencoderViT):
         return {'model_ema': self.teacher.state_dict()}
 
     def load_extra_state(self, checkpoint):
-        """Restore the teacher from a checkpoint's 'model_ema'."""
-        if 'model_ema' not in checkpoint:
-            raise ValueError('this HPM checkpoint has no teacher (model_ema); resume from a file '
-                             'hpm.py wrote')
-        self.teacher.load_state_dict(checkpoint['model_ema'], strict=True)
+        """Restore the teacher from a checkpoint: ours ('model_ema') or an official HPM file
+        ('ema_state_dict'), read by from_official as the student's weights are."""
+        if not any(k in checkpoint for k in ('model_ema', 'ema_state_dict')):
+            raise ValueError('this HPM checkpoint has no teacher (model_ema or ema_state_dict); '
+                             'resume from a file hpm.py wrote or an official HPM checkpoint')
+        self.teacher.load_state_dict(from_official(checkpoint, teacher=True), strict=True)
 
     def describe(self):
         """One line for the log: visible, masked and hard patches, the target."""
@@ -221,17 +297,15 @@ class HPM(MaskedAutoencoderViT):
         Drawn from the teacher's scores of the unmasked image and per-sample noise; scores None
         when not needed. `latent`: the teacher's encoder output on that image, if the caller has it.
         """
-        if mask is not None:
-            return super().masking(imgs, mask), None
-        B, L = imgs.shape[0], self.grid ** 2
-        noise = sample_noise(B, L, imgs.device, keys)
+        L = self.grid ** 2
         n_hard = hard_count(L, self.mask_ratio, self.alpha)
-        scores = None
-        if n_hard > 0 or not self.training:  # eval: scores for the picture
-            scores = self.teacher_on(imgs.device).score_patches(imgs, latent)
-        if n_hard == 0:
-            return random_masking(noise, self.mask_ratio), scores  # note 4
-        return easy_to_hard(scores, self.mask_ratio, self.alpha, noise), scores
+        scores, policy = None, random_masking  # no hard patch: random masking (note 4)
+        if mask is None and (n_hard > 0 or not self.training):  # eval: scores for the picture
+            scores = self.teacher_on(imgs.device).score_patches(imgs, latent)  # (B, L)
+        if mask is None and n_hard > 0:
+            def policy(noise, mask_ratio):
+                return easy_to_hard_mask(scores, mask_ratio, self.alpha, noise)
+        return token_masking(imgs, L, self.mask_ratio, mask, keys, policy)[0], scores
 
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> dict(loss, loss_rec, loss_pred, pred, target, mask, pred_loss).
@@ -307,17 +381,6 @@ class HPM(MaskedAutoencoderViT):
             cols = pixel_columns(imgs, patchify(imgs.float(), p), out['mask'], p, False)[:2]
         names = ['input', 'masked', 'prediction'][:len(cols)] + ['difficulty']
         return grid_picture(cols + [difficulty_map(scores, imgs, p)], names)
-
-
-def difficulty_map(scores, imgs, p):
-    """Scores (B, L) -> heat map (B, 3, H, W) in [0, 1], min-max per image, over the dim input."""
-    B = scores.shape[0]
-    H, W = imgs.shape[-2:]
-    s = scores.float()
-    lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
-    v = ((s - lo) / (hi - lo).clamp(min=1e-12)).reshape(B, H // p, W // p)  # (B, G, G)
-    v = upsample_mask(v, p)[:, None]  # (B, 1, H, W)
-    return 0.3 * denormalize(imgs).mean(1, keepdim=True) + 0.7 * hot_colours(v)  # (B, 3, H, W)
 
 
 def from_official(obj, teacher=False):
@@ -457,72 +520,6 @@ def load_target_model(kind, path, img_size, patch_size, head_dim=64):
         model = DinoViT(img_size, p, D, depth, D // head_dim)
     load_model_state(model, sd, f'--teacher-path {path} ({kind})')  # fp16 values load as fp32
     return model.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------- losses
-
-def ranking_loss(p, t):
-    """Relative loss (note 10): predicted p, true t (B, M) -> 0-d, fp32.
-
-    All ordered pairs (i, j) of one image: z = p_j - p_i, label t_j > t_i, ties ignored,
-    -log(sigmoid(z) + 1e-6) or -log(1 - sigmoid(z) + 1e-6), summed and divided by the batch's
-    non-tied pair count.
-    """
-    with autocast_off(p.device):  # ours fp32, the official loop fp16 (note 10)
-        p, t = p.float(), t.float()
-        pos = (t[:, None, :] > t[:, :, None]).float()  # (B, M, M) [i, j] = t_j > t_i
-        neg = (t[:, None, :] < t[:, :, None]).float()  # (B, M, M)
-        prob = torch.sigmoid(p[:, None, :] - p[:, :, None])  # (B, M, M) sigmoid(p_j - p_i)
-        loss = -pos * torch.log(prob + EPS) - neg * torch.log(1 - prob + EPS)
-        return loss.sum() / (pos + neg).sum().clamp(min=1)  # the code: 0/0 if all tie (note 10)
-
-
-def absolute_loss(p, t):
-    """Absolute ablation (`--no-relative`): MSE to per-image standardised losses, fp32.
-
-    Unbiased variance, as forward_learning_loss with relative=False.
-    """
-    with autocast_off(p.device):
-        t = t.float()
-        t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6) ** 0.5
-        return ((p.float() - t) ** 2).mean()
-
-
-def feature_loss(pred, target):
-    """Feature-target loss per token: pred, target (B, L, C) -> (B, L) fp32, |p^ - t^|^2 = 2 - 2cos.
-
-    As models_mae_learn_feature_loss.py:MaskedAutoencoderViT.forward_loss (^ = L2-normalised):
-    its mean over the masked tokens is L_rec, its per-token values the ranking target.
-    """
-    with autocast_off(pred.device):
-        p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)  # (B, L, C)
-        return ((p - t) ** 2).sum(dim=-1)  # (B, L)
-
-
-# ----------------------------------------------------------------------------- easy-to-hard masking
-
-def easy_to_hard(scores, mask_ratio, alpha, noise):
-    """easy_to_hard_mask with the (ids_keep, mask, ids_restore) triple of common.random_masking."""
-    B, L = scores.shape
-    n_hard = hard_count(L, mask_ratio, alpha)  # Alg. S1 len_pred (note 3)
-    # Alg. S1 argsort(pred_t)[-len_pred:]: the top scores, stable so ties go to the higher index
-    ids_hard = torch.argsort(scores, dim=1, stable=True)[:, L - n_hard:]  # (B, n_hard)
-    # (B, L), True at the hard patches
-    hard = torch.zeros(B, L, dtype=torch.bool, device=scores.device).scatter(1, ids_hard, True)
-    # Alg. S1 "random masking for remained patches": hard patches get infinite noise, never kept;
-    # random_masking keeps the len_keep smallest (Alg. S1 len_keep, mask and restore; note 4)
-    return random_masking(noise.masked_fill(hard, float('inf')), mask_ratio)
-
-
-def easy_to_hard_mask(scores, mask_ratio, alpha, noise):
-    """Easy-to-hard mask (Alg. S1, note 4) -> (B, L) bool, True = masked; scores, noise (B, L).
-
-    Supp. Sec. C: of the masked patches an alpha_t share are those of highest predicted loss, the
-    rest random. The hard_count top-scored patches are always masked; of the others the len_keep
-    with the smallest noise U[0,1) stay visible. alpha = 0 is MAE random masking on the same
-    noise. Vectorised: the same distribution as the official per-sample loop, not the same draws.
-    """
-    return easy_to_hard(scores, mask_ratio, alpha, noise)[1]
 
 
 # ----------------------------------------------------------------------------- command line

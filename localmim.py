@@ -53,8 +53,8 @@ from einops import rearrange
 
 from common import (Block, SwinTransformer, VisionTransformer, autocast_off, check_divisible,
                     check_ratio, drop_path, fill_masked, grid_picture, hog_from_gradients,
-                    hog_glyphs, ids_from_mask, init_weights, norm_pix, patchify, pixel_columns,
-                    random_masking, sample_noise, sincos_pos_embed, upsample_mask)
+                    hog_glyphs, init_weights, norm_pix, patchify, pixel_columns, sample_noise,
+                    sincos_pos_embed, sobel_kernel, token_masking, upsample_mask)
 
 VIT_SCALES = (4, 2, 1, 0.5)  # grid multiplier of each ViT level (official `self.scale`)
 SWIN_UNITS = (4, 2, 1, 1)  # tokens per mask unit side on the Swin level grids (28/14/7/7 at 224)
@@ -69,8 +69,8 @@ class HOGConv(nn.Module):
     def __init__(self, bias=False):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode='reflect', bias=bias)
-        sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-        self.conv.weight.data = torch.stack([sobel, sobel.t()])[:, None]  # (2, 1, 3, 3)
+        kx = sobel_kernel()  # (3, 3), as common.sobel's
+        self.conv.weight.data = torch.stack([kx, kx.t()])[:, None]  # (2, 1, 3, 3)
         self.requires_grad_(False)
 
     def forward(self, imgs):
@@ -181,6 +181,25 @@ class Decoder(nn.Module):
         return self.pred(x).flatten(2).transpose(1, 2)  # (B, (sG)^2, C_out)
 
 
+# ----------------------------------------------------------------------------- pictures
+
+def level_labels(n):
+    """Column names of n levels' target and prediction."""
+    return [f'{kind} {k}' for k in range(n) for kind in ('target', 'pred')]
+
+
+def hog_columns(out, weights, nbins, res):
+    """Per level: target glyphs, and prediction glyphs where the loss is taken (else target)."""
+    cols = []
+    for p, t, w in zip(out['pred'], out['target'], weights):
+        G = int(t.shape[1] ** 0.5)
+        shown = torch.where(w[..., None] > 0, p.float(), t)  # (B, L_k, 3*nbins)
+        for hist in (t, shown):  # (B, G*G, C) -> (B, C, G, G) glyphs
+            cols.append(hog_glyphs(rearrange(hist.clamp(min=0), 'b (h w) c -> b c h w', h=G),
+                                   nbins, res // G))
+    return cols
+
+
 # ----------------------------------------------------------------------------- ViT
 
 class LocalMIMViT(VisionTransformer):
@@ -214,10 +233,7 @@ class LocalMIMViT(VisionTransformer):
 
     def masking(self, imgs, mask=None, keys=None):
         """MAE masking (noise from the sample keys) or a given (B, L) bool mask (True = masked)."""
-        if mask is not None:
-            return ids_from_mask(mask.to(imgs.device))
-        return random_masking(sample_noise(imgs.shape[0], self.grid ** 2, imgs.device, keys),
-                              self.mask_ratio)
+        return token_masking(imgs, self.grid ** 2, self.mask_ratio, mask, keys)[0]
 
     def noise_len(self):
         """Mask noise values per sample (one per token), drawn by the data workers from its key."""
@@ -264,23 +280,6 @@ class LocalMIMViT(VisionTransformer):
                              self.patch_size, False)[:2]
         hogs = hog_columns(out, self.level_weights(out['mask']), self.nbins, imgs.shape[-1])
         return grid_picture(cols + hogs, ['input', 'masked'] + level_labels(len(hogs) // 2))
-
-
-def level_labels(n):
-    """Column names of n levels' target and prediction."""
-    return [f'{kind} {k}' for k in range(n) for kind in ('target', 'pred')]
-
-
-def hog_columns(out, weights, nbins, res):
-    """Per level: target glyphs, and prediction glyphs where the loss is taken (else target)."""
-    cols = []
-    for p, t, w in zip(out['pred'], out['target'], weights):
-        G = int(t.shape[1] ** 0.5)
-        shown = torch.where(w[..., None] > 0, p.float(), t)  # (B, L_k, 3*nbins)
-        for hist in (t, shown):  # (B, G*G, C) -> (B, C, G, G) glyphs
-            cols.append(hog_glyphs(rearrange(hist.clamp(min=0), 'b (h w) c -> b c h w', h=G),
-                                   nbins, res // G))
-    return cols
 
 
 # ----------------------------------------------------------------------------- Swin, visible tokens

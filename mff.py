@@ -71,9 +71,210 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT, autocast_off, denormalize,
-                    grid_picture, init_weights, pixel_columns, sincos_pos_embed)
+                    grid_picture, imagenet_mean_std, init_weights, masked_mean, pixel_columns,
+                    sincos_pos_embed)
 
 LOWFREQ_RADIUS_224 = 40  # mmselfsup PixMIM config: LowFreqTargetGenerator(radius=40, img_size=224)
+
+
+# ----------------------------------------------------------------------------- model
+
+def mmpretrain_sincos(dim, grid):
+    """mmpretrain's fixed sin-cos table (1+G*G, D): MAE's with its two halves swapped, so the row
+    encoding comes first (note 5)."""
+    table = sincos_pos_embed(dim, grid)  # (1+G*G, D): column half, row half; cls row 0
+    return torch.cat([table[:, dim // 2:], table[:, :dim // 2]], dim=1)
+
+
+# ---------------------------------------------------------------------- PixMIM low-frequency target
+
+def lowpass_filter(H, W, radius, device=None):
+    """Ideal circular low-pass (H, W) bool: True within `radius` of ((H-1)/2, (W-1)/2) (note 7).
+
+    After fftshift the DC term sits at (H/2, W/2), half a bin from that centre.
+    """
+    rows = torch.arange(H, dtype=torch.float64, device=device)[:, None]  # (H, 1)
+    cols = torch.arange(W, dtype=torch.float64, device=device)[None]  # (1, W)
+    return (rows - (H - 1) / 2) ** 2 + (cols - (W - 1) / 2) ** 2 <= radius ** 2  # (H, W)
+
+
+def low_pass(x, radius):
+    """[0, 1] images (B, 3, H, W) -> |ifft2(filter * fftshift(fft2(x)))| (B, 3, H, W), real >= 0."""
+    # (B, 3, H, W) complex, DC moved to the middle
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
+    spectrum = spectrum * lowpass_filter(*x.shape[-2:], radius, x.device)
+    # No ifftshift (note 7): for even sizes it would only multiply by (-1)^(i+j), which the
+    # magnitude removes; the off-centre filter makes the result complex, hence abs, not .real.
+    return torch.fft.ifft2(spectrum).abs()  # (B, 3, H, W)
+
+
+def lowfreq_image(imgs, radius):
+    """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (fp32, no grad)."""
+    with torch.no_grad(), autocast_off(imgs.device):
+        mean, std = imagenet_mean_std(imgs.device)  # (1, 3, 1, 1) each
+        rgb = imgs.float() * std + mean  # back to [0, 1] RGB, not clamped (note 7)
+        return (low_pass(rgb, radius) - mean) / std
+
+
+# ----------------------------------------------------------------------------- the model
+
+def fusion_bars(alpha, layers, width, height=160):
+    """Bar chart of the fusion weight per fused block, uint8 (3, height, width); dashed: 1/K."""
+    from PIL import Image, ImageDraw
+    img = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(img)
+    K, top, bottom, left = len(alpha), 32, height - 16, 4
+    draw.text((left, 2), f'fusion weights alpha = softmax(proj_weights) per block; '
+                         f'dashed: uniform 1/{K}', fill='black')
+    scale = (bottom - top) / max(max(alpha), 1 / K)
+    slot = (width - 2 * left) / K
+    for k, (weight, block) in enumerate(zip(alpha, layers)):
+        x0, x1 = left + (k + 0.15) * slot, left + (k + 0.85) * slot
+        y0 = bottom - weight * scale
+        draw.rectangle([x0, y0, x1, bottom], fill=(200, 90, 60) if k == K - 1 else (70, 110, 180))
+        draw.text((x0, y0 - 12), f'{weight:.3f}'.lstrip('0'), fill='black')
+        draw.text((x0, bottom + 2), f'b{block}', fill='black')
+    y = bottom - scale / K
+    for x in range(left, width - left, 8):
+        draw.line([(x, y), (x + 4, y)], fill=(120, 120, 120))
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).contiguous()  # (3, height, width)
+
+
+class MFF(MaskedAutoencoderViT):
+    """MAE whose latent is LN(sum_k alpha_k f_k) over the K fused blocks (MFF Fig. 3, note 1).
+
+    f_k = proj_layers[k](h_k) for the shallow blocks, f_K = h_K for the last listed block; alpha =
+    softmax of the K learnable logits `proj_weights` (K, 1, 1, 1), initialised to ones. Keys: MAE's
+    plus `proj_layers.k.*` and `proj_weights` (mmpretrain's `backbone.proj_*` without the prefix).
+    Shapes: the encoder sees N = 1 + kept tokens (cls first).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_pix_loss=True, mask_ratio=0.75, fuse_layers='L6', detach_shallow=False,
+                 allow_truncated=False, target='pixel', lowfreq_radius=None,
+                 sincos_order='mmpretrain', decay_fusion=True):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
+                         decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
+        if target not in ('pixel', 'lowfreq'):
+            raise ValueError(f'--target {target} is unknown; use pixel (MFF_MAE) or lowfreq '
+                             f'(MFF_PixMIM)')
+        if lowfreq_radius is not None and lowfreq_radius < 0:
+            raise ValueError(f'--lowfreq-radius {lowfreq_radius} is negative; use a radius in '
+                             f'frequency bins >= 0')
+        self.fuse_layers = check_fuse_layers(fuse_layers, depth, allow_truncated)
+        K = len(self.fuse_layers)
+        self.proj_layers = nn.ModuleList([nn.Linear(embed_dim, embed_dim) for _ in range(K - 1)])
+        self.proj_layers.apply(init_weights)  # note 3
+        # note 2: frozen for K = 1
+        self.proj_weights = nn.Parameter(torch.ones(K, 1, 1, 1), requires_grad=K > 1)
+        self.detach_shallow, self.target_kind, self.decay_fusion = (detach_shallow, target,
+                                                                    decay_fusion)
+        # R = 40 at 224 (note 7), scaled with the side at other resolutions (note 8)
+        self.lowfreq_radius = (LOWFREQ_RADIUS_224 * img_size / 224 if lowfreq_radius is None
+                               else lowfreq_radius)
+        self.sincos_order = sincos_order
+        self.fill_tables()
+
+    # --- encoder with fusion
+    def fusion_weights(self):
+        """alpha = softmax of the K logits (K, 1, 1, 1), recomputed at every forward (note 1)."""
+        return F.softmax(self.proj_weights, dim=0)
+
+    def fuse(self, feats):
+        """K block outputs (B, N, D) -> sum_k alpha_k f_k (B, N, D), cls token included (note 1)."""
+        shallow = [proj(h.detach() if self.detach_shallow else h)  # MFF^detach (note 12)
+                   for proj, h in zip(self.proj_layers, feats[:-1])]
+        # (K, B, N, D) -> (B, N, D)
+        return (torch.stack(shallow + feats[-1:]) * self.fusion_weights()).sum(0)
+
+    def forward_encoder(self, imgs, ids_keep, layers=None):
+        """Encoder on cls + kept tokens -> LN(fused) (B, N, D), plus the raw outputs of `layers`."""
+        x = self.embed(imgs, ids_keep)  # (B, N, D)
+        last_block = max(self.fuse_layers + list(layers or []))
+        fused_inputs, requested = [], []
+        # later blocks cannot change the result (a truncated list drops them, note 10)
+        for i, blk in enumerate(self.blocks[:last_block + 1]):
+            x = blk(x)
+            if i in self.fuse_layers:
+                fused_inputs.append(x)
+            if layers is not None and i in layers:
+                requested.append(x)
+        # the one final LayerNorm, after the fusion (note 1)
+        latent = self.norm(self.fuse(fused_inputs))
+        return (latent, requested) if layers is not None else latent
+
+    # --- target and forward
+    def target(self, imgs):
+        """Norm-pix target (B, L, p*p*3) of the image, or of its low-frequency version (note 9)."""
+        if self.target_kind == 'lowfreq':
+            imgs = lowfreq_image(imgs, self.lowfreq_radius)
+        return super().target(imgs)
+
+    def forward(self, imgs, mask=None, keys=None):
+        """imgs (B, 3, H, W) -> dict(loss, pred, target, mask, fusion_weights: K 0-d tensors)."""
+        ids_keep, mask, ids_restore = self.masking(imgs, mask, keys)  # MAE's random masking
+        latent = self.forward_encoder(imgs, ids_keep)  # (B, 1+K, D): the encoder with fusion
+        pred = self.forward_decoder(latent, ids_restore)  # (B, L, p*p*3): MAE's decoder
+        target = self.target(imgs)  # (B, L, p*p*3): the pixels or their low frequencies
+        loss = masked_mean(self.patch_loss(pred, target), mask)  # MSE on the masked patches
+        # logged as mmpretrain MFF.loss logs weight_0 .. weight_{K-1}
+        alpha = list(self.fusion_weights().detach().view(-1).unbind())
+        return dict(loss=loss, pred=pred, target=target, mask=mask, fusion_weights=alpha)
+
+    # --- sin-cos tables, weight decay, log line, picture
+    def fill_tables(self):
+        """Both fixed sin-cos tables in the chosen layout (default mmpretrain's, note 5)."""
+        make = mmpretrain_sincos if self.sincos_order == 'mmpretrain' else sincos_pos_embed
+        for table in (self.pos_embed, self.decoder_pos_embed):
+            table.data = make(table.shape[-1], self.grid)[None].to(table.device)
+
+    def no_weight_decay(self, name, param):
+        """mmpretrain's rule (note 4): no decay for names containing ln, bias, pos_embed, ...
+
+        Mapped onto our names: mmpretrain's LayerNorms are `ln1`/`ln2` (blocks), `backbone.ln1`
+        and `neck.ln1`; ours are `norm1`/`norm2`, `norm` and `decoder_norm`, and no other name
+        of ours contains 'norm'. So `proj_weights` and `proj_layers.*.weight` are decayed unless
+        decay_fusion=False.
+        """
+        if not self.decay_fusion and name.startswith('proj_'):
+            return True
+        return any(s in name for s in ('norm', 'bias', 'pos_embed', 'mask_token', 'cls_token'))
+
+    def describe(self):
+        """One line for the log: tokens, fused blocks, target."""
+        L, K = self.grid ** 2, len(self.fuse_layers)
+        keep = int(L * (1 - self.mask_ratio))
+        target = (f'low-frequency (radius {self.lowfreq_radius:g})' if self.target_kind == 'lowfreq'
+                  else 'pixel')
+        detach = ', shallow detached' if self.detach_shallow else ''
+        return (f'mff: {L} patches per image, {keep} visible to the encoder, {L - keep} masked; '
+                f'fused blocks {self.fuse_layers} (K = {K}, alpha = 1/{K} at init{detach}); '
+                f'{target} target')
+
+    def picture(self, imgs, out):
+        """input | (low-freq target) | masked | reconstruction, the fusion weights' bars below."""
+        target_imgs = (lowfreq_image(imgs, self.lowfreq_radius) if self.target_kind == 'lowfreq'
+                       else imgs)
+        columns = pixel_columns(target_imgs, out['pred'], out['mask'], self.patch_size,
+                                self.norm_pix_loss)
+        names = ['target' if self.target_kind == 'lowfreq' else 'input', 'masked', 'prediction']
+        if self.target_kind == 'lowfreq':
+            columns, names = [denormalize(imgs)] + columns, ['input'] + names
+        grid = grid_picture(columns, names)
+        alpha = [float(a) for a in out['fusion_weights']]
+        return torch.cat([grid, fusion_bars(alpha, self.fuse_layers, grid.shape[-1])],
+                         dim=1)  # (3, H + h, W)
+
+
+def from_official(obj):
+    """mmpretrain MFF checkpoint (mmengine {'meta', 'state_dict'}, `backbone.`/`neck.`) or ours.
+
+    Returns our keys. The stored sin-cos tables are kept as they are (mmpretrain's layout, note 5);
+    the non-persistent data-preprocessor buffers are absent, and dropped if present.
+    """
+    return mmpretrain_vit_to_timm(strip_prefix(pick_state_dict(obj)))
 
 
 # ----------------------------------------------------------------------------- which blocks to fuse
@@ -124,45 +325,7 @@ def check_fuse_layers(layers, depth, allow_truncated=False):
     return indices
 
 
-# ---------------------------------------------------------------------- PixMIM low-frequency target
-
-def lowpass_filter(H, W, radius, device=None):
-    """Ideal circular low-pass (H, W) bool: True within `radius` of ((H-1)/2, (W-1)/2) (note 7).
-
-    After fftshift the DC term sits at (H/2, W/2), half a bin from that centre.
-    """
-    rows = torch.arange(H, dtype=torch.float64, device=device)[:, None]  # (H, 1)
-    cols = torch.arange(W, dtype=torch.float64, device=device)[None]  # (1, W)
-    return (rows - (H - 1) / 2) ** 2 + (cols - (W - 1) / 2) ** 2 <= radius ** 2  # (H, W)
-
-
-def low_pass(x, radius):
-    """[0, 1] images (B, 3, H, W) -> |ifft2(filter * fftshift(fft2(x)))| (B, 3, H, W), real >= 0."""
-    # (B, 3, H, W) complex, DC moved to the middle
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
-    spectrum = spectrum * lowpass_filter(*x.shape[-2:], radius, x.device)
-    # No ifftshift (note 7): for even sizes it would only multiply by (-1)^(i+j), which the
-    # magnitude removes; the off-centre filter makes the result complex, hence abs, not .real.
-    return torch.fft.ifft2(spectrum).abs()  # (B, 3, H, W)
-
-
-def lowfreq_image(imgs, radius):
-    """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (fp32, no grad)."""
-    with torch.no_grad(), autocast_off(imgs.device):
-        mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-        rgb = imgs.float() * std + mean  # back to [0, 1] RGB, not clamped (note 7)
-        return (low_pass(rgb, radius) - mean) / std
-
-
-# ----------------------------------------------------------------------------- model
-
-def mmpretrain_sincos(dim, grid):
-    """mmpretrain's fixed sin-cos table (1+G*G, D): MAE's with its two halves swapped, so the row
-    encoding comes first (note 5)."""
-    table = sincos_pos_embed(dim, grid)  # (1+G*G, D): column half, row half; cls row 0
-    return torch.cat([table[:, dim // 2:], table[:, :dim // 2]], dim=1)
-
+# ----------------------------------------------------------------------------- PixMIM data
 
 def pixmim_transform(res):
     """PixMIM's crop: short side -> res (bilinear), a res crop of the 4-px reflect-padded image,
@@ -179,166 +342,6 @@ def pixmim_transform(res):
 def make_dataset(args):
     """The pre-training set with the crop of --crop: PixMIM's (default) or MAE's."""
     return pretrain_dataset(args, pixmim_transform(args.res) if args.crop == 'pixmim' else None)
-
-
-class MFF(MaskedAutoencoderViT):
-    """MAE whose latent is LN(sum_k alpha_k f_k) over the K fused blocks (MFF Fig. 3, note 1).
-
-    f_k = proj_layers[k](h_k) for the shallow blocks, f_K = h_K for the last listed block; alpha =
-    softmax of the K learnable logits `proj_weights` (K, 1, 1, 1), initialised to ones. Keys: MAE's
-    plus `proj_layers.k.*` and `proj_weights` (mmpretrain's `backbone.proj_*` without the prefix).
-    Shapes: the encoder sees N = 1 + kept tokens (cls first).
-    """
-
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_pix_loss=True, mask_ratio=0.75, fuse_layers='L6', detach_shallow=False,
-                 allow_truncated=False, target='pixel', lowfreq_radius=None,
-                 sincos_order='mmpretrain', decay_fusion=True):
-        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
-                         decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
-        if target not in ('pixel', 'lowfreq'):
-            raise ValueError(f'--target {target} is unknown; use pixel (MFF_MAE) or lowfreq '
-                             f'(MFF_PixMIM)')
-        if lowfreq_radius is not None and lowfreq_radius < 0:
-            raise ValueError(f'--lowfreq-radius {lowfreq_radius} is negative; use a radius in '
-                             f'frequency bins >= 0')
-        self.fuse_layers = check_fuse_layers(fuse_layers, depth, allow_truncated)
-        K = len(self.fuse_layers)
-        self.proj_layers = nn.ModuleList([nn.Linear(embed_dim, embed_dim) for _ in range(K - 1)])
-        self.proj_layers.apply(init_weights)  # note 3
-        # note 2: frozen for K = 1
-        self.proj_weights = nn.Parameter(torch.ones(K, 1, 1, 1), requires_grad=K > 1)
-        self.detach_shallow, self.target_kind, self.decay_fusion = (detach_shallow, target,
-                                                                    decay_fusion)
-        # R = 40 at 224 (note 7), scaled with the side at other resolutions (note 8)
-        self.lowfreq_radius = (LOWFREQ_RADIUS_224 * img_size / 224 if lowfreq_radius is None
-                               else lowfreq_radius)
-        self.sincos_order = sincos_order
-        self.fill_tables()
-
-    def fill_tables(self):
-        """Both fixed sin-cos tables in the chosen layout (default mmpretrain's, note 5)."""
-        make = mmpretrain_sincos if self.sincos_order == 'mmpretrain' else sincos_pos_embed
-        for table in (self.pos_embed, self.decoder_pos_embed):
-            table.data = make(table.shape[-1], self.grid)[None].to(table.device)
-
-    def set_resolution(self, img_size):
-        """New input size: recompute both tables, in this model's layout."""
-        super().set_resolution(img_size)
-        self.fill_tables()
-
-    def no_weight_decay(self, name, param):
-        """mmpretrain's rule (note 4): no decay for names containing ln, bias, pos_embed, ...
-
-        Mapped onto our names: mmpretrain's LayerNorms are `ln1`/`ln2` (blocks), `backbone.ln1`
-        and `neck.ln1`; ours are `norm1`/`norm2`, `norm` and `decoder_norm`, and no other name
-        of ours contains 'norm'. So `proj_weights` and `proj_layers.*.weight` are decayed unless
-        decay_fusion=False.
-        """
-        if not self.decay_fusion and name.startswith('proj_'):
-            return True
-        return any(s in name for s in ('norm', 'bias', 'pos_embed', 'mask_token', 'cls_token'))
-
-    # --- encoder with fusion
-    def fusion_weights(self):
-        """alpha = softmax of the K logits (K, 1, 1, 1), recomputed at every forward (note 1)."""
-        return F.softmax(self.proj_weights, dim=0)
-
-    def fuse(self, feats):
-        """K block outputs (B, N, D) -> sum_k alpha_k f_k (B, N, D), cls token included (note 1)."""
-        shallow = [proj(h.detach() if self.detach_shallow else h)  # MFF^detach (note 12)
-                   for proj, h in zip(self.proj_layers, feats[:-1])]
-        # (K, B, N, D) -> (B, N, D)
-        return (torch.stack(shallow + feats[-1:]) * self.fusion_weights()).sum(0)
-
-    def forward_encoder(self, imgs, ids_keep, layers=None):
-        """Encoder on cls + kept tokens -> LN(fused) (B, N, D), plus the raw outputs of `layers`."""
-        x = self.embed(imgs, ids_keep)  # (B, N, D)
-        last_block = max(self.fuse_layers + list(layers or []))
-        fused_inputs, requested = [], []
-        # later blocks cannot change the result (a truncated list drops them, note 10)
-        for i, blk in enumerate(self.blocks[:last_block + 1]):
-            x = blk(x)
-            if i in self.fuse_layers:
-                fused_inputs.append(x)
-            if layers is not None and i in layers:
-                requested.append(x)
-        # the one final LayerNorm, after the fusion (note 1)
-        latent = self.norm(self.fuse(fused_inputs))
-        return (latent, requested) if layers is not None else latent
-
-    # --- target, forward, picture
-    def target(self, imgs):
-        """Norm-pix target (B, L, p*p*3) of the image, or of its low-frequency version (note 9)."""
-        if self.target_kind == 'lowfreq':
-            imgs = lowfreq_image(imgs, self.lowfreq_radius)
-        return super().target(imgs)
-
-    def forward(self, imgs, mask=None, keys=None):
-        """imgs (B, 3, H, W) -> dict(loss, pred, target, mask, fusion_weights: K 0-d tensors)."""
-        # MAE's masking, decoder and masked-patch loss around our encoder
-        out = super().forward(imgs, mask, keys)
-        # logged as mmpretrain MFF.loss logs weight_0 .. weight_{K-1}
-        out['fusion_weights'] = list(self.fusion_weights().detach().view(-1).unbind())
-        return out
-
-    def describe(self):
-        """One line for the log: tokens, fused blocks, target."""
-        L, K = self.grid ** 2, len(self.fuse_layers)
-        keep = int(L * (1 - self.mask_ratio))
-        target = (f'low-frequency (radius {self.lowfreq_radius:g})' if self.target_kind == 'lowfreq'
-                  else 'pixel')
-        detach = ', shallow detached' if self.detach_shallow else ''
-        return (f'mff: {L} patches per image, {keep} visible to the encoder, {L - keep} masked; '
-                f'fused blocks {self.fuse_layers} (K = {K}, alpha = 1/{K} at init{detach}); '
-                f'{target} target')
-
-    def picture(self, imgs, out):
-        """input | (low-freq target) | masked | reconstruction, the fusion weights' bars below."""
-        target_imgs = (lowfreq_image(imgs, self.lowfreq_radius) if self.target_kind == 'lowfreq'
-                       else imgs)
-        columns = pixel_columns(target_imgs, out['pred'], out['mask'], self.patch_size,
-                                self.norm_pix_loss)
-        names = ['target' if self.target_kind == 'lowfreq' else 'input', 'masked', 'prediction']
-        if self.target_kind == 'lowfreq':
-            columns, names = [denormalize(imgs)] + columns, ['input'] + names
-        grid = grid_picture(columns, names)
-        alpha = [float(a) for a in out['fusion_weights']]
-        return torch.cat([grid, fusion_bars(alpha, self.fuse_layers, grid.shape[-1])],
-                         dim=1)  # (3, H + h, W)
-
-
-def fusion_bars(alpha, layers, width, height=160):
-    """Bar chart of the fusion weight per fused block, uint8 (3, height, width); dashed: 1/K."""
-    from PIL import Image, ImageDraw
-    img = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(img)
-    K, top, bottom, left = len(alpha), 32, height - 16, 4
-    draw.text((left, 2), f'fusion weights alpha = softmax(proj_weights) per block; '
-                         f'dashed: uniform 1/{K}', fill='black')
-    scale = (bottom - top) / max(max(alpha), 1 / K)
-    slot = (width - 2 * left) / K
-    for k, (weight, block) in enumerate(zip(alpha, layers)):
-        x0, x1 = left + (k + 0.15) * slot, left + (k + 0.85) * slot
-        y0 = bottom - weight * scale
-        draw.rectangle([x0, y0, x1, bottom], fill=(200, 90, 60) if k == K - 1 else (70, 110, 180))
-        draw.text((x0, y0 - 12), f'{weight:.3f}'.lstrip('0'), fill='black')
-        draw.text((x0, bottom + 2), f'b{block}', fill='black')
-    y = bottom - scale / K
-    for x in range(left, width - left, 8):
-        draw.line([(x, y), (x + 4, y)], fill=(120, 120, 120))
-    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return pixels.view(height, width, 3).permute(2, 0, 1).contiguous()  # (3, height, width)
-
-
-def from_official(obj):
-    """mmpretrain MFF checkpoint (mmengine {'meta', 'state_dict'}, `backbone.`/`neck.`) or ours.
-
-    Returns our keys. The stored sin-cos tables are kept as they are (mmpretrain's layout, note 5);
-    the non-persistent data-preprocessor buffers are absent, and dropped if present.
-    """
-    return mmpretrain_vit_to_timm(strip_prefix(pick_state_dict(obj)))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -242,6 +242,53 @@ def test_random_masking_and_given_mask():
         common.ids_from_mask(torch.tensor([[True, False], [True, True]]))
 
 
+def test_token_masking_is_the_one_mae_masking(monkeypatch):
+    """One function masks for MAE, LocalMIM's ViT, HPM and Efficient MAE: noise from the keys and random_masking
+    (or a given mask as it is); each model's forward goes through it."""
+    import efficient_mae
+    import hpm
+    import localmim
+    imgs, keys = torch.zeros(3, 3, 32, 32), torch.arange(3)
+    (ids_keep, mask, ids_restore), noise = common.token_masking(imgs, 16, 0.75, keys=keys)
+    assert torch.equal(noise, common.sample_noise(3, 16, imgs.device, keys))
+    assert all(torch.equal(a, b) for a, b in zip((ids_keep, mask, ids_restore), common.random_masking(noise, 0.75)))
+    given, none = common.token_masking(imgs, 16, 0.75, mask=mask)
+    assert none is None and all(torch.equal(a, b) for a, b in zip(given, common.ids_from_mask(mask)))
+    seen = []
+    common.token_masking(imgs, 16, 0.5, keys=keys, policy=lambda n, r: seen.append((n, r)))
+    assert torch.equal(seen[0][0], noise) and seen[0][1] == 0.5
+    calls, real = [], common.token_masking
+    for module in (common, hpm, localmim, efficient_mae):
+        def spy(*args, name=module.__name__, **kw):
+            calls.append(name)
+            return real(*args, **kw)
+        monkeypatch.setattr(module, 'token_masking', spy)
+    vit = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    dec = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    for name, model in (('common', common.MaskedAutoencoderViT(**vit, **dec)), ('hpm', hpm.HPM(**vit, **dec)),
+                        ('localmim', localmim.LocalMIMViT(**dict(vit, depth=7), **dec)),
+                        ('efficient_mae', efficient_mae.EfficientMAE(**vit, **dec))):
+        calls.clear()
+        model(imgs, keys=keys)
+        assert calls == [name], (name, calls)
+
+
+def test_one_imagenet_mean_std_and_one_sobel_kernel():
+    """The normalisation the pictures undo is the one the data applies; LocalMIM's HOG conv holds common's kernel."""
+    import localmim
+    mean, std = common.imagenet_mean_std()
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(common.denormalize((x - mean) / std), x, atol=1e-6)  # fp32 round-off of two ops
+    crop = common.DecodeCrop(8)
+    assert torch.equal(crop.mean, mean[0]) and torch.equal(crop.std, std[0])
+    kx = common.sobel_kernel()
+    assert torch.equal(localmim.HOGConv().conv.weight, torch.stack([kx, kx.t()])[:, None])
+    gx, gy = common.sobel(x)
+    padded = F.pad(x, (1, 1, 1, 1), mode='reflect')
+    assert torch.allclose(gx[:, :1], F.conv2d(padded[:, :1], kx.view(1, 1, 3, 3)), atol=1e-6)
+    assert torch.allclose(gy[:, :1], F.conv2d(padded[:, :1], kx.t().reshape(1, 1, 3, 3)), atol=1e-6)
+
+
 def test_sample_noise_is_keyed_per_sample():
     a = common.sample_noise(2, 10, 'cpu', torch.tensor([5, 7]))
     b = common.sample_noise(2, 10, 'cpu', torch.tensor([7, 5]))

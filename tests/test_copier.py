@@ -8,6 +8,7 @@ import textwrap
 import torch
 
 import fastmim
+from common import VisionTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ('fastmim', 'hpm', 'localmim', 'mff', 'efficient_mae')
@@ -44,7 +45,7 @@ def test_each_method_file_runs_beside_common_alone(tmp_path):
 def test_a_model_trains_in_a_plain_loop():
     """FastMIM's ViT in ten lines of plain PyTorch, no common.train: the loss falls on a fixed batch."""
     torch.manual_seed(0)
-    model = fastmim.FastMIMViT(32, 8, 32, 2, 2, mask_size=16, decoder_dim=32)
+    model = fastmim.FastMIM(VisionTransformer(32, 8, 32, 2, 2), mask_size=16, decoder_dim=32)
     imgs, keys = torch.randn(8, 3, 32, 32), torch.arange(8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []

@@ -12,17 +12,27 @@ import fastmim
 from test_common import bins_of, edge_images, log_rows, on_bin_edge
 
 
+def vit(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, **kw):
+    """FastMIM on a ViT encoder of these sizes; kw go to FastMIM."""
+    return fastmim.FastMIM(common.VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads), **kw)
+
+
+def swin(img_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2, **kw):
+    """FastMIM on a Swin encoder (patch 4) of these sizes; kw go to FastMIM."""
+    return fastmim.FastMIM(common.SwinTransformer(img_size, 4, embed_dim, depths, num_heads, window_size), **kw)
+
+
 def tiny_vit(**kw):
     cfg = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mask_size=16, decoder_dim=32)
     cfg.update(kw)
-    return fastmim.FastMIMViT(**cfg)
+    return vit(**cfg)
 
 
 def tiny_swin(**kw):
     cfg = dict(img_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2, mask_size=32,
                decoder_dim=32, decoder_depth=1)
     cfg.update(kw)
-    return fastmim.FastMIMSwin(**cfg)
+    return swin(**cfg)
 
 
 def steps(model, imgs, n=30, lr=1e-3):
@@ -82,17 +92,17 @@ def test_bins_on_edges_follow_the_official_rounding():
 
 
 def test_vit_shapes_at_128():
-    m = fastmim.FastMIMViT(128, 16, 16, 1, 2, decoder_dim=32)
+    m = vit(128, 16, 16, 1, 2, decoder_dim=32)
     out = m(torch.randn(2, 3, 128, 128))
     assert out['pred'].shape == (2, 64, 108) and out['target'].shape == (2, 64, 108)
     assert out['mask'].shape == (2, 8, 8) and (out['mask'].flatten(1).sum(1) == 48).all()
-    assert fastmim.FastMIMViT(128, 16, 16, 1, 2, decoder_dim=32, target='pixel')(torch.randn(1, 3, 128, 128))['pred'].shape == (1, 64, 768)
+    assert vit(128, 16, 16, 1, 2, decoder_dim=32, target='pixel')(torch.randn(1, 3, 128, 128))['pred'].shape == (1, 64, 768)
 
 
 @pytest.mark.parametrize('res,window,expect', [(128, 4, (2, 16, 432)), (224, 7, (2, 49, 432))])
 def test_swin_shapes(res, window, expect):
-    m = fastmim.FastMIMSwin(res, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=window,
-                            decoder_dim=32, decoder_depth=1)
+    m = swin(res, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=window, decoder_dim=32,
+             decoder_depth=1)
     out = m(torch.randn(2, 3, res, res))
     assert out['pred'].shape == expect and out['mask'].shape == (2, res // 32, res // 32)
 
@@ -153,6 +163,26 @@ def test_loss_decreases_on_a_fixed_batch(make):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_one_fastmim_over_either_encoder_keeps_the_official_keys():
+    """One class over a ViT or a Swin: ViT keys at the top level in the official order, Swin's under `encoder.`;
+    the ViT's encoder object and the model hold the same tensors, also after a conversion."""
+    enc = common.VisionTransformer(32, 16, 32, 2, 2)
+    enc_keys = list(enc.state_dict())
+    m = fastmim.FastMIM(enc, decoder_dim=32)
+    keys = list(m.state_dict())
+    assert keys[:3] == ['cls_token', 'pos_embed', 'mask_token'] and set(enc_keys) <= set(keys)
+    assert all(k == 'mask_token' or k.startswith('decoder_') for k in set(keys) - set(enc_keys))
+    for to in (torch.float64, 'meta'):  # meta: new tensors, not new data in the old ones
+        m = m.to(to)
+        assert m.encoder.pos_embed is m.pos_embed and m.encoder.cls_token is m.cls_token and m.encoder.blocks is m.blocks
+    assert m.pos_embed.is_meta and m(torch.zeros(2, 3, 32, 32, device='meta', dtype=torch.float64))['pred'].is_meta
+    s_enc = common.SwinTransformer(64, 4, 8, (1, 1, 1, 1), (1, 1, 2, 2), 2)
+    s = fastmim.FastMIM(s_enc, decoder_dim=32)
+    own = {k for k in s.state_dict() if k == 'mask_token' or k.startswith('decoder_')}
+    assert set(s.state_dict()) - own == {'encoder.' + k for k in s_enc.state_dict()}
+    assert (m.stride, m.mask_size, s.stride, s.mask_size) == (16, 16, 32, 32)  # the default block: the stride
+
+
 def test_from_official_round_trip_and_key_counts():
     m = tiny_vit()
     sd = {'module.' + k: v for k, v in m.state_dict().items()}
@@ -164,8 +194,8 @@ def test_from_official_round_trip_and_key_counts():
     s2.load_state_dict(fastmim.from_official(s.state_dict()), strict=True)
     assert any(k.startswith('encoder.layers.0.blocks.0.attn.relative_position_bias_table') for k in s.state_dict())
     with torch.device('meta'):
-        vit_b = fastmim.FastMIMViT(128, 16, 768, 12, 6)
-        swin_b = fastmim.FastMIMSwin(128)
+        vit_b = vit(128, 16, 768, 12, 6)
+        swin_b = swin(128, 128, (2, 2, 18, 2), (4, 8, 16, 32), 4, decoder_depth=4)
     assert len(vit_b.state_dict()) == 169  # fastmim.md §13: official ViT-B pre-training checkpoint
     assert len(swin_b.state_dict()) == 417  # and Swin-B at 128 / window 4, buffers included
     assert vit_b.state_dict()['decoder_pred.weight'].shape == (108, 256)

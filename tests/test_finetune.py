@@ -124,7 +124,7 @@ def test_official_vit_layouts_load(tmp_path):
     torch.manual_seed(2)
     h = hpm.HPM(32, 8, 16, 2, 2, decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=1)
     ema = {k: v + 1 for k, v in h.state_dict().items()}
-    fm = fastmim.FastMIMViT(32, 8, 16, 2, 2, mask_size=16, decoder_dim=32).state_dict()
+    fm = fastmim.FastMIM(VisionTransformer(32, 8, 16, 2, 2), mask_size=16, decoder_dim=32).state_dict()
     local = {k: v for k, v in enc.items() if not k.startswith('norm.')}
     for k in range(4):  # LocalMIM ViT: per-level norms, four decoders, HOG convs (localmim.md §8)
         local.update({f'norm.{k}.weight': torch.randn(16), f'norm.{k}.bias': torch.randn(16),
@@ -170,7 +170,7 @@ def test_official_vit_layouts_load(tmp_path):
 
 def test_official_swin_layouts_load():
     torch.manual_seed(3)
-    fm = fastmim.FastMIMSwin(64, 8, (2, 2), (1, 2), window_size=2, mask_size=16, decoder_dim=32, decoder_depth=1)
+    fm = fastmim.FastMIM(SwinTransformer(64, 4, 8, (2, 2), (1, 2), 2), mask_size=16, decoder_dim=32, decoder_depth=1)
     fsd = fm.state_dict()  # encoder.* (tables 3x3 at window 2, buffers) + mask_token + decoder_*
     assert finetune.detect_recipe({'model': fsd}, fsd) == 'fastmim'
     ft = finetune.SwinClassifier(64, 4, 8, (2, 2), (1, 2), 4, num_classes=10, head_norm='fc_norm')
@@ -255,7 +255,7 @@ def timm_swin_keys(depths):
 
 def test_export_timm_key_sets(tmp_path):
     torch.manual_seed(5)
-    fm = fastmim.FastMIMViT(32, 8, 16, 2, 2, mask_size=16, decoder_dim=32)
+    fm = fastmim.FastMIM(VisionTransformer(32, 8, 16, 2, 2), mask_size=16, decoder_dim=32)
     torch.save({'model': fm.state_dict()}, tmp_path / 'vit.pth')
     out = tmp_path / 'vit_timm.pth'
     spec = finetune.main(['--ckpt', str(tmp_path / 'vit.pth'), '--model', 'vit_tiny', '--patch-size', '8',
@@ -267,7 +267,7 @@ def test_export_timm_key_sets(tmp_path):
     assert json.load(open(tmp_path / 'vit_timm.json')) == spec
     assert spec['model_name'] == 'vit_tiny_patch16_224' and spec['img_size'] == 32  # the checkpoint's own grid
     assert spec['global_pool'] == 'token' and spec['num_classes'] == 0 and spec['num_heads'] == 2
-    fs = fastmim.FastMIMSwin(64, 8, (2, 2), (1, 2), window_size=2, mask_size=16, decoder_dim=32, decoder_depth=1)
+    fs = fastmim.FastMIM(SwinTransformer(64, 4, 8, (2, 2), (1, 2), 2), mask_size=16, decoder_dim=32, decoder_depth=1)
     torch.save({'model': fs.state_dict()}, tmp_path / 'swin.pth')
     spec = finetune.main(['--ckpt', str(tmp_path / 'swin.pth'), '--model', 'swin_tiny', '--embed-dim', '8',
                           '--depth', '2,2', '--num-heads', '1,2', '--res', '64', '--export-timm',
@@ -353,7 +353,7 @@ def pretrained(tmp_path_factory):
     args = fastmim.get_args(['--model', 'vit_tiny', '--res', '32', '--output-dir', str(out), '--num-workers', '0',
                              '--synthetic-size', '128', '--batch-size', '32', '--epochs', '1', '--max-steps', '3'])
     torch.manual_seed(0)
-    common.train(fastmim.FastMIMViT(32, 8, 32, 2, 2, mask_size=16, decoder_dim=32), args)
+    common.train(fastmim.FastMIM(VisionTransformer(32, 8, 32, 2, 2), mask_size=16, decoder_dim=32), args)
     return str(out / 'checkpoint-last.pth')
 
 

@@ -131,17 +131,40 @@ def test_ranking_loss_four_patches_with_ties_and_no_cross_image_pairs():
 def test_easy_to_hard_mask():
     scores = torch.tensor([[0.0, 5, 1, 5, 2, 3, 9, 0]])
     noise = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.05, 0.7]])
-    got = hpm.easy_to_hard_mask(scores, 0.5, 0.5, noise)  # len_keep 4, len_loss int(4 * 0.5) = 2: patches 6, 3
+    got = hpm.easy_to_hard_mask(scores, 0.5, 0.5, noise)[1]  # len_keep 4, len_loss int(4 * 0.5) = 2: patches 6, 3
     assert got.dtype == torch.bool and got.tolist() == [[False, False, False, True, False, True, True, True]]
     torch.manual_seed(0)
     scores, noise = torch.randn(8, 196), torch.rand(8, 196)
     for alpha in (0.0, 0.005):  # len_loss 0: MAE random masking on the same noise
-        assert torch.equal(hpm.easy_to_hard_mask(scores, 0.75, alpha, noise), common.random_masking(noise, 0.75)[1])
-    m = hpm.easy_to_hard_mask(scores, 0.75, 0.5, noise)
+        assert all(torch.equal(a, b) for a, b in zip(hpm.easy_to_hard_mask(scores, 0.75, alpha, noise),
+                                                     common.random_masking(noise, 0.75)))
+    m = hpm.easy_to_hard_mask(scores, 0.75, 0.5, noise)[1]
     assert (m.sum(1) == 147).all()
     top = torch.topk(scores, 73, dim=1).indices
     assert m.gather(1, top).all()
     assert not torch.equal(m, common.random_masking(noise, 0.75)[1])
+
+
+def test_the_forward_masks_with_easy_to_hard_mask(monkeypatch):
+    """The function whose docstring explains Alg. S1 is the one the forward calls, on the teacher's scores and
+    the noise of the sample keys: its ids_keep reach the encoder and its mask the output."""
+    torch.manual_seed(0)
+    m = tiny()
+    m.on_epoch(m.epochs - 1)  # alpha 0.5: hard patches
+    imgs, keys = torch.randn(2, 3, 32, 32), torch.arange(2)
+    calls = []
+    real = hpm.easy_to_hard_mask
+
+    def spy(scores, mask_ratio, alpha, noise):
+        calls.append((scores, noise))
+        return real(scores, mask_ratio, alpha, noise)
+    monkeypatch.setattr(hpm, 'easy_to_hard_mask', spy)
+    out = m(imgs, keys=keys)
+    assert len(calls) == 1
+    scores, noise = calls[0]
+    assert torch.equal(noise, common.sample_noise(2, 16, imgs.device, keys))
+    assert torch.equal(scores, out['scores'])
+    assert torch.equal(out['mask'], real(scores, 0.75, m.alpha, noise)[1])
 
 
 def test_alpha_len_loss_and_ema_decay_tables():
@@ -253,6 +276,11 @@ def test_from_official_layouts_and_key_counts():
     m2.load_state_dict(hpm.from_official(official), strict=True)
     assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m.state_dict().items())
     assert all(torch.equal(v, ema[k]) for k, v in hpm.from_official(official, teacher=True).items())
+    official['ema_state_dict'] = {'module.' + k: v for k, v in ema.items()}  # as a DDP-wrapped EMA saves it
+    m2.load_extra_state(official)  # the teacher of an official file: one call, the same path as the student's
+    assert all(torch.equal(v, ema[k]) for k, v in m2.teacher.state_dict().items())
+    with pytest.raises(ValueError, match='no teacher'):
+        m2.load_extra_state({'model': m.state_dict()})
     mae = tiny(common.MaskedAutoencoderViT)
     mae.load_state_dict(hpm.from_official({'model': mae.state_dict()}), strict=True)
     res = m2.load_state_dict(hpm.from_official({'model': mae.state_dict()}), strict=False)
@@ -456,7 +484,7 @@ def test_feature_model_checkpoint_official_keys_and_device(tmp_path):
                 'model': 'mae_vit_base_patch16_dec512d8b', 'ema_state_dict': m.extra_state()['model_ema']}
     m3 = tiny(target='clip', target_model=load())
     m3.load_state_dict(hpm.from_official(official), strict=True)
-    m3.load_extra_state({'model_ema': hpm.from_official(official, teacher=True)})
+    m3.load_extra_state(official)  # the official file's teacher, through from_official
     m.eval()
     with torch.no_grad():
         pic = m.picture(imgs, m(imgs))

@@ -10,8 +10,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny model of each method through its constructor (dim <= 64, 32-64 px)
 TINY = {
-    'fastmim': ('FastMIMViT', dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mask_size=16,
-                                   decoder_dim=32)),
+    'fastmim': ('FastMIM', dict(encoder=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+                                mask_size=16, decoder_dim=32)),
     'hpm': ('HPM', dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                         decoder_depth=1, decoder_num_heads=2)),
     'localmim': ('LocalMIMViT', dict(img_size=64, patch_size=16, embed_dim=32, depth=8, num_heads=2,
@@ -52,8 +52,10 @@ def test_the_model_halves_alone_build_and_train_each_method(tmp_path, monkeypatc
         module = load(m, tmp_path / f'{m}.py')
         assert not hasattr(module, 'get_args') and module.__file__ == str(tmp_path / f'{m}.py')
         torch.manual_seed(0)
+        res = kw['encoder']['img_size'] if 'encoder' in kw else kw['img_size']
+        if 'encoder' in kw:  # FastMIM wraps an encoder the model half of common.py builds
+            kw = dict(kw, encoder=common.VisionTransformer(**kw['encoder']))
         model = getattr(module, cls)(**kw)
-        res = kw['img_size']
         out = model(torch.randn(2, 3, res, res), keys=torch.arange(2))
         out['loss'].backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad]

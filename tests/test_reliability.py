@@ -90,7 +90,7 @@ def test_crash_during_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 def nan_after(monkeypatch, first_bad, count=10 ** 9):
     """Make FastMIM's training loss NaN on forward calls first_bad .. first_bad+count-1 (0-based)."""
-    real = fastmim.FastMIMViT.forward
+    real = fastmim.FastMIM.forward
     calls = []
 
     def forward(self, imgs, mask=None, keys=None):
@@ -101,7 +101,7 @@ def nan_after(monkeypatch, first_bad, count=10 ** 9):
         if first_bad <= len(calls) - 1 < first_bad + count:
             out['loss'] = out['loss'] * float('nan')
         return out
-    monkeypatch.setattr(fastmim.FastMIMViT, 'forward', forward)
+    monkeypatch.setattr(fastmim.FastMIM, 'forward', forward)
 
 
 def test_nan_stops_with_step_method_and_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -56,9 +56,9 @@ class CountReads(TorchFunctionMode):
 
 # every method, ViT and Swin where it has both: (name, constructor, res)
 MODELS = [
-    ('fastmim_vit', lambda: fastmim.FastMIMViT(32, 16, 32, 2, 2, mask_size=16, decoder_dim=32), 32),
-    ('fastmim_swin', lambda: fastmim.FastMIMSwin(64, 8, (1, 1, 1, 1), (1, 1, 2, 2), window_size=2, mask_size=32,
-                                                 decoder_dim=32, decoder_depth=1), 64),
+    ('fastmim_vit', lambda: fastmim.FastMIM(common.VisionTransformer(32, 16, 32, 2, 2), mask_size=16, decoder_dim=32), 32),
+    ('fastmim_swin', lambda: fastmim.FastMIM(common.SwinTransformer(64, 4, 8, (1, 1, 1, 1), (1, 1, 2, 2), 2),
+                                             mask_size=32, decoder_dim=32, decoder_depth=1), 64),
     ('localmim_vit', lambda: localmim.LocalMIMViT(64, 16, 32, 8, 2, decoder_embed_dim=32, decoder_num_heads=2), 64),
     ('localmim_swin', lambda: localmim.LocalMIMSwin(128, 4, 8, (2, 2, 2, 2), (1, 2, 2, 4), window_size=4,
                                                     decoder_embed_dim=16, decoder_num_heads=2, hog_nbins=9), 128),
@@ -96,7 +96,7 @@ def test_the_data_workers_draw_the_keyed_noise_of_before():
         assert torch.equal(noise, old_noise(keys, 4))
     keys, noise = batches[1][2], batches[1][3]
     assert len(set(keys.tolist())) == 4 and not torch.equal(noise[0], noise[1])  # one stream per sample
-    m = fastmim.FastMIMViT(32, 16, 32, 2, 2, mask_size=16, decoder_dim=32)
+    m = fastmim.FastMIM(common.VisionTransformer(32, 16, 32, 2, 2), mask_size=16, decoder_dim=32)
     assert m.noise_len() == 4
     imgs = torch.randn(4, 3, 32, 32)
     assert torch.equal(m(imgs, keys=noise)['mask'], m(imgs, keys=keys)['mask'])
@@ -179,13 +179,13 @@ def test_a_skipped_update_leaves_weights_and_moments_as_they_were():
 def test_the_loop_reads_a_steps_flags_one_step_late(tmp_path, monkeypatch):
     """In a run, the host reads step t's flags (and nothing else of the device's) only after step t+1's forward:
     the device always has the next step queued. At most one read per step; the log and the save read more."""
-    events, real = [], fastmim.FastMIMViT.forward
+    events, real = [], fastmim.FastMIM.forward
 
     def forward(self, imgs, mask=None, keys=None):
         if self.training:
             events.append('forward')
         return real(self, imgs, mask, keys)
-    monkeypatch.setattr(fastmim.FastMIMViT, 'forward', forward)
+    monkeypatch.setattr(fastmim.FastMIM, 'forward', forward)
     reads, real_loader = CountReads(events), common.make_loader
 
     def make_loader(*args, **kwargs):
