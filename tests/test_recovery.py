@@ -13,24 +13,9 @@ import torch
 from PIL import Image
 
 import common
-import fastmim
 import finetune
 from test_common import log_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--model', 'vit_tiny', '--num-workers', '0', '--res', '32', '--batch-size', '16',
-        '--warmup-epochs', '1', '--log-freq', '1', '--decoder-dim', '32', '--synthetic-size', '64',
-        '--epochs', '2']
-
-
-def run(out, *argv):
-    """fastmim.py on 64 built-in images: 4 steps an epoch, 8 in all."""
-    return fastmim.main(['--output-dir', str(out), *TINY, *argv])
-
-
-def events(out):
-    """The 'start' and 'end' rows of a run's log."""
-    return [r for r in map(json.loads, open(out / 'log.jsonl')) if 'event' in r]
+from test_run_checks import ROOT, TINY, events, run  # the same tiny fastmim run
 
 
 def start(argv, **kw):
