@@ -635,9 +635,29 @@ def imagenet_mean_std(device=None):
                  for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
+# The mean and std the run's images are normalised with: ImageNet's, or a named set's
+# (args.mean/std, DATASETS); train() sets them for the run (use_normalization), so that pictures
+# and MFF's low-pass undo the normalisation the data had.
+NORMALIZATION = [IMAGENET_MEAN, IMAGENET_STD]
+
+
+def data_mean_std(device=None):
+    """The run's per-colour mean and std (NORMALIZATION), each (1, 3, 1, 1) fp32."""
+    return tuple(torch.tensor(v, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+                 for v in NORMALIZATION)
+
+
+def use_normalization(mean, std):
+    """Make (mean, std) the run's normalisation (data_mean_std, denormalize) -> a function that
+    restores the previous one."""
+    before = NORMALIZATION[:]
+    NORMALIZATION[:] = [tuple(mean), tuple(std)]
+    return lambda: NORMALIZATION.__setitem__(slice(None), before)
+
+
 def denormalize(imgs):
-    """ImageNet-normalised (B, 3, H, W) -> [0, 1]."""
-    mean, std = imagenet_mean_std(imgs.device)  # (1, 3, 1, 1) each
+    """Normalised (B, 3, H, W) (the run's mean and std, data_mean_std) -> [0, 1]."""
+    mean, std = data_mean_std(imgs.device)  # (1, 3, 1, 1) each
     return (imgs.float() * std + mean).clamp(0, 1)
 
 
@@ -1252,14 +1272,110 @@ def image_folder(root, split=None, loader=read_image):
     return data
 
 
-def pretrain_transform(res, scale=(0.2, 1.0)):
-    """RandomResizedCrop(res, scale, bicubic) + flip + ImageNet normalisation (MAE, FastMIM)."""
+# torchvision's small sets by name (--data-path cifar10): the split each use reads (pretrain: the
+# pre-training images; train/val: the labelled bank and the held-out queries of k-NN and
+# finetune.py), the native side (the default --res) and the per-colour mean and std of the
+# training split's pixels in [0, 1] (std over all its pixels; CIFAR: the 50,000 train images,
+# STL-10: the 5,000 labelled train images), the values in common use, not measured here; to check
+# them: load_named(...).data / 255 -> mean and std over every axis but the colour.
+DATASETS = {
+    'cifar10': dict(cls='CIFAR10', folder='cifar-10-batches-py', res=32, classes=10,
+                    splits=dict(pretrain='train', train='train', val='test'),
+                    mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616]),
+    'cifar100': dict(cls='CIFAR100', folder='cifar-100-python', res=32, classes=100,
+                     splits=dict(pretrain='train', train='train', val='test'),
+                     mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762]),
+    'stl10': dict(cls='STL10', folder='stl10_binary', res=96, classes=10,  # 100,000 unlabelled
+                  splits=dict(pretrain='unlabeled', train='train', val='test'),
+                  mean=[0.4467, 0.4398, 0.4066], std=[0.2603, 0.2566, 0.2713]),
+}
+NOTED_NAME_FOLDERS = set()  # --data-path names that are also folders, said once
+
+
+def named_set(data_path):
+    """The DATASETS name --data-path gives, or None: a folder of that name wins (a note says so)."""
+    if data_path not in DATASETS:
+        return None
+    if os.path.isdir(data_path):
+        if data_path not in NOTED_NAME_FOLDERS:
+            NOTED_NAME_FOLDERS.add(data_path)
+            print0(f'note: --data-path {data_path} is the folder ./{data_path} (an image folder), '
+                   f'not torchvision\'s {data_path}; run elsewhere or rename the folder to use it')
+        return None
+    return data_path
+
+
+def mean_std(args):
+    """The (mean, std) lists the run normalises with: args.mean/std (a named set's, or the
+    checkpoint's in finetune.py), else ImageNet's."""
+    mean, std = getattr(args, 'mean', None), getattr(args, 'std', None)
+    return (list(mean or IMAGENET_MEAN), list(std or IMAGENET_STD))
+
+
+def dataset_defaults(args):
+    """The default layer of a named set (fill_defaults): its native --res, its mean and std."""
+    name = named_set(args.data_path)
+    return (f'dataset({name})', {k: DATASETS[name][k] for k in ('res', 'mean', 'std')}
+            if name else {})
+
+
+@functools.lru_cache(maxsize=8)
+def load_named(name, split, root):
+    """torchvision's set `name`, one split, as (PIL image, label) items; downloaded into root on
+    first use, its files md5-checked by torchvision; one process at a time (torchrun's ranks)."""
+    import fcntl
+    import urllib.error
+    from torchvision import datasets
+    spec = DATASETS[name]
+    cls = getattr(datasets, spec['cls'])
+    os.makedirs(root, exist_ok=True)
+    # a lock file, not a collective: rank 0 alone also reads a set (the picture batch); the first
+    # process downloads, the others wait here and then find the files
+    with open(os.path.join(root, f'.{name}.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if name == 'stl10':
+                return cls(root, split=split, download=True)
+            return cls(root, train=split == 'train', download=True)
+        except (OSError, RuntimeError, urllib.error.URLError) as e:
+            raise ValueError(f'--data-path {name}: no usable files in '
+                             f'{os.path.join(root, spec["folder"])} and the download failed '
+                             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                             f'download {cls.url} and extract it into {root}, or pass '
+                             f'--data-root where it is') from None
+
+
+def named_dataset(args, use):
+    """The split of the named set --data-path that `use` reads: 'pretrain' (CIFAR train, STL-10
+    unlabeled), 'train' (the labelled bank / fine-tuning set) or 'val' (the held-out test split)."""
+    name = named_set(args.data_path)
+    return load_named(name, DATASETS[name]['splits'][use],
+                      os.path.abspath(getattr(args, 'data_root', None) or 'data'))
+
+
+def eval_datasets(args):
+    """(bank, queries, classes) of a k-NN monitor or a fine-tune, untransformed (image, label)
+    items: a named set's train and test splits, <data-path>/train and /val, or the built-in
+    SyntheticShapes train and val splits."""
+    name = named_set(args.data_path)
+    if name:
+        return named_dataset(args, 'train'), named_dataset(args, 'val'), DATASETS[name]['classes']
+    if args.data_path:
+        train, val = image_folder(args.data_path, 'train'), image_folder(args.data_path, 'val')
+        return train, val, len(train.classes)
+    return (SyntheticShapes('train', args.synthetic_size, args.res, args.seed),
+            SyntheticShapes('val', getattr(args, 'synthetic_val_size', None) or 512, args.res,
+                            args.seed), len(SyntheticShapes.classes))
+
+
+def pretrain_transform(res, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """RandomResizedCrop(res, scale, bicubic) + flip + normalisation (MAE, FastMIM)."""
     from torchvision.transforms import InterpolationMode, v2
     return v2.Compose([v2.ToImage(),
                        v2.RandomResizedCrop(res, scale=tuple(scale),
                                             interpolation=InterpolationMode.BICUBIC),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                       v2.Normalize(mean, std)])
 
 
 # The official pre-training transform (facebookresearch/mae main_pretrain.py:main, likewise
@@ -1270,12 +1386,12 @@ def pretrain_transform(res, scale=(0.2, 1.0)):
 class DecodeCrop:
     """The official pre-training transform on an undecoded file, JPEGs decoded at 1/r (draft)."""
 
-    def __init__(self, res, scale=(0.2, 1.0), draft=True):
+    def __init__(self, res, scale=(0.2, 1.0), draft=True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.res, self.scale, self.draft = res, tuple(scale), draft
-        self.mean, self.std = (t[0] for t in imagenet_mean_std())  # (3, 1, 1) each
+        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) for v in (mean, std))  # (3, 1, 1)
 
     def __call__(self, img):
-        """read_image(path, decode=False) -> (3, res, res) float, ImageNet-normalised."""
+        """read_image(path, decode=False) -> (3, res, res) float, normalised."""
         from PIL import Image
         from torchvision.transforms import RandomResizedCrop
         from torchvision.transforms.v2.functional import pil_to_tensor
@@ -1305,13 +1421,13 @@ class DecodeCrop:
         return x.sub_(self.mean).div_(self.std)
 
 
-def eval_transform(res, crop_pct=0.875):
-    """Resize(res/0.875, bicubic) + centre crop + ImageNet normalisation (256 -> 224 at res 224)."""
+def eval_transform(res, crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize(res/0.875, bicubic) + centre crop + normalisation (256 -> 224 at res 224)."""
     from torchvision.transforms import InterpolationMode, v2
     return v2.Compose([v2.ToImage(),
                        v2.Resize(int(res / crop_pct), interpolation=InterpolationMode.BICUBIC),
                        v2.CenterCrop(res), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                       v2.Normalize(mean, std)])
 
 
 class KeyedDataset(torch.utils.data.Dataset):
@@ -1367,15 +1483,18 @@ class StepSampler(torch.utils.data.DistributedSampler):
 
 
 def pretrain_dataset(args, transform=None):
-    """(image, label, key) items of ImageFolder at --data-path, else of SyntheticShapes."""
+    """(image, label, key) items of ImageFolder at --data-path, of a named set (DATASETS), else
+    of SyntheticShapes."""
     if not args.data_path:
         base = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
+    elif named_set(args.data_path):
+        base = named_dataset(args, 'pretrain')
     elif transform is None:  # files opened undecoded: DecodeCrop decodes what its crop needs
         base = image_folder(args.data_path, loader=functools.partial(read_image, decode=False))
-        transform = DecodeCrop(args.res, args.rrc_scale, args.draft_decode)
+        transform = DecodeCrop(args.res, args.rrc_scale, args.draft_decode, *mean_std(args))
     else:
         base = image_folder(args.data_path)
-    transform = transform or pretrain_transform(args.res, args.rrc_scale)
+    transform = transform or pretrain_transform(args.res, args.rrc_scale, *mean_std(args))
     return KeyedDataset(base, transform, args.seed, args.skip_bad_images)
 
 
@@ -1436,9 +1555,11 @@ def write_png(picture, path):
 
 
 def picture_batch(args, n=8):
-    """The picture batch: the first n images of the built-in val split (or --data-path), centred."""
-    tf = eval_transform(args.res, crop_pct=1.0)
-    base = (image_folder(args.data_path) if args.data_path
+    """The picture batch: the first n images of the built-in val split (a named set's held-out
+    split, or --data-path), centred."""
+    tf = eval_transform(args.res, crop_pct=1.0, mean=mean_std(args)[0], std=mean_std(args)[1])
+    base = (named_dataset(args, 'val') if named_set(args.data_path)
+            else image_folder(args.data_path) if args.data_path
             else SyntheticShapes('val', n, args.res, args.seed))
     imgs = []
     for i in range(len(base)):
@@ -1466,8 +1587,8 @@ def save_picture(model, args, device, path, batch=None):
 # One parser for every script: run_parser declares the flags the loop reads, pretrain_parser adds
 # the masking and model flags of the pre-training scripts, finetune.py adds its own. Defaults follow
 # one rule (fill_defaults): a flag given on the command line wins; a flag left unset takes the
-# first value it finds in the smoke preset (no --data-path), the recipe of --model, then the
-# script's defaults. The start line `from: ...` (print_sources) says which one each value came from.
+# first value it finds in the smoke preset (no --data-path), the named set (dataset_defaults), the
+# recipe of --model, then the script's defaults. The start line `from: ...` (print_sources) says which one each value came from.
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line `error: …` on stderr and exit code 2 (no usage dump)."""
@@ -1492,7 +1613,8 @@ def run_parser(method, doc, notes=None):
     p = ArgumentParser(prog=f'{method}.py', description=doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog='Defaults: a flag given here wins; a flag left out takes its value '
-                       'from the smoke preset (no --data-path), else the recipe of --model, else '
+                       'from the smoke preset (no --data-path), else the named set (--data-path '
+                       'cifar10: its native --res, mean and std), else the recipe of --model, else '
                        'the script\'s default. The start line "from: ..." names the source of '
                        'each value.')
     p.set_defaults(method=method)
@@ -1517,8 +1639,13 @@ def run_parser(method, doc, notes=None):
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
       help='clip the global grad norm (0 or below: none)')
     a('--data-path', '--data_path', dest='data_path',
-      help='ImageFolder root (<root>/train used when present); none = built-in SyntheticShapes '
-      'and the CPU smoke preset')
+      help='ImageFolder root (<root>/train used when present), or cifar10 | cifar100 | stl10: '
+      'torchvision\'s set in --data-root, downloaded on first use, at its native --res (32 / 96) '
+      'and normalised with its own mean and std (a folder of that name in the working directory '
+      'is read as an image folder instead, with a note); none = built-in SyntheticShapes and the '
+      'CPU smoke preset')
+    a('--data-root', '--data_root', dest='data_root', default='./data',
+      help='where --data-path cifar10 | cifar100 | stl10 keeps its files (default ./data)')
     a('--synthetic-size', dest='synthetic_size', type=int, default=2048,
       help='images in the built-in training data')
     a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2,
@@ -1654,7 +1781,8 @@ RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_
                     'num_workers')
 # What a pre-training script uses for a flag that neither the smoke preset nor the recipe sets.
 PRETRAIN_DEFAULTS = dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0,
-                         weight_decay=0.05, rrc_scale=(0.2, 1.0))
+                         weight_decay=0.05, rrc_scale=(0.2, 1.0),
+                         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
 
 def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base', **fallback):
@@ -1673,7 +1801,7 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     smoke = {k: v for k, v in smoke.items()
              if not (chosen and k in recipe and k not in RUN_LENGTH_FLAGS)}
     return fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
-                         (f'recipe({args.model})', recipe),
+                         dataset_defaults(args), (f'recipe({args.model})', recipe),
                          ('default', dict(PRETRAIN_DEFAULTS, **fallback,
                                           output_dir=f'output/{args.method}_{args.model}')))
 
@@ -1747,9 +1875,10 @@ def check_run_args(args, rules=NUMBER_RULES):
             raise ValueError(f'--{name.replace("_", "-")} {shown} is out of range; use {use}')
     if getattr(args, 'clip_grad', None) is not None and args.clip_grad <= 0:
         args.clip_grad = 0.0  # off, and set: a method's own default (HPM's 5) does not fill it
-    if args.data_path and not os.path.exists(args.data_path):
-        raise ValueError(f'--data-path {args.data_path} does not exist')
-    if args.data_path and not os.path.isdir(args.data_path):
+    if args.data_path and not named_set(args.data_path) and not os.path.exists(args.data_path):
+        raise ValueError(f'--data-path {args.data_path} does not exist (give a folder, or one of '
+                         f'{", ".join(DATASETS)})')
+    if args.data_path and not named_set(args.data_path) and not os.path.isdir(args.data_path):
         raise ValueError(f'--data-path {args.data_path} is a file; give the folder that holds the '
                          f'class folders (or their train/ folder)')
     folder = os.path.abspath(args.output_dir)
@@ -2180,7 +2309,9 @@ def fast_cuda(device):
 # and finetune.py alike):
 #   method              the run's name: progress bar, log 'start' row, errors, benchmark rows
 #   model               the log's 'start' row and the benchmark row
-#   data_path           the image folder (pretrain_dataset) and the picture batch; None = built-in
+#   data_path           the image folder (pretrain_dataset) and the picture batch; None = built-in;
+#                       cifar10 | cifar100 | stl10: torchvision's set (DATASETS) in data_root
+#   mean, std           the normalisation of the images (lists; None: ImageNet's)
 #   synthetic_size      built-in training images (pretrain_dataset)
 #   res                 input side: crops, picture batch, benchmark; a FastMIM-P switch rewrites it
 #   rrc_scale           RandomResizedCrop scale range (pretrain_dataset)
@@ -2298,6 +2429,11 @@ class Run:
         if not args.data_path:
             print0(f'no --data-path: built-in SyntheticShapes data ({len(self.dataset)} images, '
                    f'10 classes) and smoke preset')
+        elif named_set(args.data_path):
+            print0(f'data: torchvision {args.data_path} in '
+                   f'{os.path.abspath(getattr(args, "data_root", None) or "data")} '
+                   f'({len(self.dataset)} images), mean {mean_std(args)[0]}, '
+                   f'std {mean_std(args)[1]}')
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print0(f'device {device}, world {world}, effective batch {self.per_step} ({args.batch_size}'
                f' x {args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x '
@@ -2537,6 +2673,7 @@ def train(model, args, make_dataset=None):
         return run.model
     run.log = RunLog(run.out_dir, run.step, args, run.resumed_from) if rank == 0 else None
     run.signalled, restore_signals = catch_preemption()
+    restore_normalization = use_normalization(*mean_std(args))  # for pictures, MFF's low-pass
     try:
         from tqdm import tqdm
         run.bar = tqdm(total=min(run.total, args.max_steps or run.total), initial=run.step,
@@ -2572,6 +2709,7 @@ def train(model, args, make_dataset=None):
         raise
     finally:
         restore_signals()  # also when the run ends with an error (in-process callers)
+        restore_normalization()
         if run.loader is not None:
             stop_workers(run.loader)  # every way out, before the process exits (stop_workers)
 

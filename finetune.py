@@ -46,9 +46,10 @@ import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, SWIN_PRESETS,
                     VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, UnreadableImage,
-                    VisionTransformer, autocast_dtype, benchmark, check_run_args, eval_transform,
-                    fast_cuda, file_fingerprint, fill_defaults, image_folder, load_encoder,
-                    load_file, make_loader, mmpretrain_vit_to_timm, parse_run, pick_state_dict,
+                    VisionTransformer, autocast_dtype, benchmark, check_run_args, dataset_defaults,
+                    eval_datasets, eval_transform, fast_cuda, file_fingerprint, fill_defaults,
+                    image_folder, load_encoder, load_file, make_loader, mean_std,
+                    mmpretrain_vit_to_timm, named_set, parse_run, pick_state_dict,
                     plain_data, print0, print_sources, read_log, run_main, run_parser,
                     save_atomic, setup_distributed, strip_prefix, train)
 
@@ -329,7 +330,8 @@ def plain_args(obj):
 
 # ----------------------------------------------------------------------------- data
 
-def finetune_transform(res, randaug=True, reprob=0.25, scale=(0.08, 1.0)):
+def finetune_transform(res, randaug=True, reprob=0.25, scale=(0.08, 1.0), mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD):
     """timm create_transform(is_training) as MAE fine-tuning uses it: RandomResizedCrop(0.08-1,
     bicubic), flip, RandAugment, normalise, random erasing (pixel mode)."""
     from torchvision.transforms import InterpolationMode, v2
@@ -337,22 +339,22 @@ def finetune_transform(res, randaug=True, reprob=0.25, scale=(0.08, 1.0)):
            v2.RandomResizedCrop(res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
            v2.RandomHorizontalFlip()]
     if randaug:  # ~ timm rand-m9-mstd0.5-inc1: magnitude 9 of 10 (11 bins), no magnitude noise
-        fill = [round(255 * m) for m in IMAGENET_MEAN]  # timm fills with the mean pixel
+        fill = [round(255 * m) for m in mean]  # timm fills with the mean pixel
         ops.append(v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
                                   interpolation=InterpolationMode.BILINEAR, fill=fill))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if reprob > 0:  # timm RandomErasing(mode='pixel'): per-pixel normal noise after normalisation
         ops.append(v2.RandomErasing(p=reprob, value='random'))
     return v2.Compose(ops)
 
 
-def linear_transform(res, scale=(0.08, 1.0)):
+def linear_transform(res, scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """MAE linear probing: RandomResizedCrop(0.08-1, bicubic) + flip + normalise."""
     from torchvision.transforms import InterpolationMode, v2
     return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(res, scale=tuple(scale),
                                                           interpolation=InterpolationMode.BICUBIC),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                       v2.Normalize(mean, std)])
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -381,7 +383,10 @@ class Indexed(torch.utils.data.Dataset):
 
 
 def splits(args):
-    """(train, val, classes) from <data>/train and /val, else the built-in SyntheticShapes."""
+    """(train, val, classes) from <data>/train and /val, a named set's train and test splits, else
+    the built-in SyntheticShapes."""
+    if named_set(args.data_path):
+        return eval_datasets(args)
     if args.data_path:
         train, val = image_folder(args.data_path, 'train'), image_folder(args.data_path, 'val')
         if train.classes != val.classes:
@@ -395,7 +400,8 @@ def splits(args):
 
 def eval_loader(base, args, rank, world, device):
     """Sequential loader over this rank's strided share of `base` (each image once, no padding)."""
-    share = Indexed(base, eval_transform(args.res), range(rank, len(base), world),
+    share = Indexed(base, eval_transform(args.res, mean=mean_std(args)[0], std=mean_std(args)[1]),
+                    range(rank, len(base), world),
                     args.skip_bad_images)
     return make_loader(share, args.batch_size, None, args.num_workers, device, drop_last=False)
 
@@ -520,12 +526,15 @@ def knn_stamp(args, train, val, device):
     import hashlib
     files = hashlib.sha256()
     for base in (train, val):  # ImageFolder: its (path, label) list; SyntheticShapes: n, res, seed
-        samples = getattr(base, 'samples', None) or [(base.n, base.res, base.seed)]
+        samples = (getattr(base, 'samples', None) or  # a named set: its md5-checked files
+                   ([type(base).__name__, base.root, repr(base), len(base)]
+                    if named_set(args.data_path) else [(base.n, base.res, base.seed)]))
         files.update(json.dumps(samples).encode())
     return plain_data(dict(
         ckpt=args.ckpt_content, teacher=args.teacher, model=args.model, cfg=model_config(args),
-        res=args.res, window=args.window_size, permute_merge=args.permute_merge,
-        table_resize=args.table_resize, pool=args.pool, layer=args.probe_layer,
+        res=args.res, mean_std=mean_std(args), window=args.window_size,
+        permute_merge=args.permute_merge, table_resize=args.table_resize, pool=args.pool,
+        layer=args.probe_layer,
         dtype=str(autocast_dtype(args.precision, device)), files=files.hexdigest()))
 
 
@@ -690,9 +699,10 @@ def run_training(args, obj, rank, world, device):
     val_loader = eval_loader(val_base, args, rank, world, device)
     model = Finetuner(net.to(device), args, K, val_loader, device, world)
     if args.mode == 'finetune':
-        transform = finetune_transform(args.res, args.randaug, args.reprob, args.rrc_scale)
+        transform = finetune_transform(args.res, args.randaug, args.reprob, args.rrc_scale,
+                                       *mean_std(args))
     else:
-        transform = linear_transform(args.res, args.rrc_scale)
+        transform = linear_transform(args.res, args.rrc_scale, *mean_std(args))
     model = train(model, args,
                   lambda a: KeyedDataset(train_base, transform, a.seed, a.skip_bad_images))
     if args.benchmark_data:  # train() timed the input pipeline alone: its JSON row
@@ -782,7 +792,8 @@ def get_args(argv=None):
         '(100 HPM)', warmup_epochs='default 5 / 10 (20 LocalMIM)',
         blr='MAE 5e-4, LARS 0.1; per recipe', min_lr='1e-6 finetune, 0 linear',
         weight_decay='0.05 finetune, 0 linear', accum_iter='per recipe',
-        data_path='fine-tuning, linear probing and k-NN read <root>/train and <root>/val',
+        data_path='fine-tuning, linear probing and k-NN read <root>/train and <root>/val (a named '
+        'set: its train and test splits; mean and std from --ckpt when it has them)',
         synthetic_size='the built-in val set has --synthetic-val-size',
         rrc_scale='default 0.08 1.0 (timm / MAE)', output_dir='default output/<mode>_<model>',
         save_freq='default none: checkpoint-last.pth and checkpoint-best.pth only',
@@ -864,7 +875,10 @@ def resolve(args, obj):
         if args.model is None:
             raise ValueError(f'cannot tell the model of {args.ckpt} from its shapes; pass --model '
                              f'(and --embed-dim/--depth/--num-heads for a custom size)')
-    fill_defaults(args, ('default', dict(model='vit_base')))
+    # the normalisation the encoder was pre-trained with (its checkpoint's args), else the data's
+    fill_defaults(args, ('ckpt', {k: ck.get(k) for k in ('mean', 'std')}), dataset_defaults(args),
+                  ('default', dict(model='vit_base', mean=list(IMAGENET_MEAN),
+                                   std=list(IMAGENET_STD))))
     args.model, window = canonical_model(args.model)
     if args.model not in VIT_PRESETS and args.model not in SWIN_PRESETS:
         raise ValueError(f'unknown --model {args.model}; choose one of '
@@ -955,7 +969,7 @@ def validate(args):
                                       for v in str(args.nb_knn).split(',')):
         raise ValueError(f'--nb-knn {args.nb_knn} must be positive integers separated by commas, '
                          f'e.g. 10,20,100,200')
-    if args.data_path and not args.export_timm:
+    if args.data_path and not named_set(args.data_path) and not args.export_timm:
         for split in ('train', 'val'):
             if not os.path.isdir(os.path.join(args.data_path, split)):
                 raise ValueError(f'no {split}/ folder in --data-path {args.data_path}; '

@@ -70,9 +70,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT, autocast_off, denormalize,
-                    grid_picture, imagenet_mean_std, init_weights, masked_mean, pixel_columns,
-                    sincos_pos_embed)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT, autocast_off,
+                    data_mean_std, denormalize, grid_picture, init_weights, masked_mean,
+                    pixel_columns, sincos_pos_embed)
 
 LOWFREQ_RADIUS_224 = 40  # mmselfsup PixMIM config: LowFreqTargetGenerator(radius=40, img_size=224)
 
@@ -111,7 +111,7 @@ def low_pass(x, radius):
 def lowfreq_image(imgs, radius):
     """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (fp32, no grad)."""
     with torch.no_grad(), autocast_off(imgs.device):
-        mean, std = imagenet_mean_std(imgs.device)  # (1, 3, 1, 1) each
+        mean, std = data_mean_std(imgs.device)  # (1, 3, 1, 1) each: the run's normalisation
         rgb = imgs.float() * std + mean  # back to [0, 1] RGB, not clamped (note 7)
         return (low_pass(rgb, radius) - mean) / std
 
@@ -327,7 +327,7 @@ def check_fuse_layers(layers, depth, allow_truncated=False):
 
 # ----------------------------------------------------------------------------- PixMIM data
 
-def pixmim_transform(res):
+def pixmim_transform(res, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """PixMIM's crop: short side -> res (bilinear), a res crop of the 4-px reflect-padded image,
     flip, normalise (note 6; mmpretrain configs/mff/*.py). The steps before ToImage run on PIL
     images as there, on uint8 tensors (the built-in data) otherwise."""
@@ -336,19 +336,20 @@ def pixmim_transform(res):
                        v2.RandomCrop(res, padding=4, padding_mode='reflect'),
                        v2.RandomHorizontalFlip(), v2.ToImage(),
                        v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                       v2.Normalize(mean, std)])
 
 
 def make_dataset(args):
     """The pre-training set with the crop of --crop: PixMIM's (default) or MAE's."""
-    return pretrain_dataset(args, pixmim_transform(args.res) if args.crop == 'pixmim' else None)
+    crop = pixmim_transform(args.res, *mean_std(args)) if args.crop == 'pixmim' else None
+    return pretrain_dataset(args, crop)
 
 
 # ----------------------------------------------------------------------------- command line
 
 # The runner's names: for the command line below, and for make_dataset and from_official above
 # (data, checkpoints).
-from common import (VIT_PRESETS, fill_defaults, launch, mae_config,  # noqa: E402
+from common import (VIT_PRESETS, fill_defaults, launch, mae_config, mean_std,  # noqa: E402
                     mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict, pretrain_dataset,
                     pretrain_parser, strip_prefix)
 
