@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT, autocast_off,
-                    data_mean_std, denormalize, grid_picture, init_weights, masked_mean,
+                    denormalize, grid_picture, init_weights, masked_mean,
                     pixel_columns, sincos_pos_embed)
 
 LOWFREQ_RADIUS_224 = 40  # mmselfsup PixMIM config: LowFreqTargetGenerator(radius=40, img_size=224)
@@ -108,10 +108,11 @@ def low_pass(x, radius):
     return torch.fft.ifft2(spectrum).abs()  # (B, 3, H, W)
 
 
-def lowfreq_image(imgs, radius):
-    """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (fp32, no grad)."""
+def lowfreq_image(imgs, radius, mean_std=(IMAGENET_MEAN, IMAGENET_STD)):
+    """Normalised images (B, 3, H, W) -> their low-frequency version, normalised (fp32, no grad).
+    mean_std: the per-colour mean and std the data was normalised with."""
     with torch.no_grad(), autocast_off(imgs.device):
-        mean, std = data_mean_std(imgs.device)  # (1, 3, 1, 1) each: the run's normalisation
+        mean, std = (torch.tensor(v, device=imgs.device).view(1, 3, 1, 1) for v in mean_std)
         rgb = imgs.float() * std + mean  # back to [0, 1] RGB, not clamped (note 7)
         return (low_pass(rgb, radius) - mean) / std
 
@@ -154,7 +155,8 @@ class MFF(MaskedAutoencoderViT):
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_pix_loss=True, mask_ratio=0.75, fuse_layers='L6', detach_shallow=False,
                  allow_truncated=False, target='pixel', lowfreq_radius=None,
-                 sincos_order='mmpretrain', decay_fusion=True):
+                 sincos_order='mmpretrain', decay_fusion=True,
+                 data_mean_std=(IMAGENET_MEAN, IMAGENET_STD)):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim,
                          decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, mask_ratio)
         if target not in ('pixel', 'lowfreq'):
@@ -171,6 +173,7 @@ class MFF(MaskedAutoencoderViT):
         self.proj_weights = nn.Parameter(torch.ones(K, 1, 1, 1), requires_grad=K > 1)
         self.detach_shallow, self.target_kind, self.decay_fusion = (detach_shallow, target,
                                                                     decay_fusion)
+        self.data_mean_std = data_mean_std  # the data's normalisation, undone by the lowfreq target
         # R = 40 at 224 (note 7), scaled with the side at other resolutions (note 8)
         self.lowfreq_radius = (LOWFREQ_RADIUS_224 * img_size / 224 if lowfreq_radius is None
                                else lowfreq_radius)
@@ -209,7 +212,7 @@ class MFF(MaskedAutoencoderViT):
     def target(self, imgs):
         """Norm-pix target (B, L, p*p*3) of the image, or of its low-frequency version (note 9)."""
         if self.target_kind == 'lowfreq':
-            imgs = lowfreq_image(imgs, self.lowfreq_radius)
+            imgs = lowfreq_image(imgs, self.lowfreq_radius, self.data_mean_std)
         return super().target(imgs)
 
     def forward(self, imgs, mask=None, keys=None):
@@ -255,8 +258,8 @@ class MFF(MaskedAutoencoderViT):
 
     def picture(self, imgs, out):
         """input | (low-freq target) | masked | reconstruction, the fusion weights' bars below."""
-        target_imgs = (lowfreq_image(imgs, self.lowfreq_radius) if self.target_kind == 'lowfreq'
-                       else imgs)
+        target_imgs = (lowfreq_image(imgs, self.lowfreq_radius, self.data_mean_std)
+                       if self.target_kind == 'lowfreq' else imgs)
         columns = pixel_columns(target_imgs, out['pred'], out['mask'], self.patch_size,
                                 self.norm_pix_loss)
         names = ['target' if self.target_kind == 'lowfreq' else 'input', 'masked', 'prediction']
@@ -437,7 +440,8 @@ def build_model(args):
     return MFF(**mae_config(args), fuse_layers=args.fuse_layers,
                detach_shallow=args.detach_shallow, allow_truncated=args.allow_truncated,
                target=args.target, lowfreq_radius=args.lowfreq_radius,
-               sincos_order=args.sincos_order, decay_fusion=args.fusion_weight_decay)
+               sincos_order=args.sincos_order, decay_fusion=args.fusion_weight_decay,
+               data_mean_std=mean_std(args))
 
 
 def main(argv=None):

@@ -165,13 +165,13 @@ def test_finetune_takes_the_checkpoint_mean_std_over_the_data(tmp_path):
 
 def test_mff_on_cifar100_low_pass_undoes_its_normalisation(tmp_path, monkeypatch):
     """mff.py (PixMIM's target and crop) pre-trains on the tiny CIFAR-100 with its mean and std; during
-    the run the low-pass target undoes that normalisation (data_mean_std), not ImageNet's."""
+    the run the low-pass target undoes that normalisation (the model's data_mean_std), not ImageNet's."""
     tiny_cifar100(tmp_path / 'data')
     seen, real = [], mff.lowfreq_image
 
-    def spy(imgs, radius):
-        seen.append([t.flatten().tolist() for t in common.data_mean_std()])
-        return real(imgs, radius)
+    def spy(imgs, radius, mean_std):
+        seen.append([list(v) for v in mean_std])
+        return real(imgs, radius, mean_std)
     monkeypatch.setattr(mff, 'lowfreq_image', spy)
     mff.main(['--data-path', 'cifar100', '--data-root', str(tmp_path / 'data'), '--output-dir',
               str(tmp_path / 'o'), '--target', 'lowfreq', *TINY])
