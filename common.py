@@ -1642,7 +1642,7 @@ def preset_sizes(model):
 def encoder_config(args):
     """Constructor kwargs of the encoder of --model: its preset overridden by --patch-size,
     --embed-dim, --depth, --num-heads (pre-training and finetune.py alike; a flag may be an int,
-    a list or finetune's comma string). ViT: one number each; Swin: C, a depth and heads per stage."""
+    a list or finetune's comma string). ViT: one number each; Swin: C, depths and heads per stage."""
     cfg = preset_sizes(args.model)
     for k in cfg:
         v = getattr(args, k, None)

@@ -87,7 +87,8 @@ def check_sizes(stride, res, mask_size, mask_ratio, target):
                          f'cell and divide res {res}; use e.g. --mask-size {stride}')
     if target == 'hog' and stride % HOG_CELL:  # a token holds whole cells (per_token)
         raise ValueError(f'the HOG target needs a patch that is a multiple of the {HOG_CELL}-px '
-                         f'cell, got {stride}; use --patch-size {HOG_CELL} or 16, or --target pixel')
+                         f'cell, got {stride}; use --patch-size {HOG_CELL} or 16, or --target '
+                         f'pixel')
     if max(mask_size, stride) % min(mask_size, stride):  # blocks hold whole tokens or vice versa
         raise ValueError(f'--mask-size {mask_size} and the {stride}-px token must nest (one a '
                          f'multiple of the other); use --mask-size {math.lcm(stride, HOG_CELL)}')
