@@ -782,7 +782,8 @@ def get_args(argv=None):
     a('--teacher', action='store_true', help='load the EMA teacher (HPM ema_state_dict, model_ema)')
     a('--model', help='preset: vit_tiny|vit_small|vit_base|vit_large|vit_huge|swin_tiny|swin_base|'
       'swin_large (or official names, e.g. vit_base_patch16); default: from --ckpt, else vit_base')
-    a('--patch-size', dest='patch_size', type=int, help='override the preset (custom / tiny ViTs)')
+    a('--patch-size', dest='patch_size', type=int, help='override the preset (custom / tiny '
+      'models); the four size flags default to those saved in one of our --ckpt files')
     a('--embed-dim', dest='embed_dim', type=int, help='override the preset width')
     a('--depth', help='override the preset depth (Swin: comma list per stage)')
     a('--num-heads', dest='num_heads', help='override the preset heads (Swin: comma list); FastMIM '

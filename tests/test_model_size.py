@@ -89,3 +89,14 @@ def test_a_size_that_does_not_fit_is_one_line_and_nothing_is_written(tmp_path, c
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: ') and says in err, err
     assert err.count('\n') == 1 and not out.exists()
+
+
+def test_finetune_keeps_fastmims_standard_heads_and_takes_a_custom_sizes_heads(tmp_path):
+    """FastMIM pre-trains ViT-B with 6 heads and fine-tunes with the preset's 12 (ggjy/FastMIM.pytorch): a checkpoint
+    at the preset width keeps that rule; at a width of its own, its heads are part of the size and are taken."""
+    argv = ['--ckpt', 'x.pth', '--mode', 'knn', '--output-dir', str(tmp_path)]
+    base = dict(method='fastmim', model='vit_base', patch_size=16, depth=12)
+    for width, heads, expect in ((768, 6, 12), (96, 6, 6)):
+        args = finetune.get_args(argv)
+        finetune.resolve(args, {'model': {}, 'args': dict(base, embed_dim=width, num_heads=heads)})
+        assert finetune.model_config(args)['num_heads'] == expect and args.embed_dim == width
