@@ -1681,9 +1681,11 @@ def run_parser(method, doc, notes=None):
 
 
 def pretrain_parser(method, doc, decoder=(), norm_pix=False,
-                    norm_pix_help='standardise each target patch (MAE --norm_pix_loss)'):
+                    norm_pix_help='standardise each target patch (MAE --norm_pix_loss)',
+                    heads_note=None):
     """run_parser plus the flags all pre-training scripts share; decoder: which of
-    --decoder-{dim,depth,heads} exist; norm_pix: False = no --norm-pix-loss, else its default."""
+    --decoder-{dim,depth,heads} exist; norm_pix: False = no --norm-pix-loss, else its default;
+    heads_note: the script's word on the default of --num-heads."""
     p = run_parser(method, doc, notes=dict(
         epochs=f'default per --model (the DEFAULTS table of {method}.py)',
         min_lr='default 0 unless the method says', weight_decay='default 0.05 (AdamW)',
@@ -1702,6 +1704,16 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     for part in decoder:
         a(*names[part], dest=f'decoder_{part}', type=int,
           help=f'decoder {part}; default per --model (the DEFAULTS table of {method}.py)')
+    # the encoder's size, as finetune.py reads it; saved in the checkpoint's args, which
+    # finetune.py --ckpt reads back, so a custom size need not be repeated there
+    heads = (heads_note or 'default: the --model preset') + ' (Swin: comma list per stage)'
+    a('--patch-size', '--patch_size', dest='patch_size', type=positive_int,
+      help='encoder patch in px; default: the --model preset (ViT 16, ViT-H 14, Swin 4)')
+    a('--embed-dim', '--embed_dim', dest='embed_dim', type=positive_int,
+      help='encoder width (Swin: C of the first stage); default: the --model preset')
+    a('--depth', type=int_list, help='encoder blocks (Swin: comma list per stage); default: '
+      'the --model preset')
+    a('--num-heads', '--num_heads', dest='num_heads', type=int_list, help=f'encoder heads; {heads}')
     if norm_pix is not False:
         a('--norm-pix-loss', '--norm_pix_loss', dest='norm_pix_loss', default=norm_pix,
           action=argparse.BooleanOptionalAction, help=norm_pix_help)
@@ -1730,10 +1742,62 @@ MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b
              'mae_vit_huge_patch14': 'vit_huge', 'mae_vit_huge_patch14_dec512d8b': 'vit_huge'}
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f'{text} is not a positive integer')
+    return v
+
+
+def int_list(text):
+    """argparse type: 12 -> 12 (ViT), 2,2,6,2 -> [2, 2, 6, 2] (Swin, one per stage); each >= 1."""
+    vals = [positive_int(v) for v in text.split(',')]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def preset_sizes(model):
+    """The size flags of a --model preset: patch_size, embed_dim, depth, num_heads (Swin: patch
+    4, depth and num_heads per stage as lists)."""
+    if model in VIT_PRESETS:
+        return dict(VIT_PRESETS[model])
+    c = SWIN_PRESETS[model.removesuffix('_win14')]  # LocalMIM's swin_base_win14: swin_base sizes
+    return dict(patch_size=4, embed_dim=c['embed_dim'], depth=list(c['depths']),
+                num_heads=list(c['num_heads']))
+
+
+def encoder_config(args):
+    """Constructor kwargs of the encoder of --model: its preset overridden by --patch-size,
+    --embed-dim, --depth, --num-heads (pre-training and finetune.py alike; a flag may be an int,
+    a list or finetune's comma string). ViT: one number each; Swin: C, depths and heads per stage."""
+    cfg = preset_sizes(args.model)
+    for k in cfg:
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg[k] = [int(x) for x in (v if isinstance(v, (list, tuple)) else str(v).split(','))]
+    vit = args.model.startswith('vit')
+    for k, v in cfg.items():
+        n = v if isinstance(v, list) else [v]
+        if (vit or k in ('patch_size', 'embed_dim')) and len(n) != 1:
+            raise ValueError(f'--{k.replace("_", "-")} {",".join(map(str, n))}: '
+                             f'{"a ViT" if vit else "Swin"} takes one number here')
+        cfg[k] = n[0] if vit or k in ('patch_size', 'embed_dim') else tuple(n)
+    if vit:
+        if cfg['embed_dim'] % cfg['num_heads']:
+            raise ValueError(f'--embed-dim {cfg["embed_dim"]} is not divisible by --num-heads '
+                             f'{cfg["num_heads"]}; use a width that is a multiple of the heads')
+        return cfg
+    if len(cfg['depth']) != len(cfg['num_heads']):
+        raise ValueError(f'Swin needs one depth and one head count per stage, got --depth '
+                         f'{cfg["depth"]} and --num-heads {cfg["num_heads"]}')
+    cfg['depths'] = cfg.pop('depth')
+    return cfg
+
+
 def mae_config(args):
     """The constructor arguments of a MAE-family model (MAE, HPM, MFF, Efficient MAE) from the
-    resolved flags: the ViT preset, resolution, decoder, target normalisation, mask ratio."""
-    return dict(VIT_PRESETS[args.model], img_size=args.res, decoder_embed_dim=args.decoder_dim,
+    resolved flags: the ViT size, resolution, decoder, target normalisation, mask ratio."""
+    return dict(encoder_config(args), img_size=args.res, decoder_embed_dim=args.decoder_dim,
                 decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
                 norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
 
@@ -1802,6 +1866,7 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
              if not (chosen and k in recipe and k not in RUN_LENGTH_FLAGS)}
     return fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
                          dataset_defaults(args), (f'recipe({args.model})', recipe),
+                         (f'preset({args.model})', preset_sizes(args.model)),
                          ('default', dict(PRETRAIN_DEFAULTS, **fallback,
                                           output_dir=f'output/{args.method}_{args.model}')))
 
@@ -1813,6 +1878,7 @@ def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
     try:
         apply_defaults(args, table, smoke, model_names, **fallback)
         check_run_args(args)
+        encoder_config(args)  # the size flags agree with each other
     except ValueError as e:
         p.error(str(e))
     return args
@@ -1853,7 +1919,6 @@ NUMBER_RULES = {
     'decoder_dim': (positive, 'a positive width'),
     'decoder_depth': (at_least(0), '0 or more blocks'),
     'decoder_heads': (positive, 'a positive head count'),
-    'num_heads': (positive, 'a positive head count'),
     'window_size': (positive, 'a positive window such as 7'),
     'mask_size': (positive, 'a positive block size in px such as 32'),
     'hog_nbins': (positive, 'a positive bin count such as 9'),
@@ -2115,7 +2180,8 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
 # The arguments that make a run what it is: a resume with other values is refused (the saved step
 # would mean another place in another schedule). More --epochs, another --blr, --max-steps: allowed.
 # The files a run reads count by their content (file_fingerprint), named as below in a refusal.
-RUN_DEFINING = ('method', 'mode', 'model', 'batch_size', 'accum_iter', 'mask_ratio', 'seed',
+RUN_DEFINING = ('method', 'mode', 'model', 'patch_size', 'embed_dim', 'depth', 'num_heads',
+                'batch_size', 'accum_iter', 'mask_ratio', 'seed',
                 'data_path', 'synthetic_size', 'res_schedule', 'optimizer', 'teacher',
                 'ckpt_content', 'teacher_content')
 CONTENT_OF = {'ckpt_content': 'the content of the --ckpt file',

@@ -85,9 +85,13 @@ def check_sizes(stride, res, mask_size, mask_ratio, target):
     if mask_size % HOG_CELL or res % mask_size:
         raise ValueError(f'--mask-size {mask_size} must be a multiple of the {HOG_CELL}-px HOG '
                          f'cell and divide res {res}; use e.g. --mask-size {stride}')
-    if target == 'hog' and stride % HOG_CELL:
-        raise ValueError(f'the HOG target needs an output stride divisible by {HOG_CELL}, '
-                         f'got {stride}')
+    if target == 'hog' and stride % HOG_CELL:  # a token holds whole cells (per_token)
+        raise ValueError(f'the HOG target needs a patch that is a multiple of the {HOG_CELL}-px '
+                         f'cell, got {stride}; use --patch-size {HOG_CELL} or 16, or --target '
+                         f'pixel')
+    if max(mask_size, stride) % min(mask_size, stride):  # blocks hold whole tokens or vice versa
+        raise ValueError(f'--mask-size {mask_size} and the {stride}-px token must nest (one a '
+                         f'multiple of the other); use --mask-size {math.lcm(stride, HOG_CELL)}')
     check_ratio(mask_ratio, '--mask-ratio')
 
 
@@ -335,8 +339,8 @@ def parse_schedule(text):
 # ----------------------------------------------------------------------------- command line
 
 # The runner's names: for the command line below, and for from_official above (checkpoints).
-from common import (SWIN_PRESETS, VIT_PRESETS, launch, parse_pretrain,  # noqa: E402
-                    pick_state_dict, pretrain_parser, strip_prefix)
+from common import (encoder_config, launch, parse_pretrain, pick_state_dict,  # noqa: E402
+                    pretrain_parser, strip_prefix)
 
 # Per-model defaults. vit_base, swin_base: the official README commands. vit_large, swin_large: the
 # paper (decoders Sec. 4.1, Swin-L window App. A.3.2, epochs Tab. 3), the rest as their base
@@ -370,15 +374,15 @@ def get_args(argv=None):
     """Parse the command line and fill the per-model defaults."""
     p = pretrain_parser('fastmim', __doc__, decoder=('dim', 'depth'), norm_pix=True,
                         norm_pix_help='HOG: L2-normalise each cell histogram; pixels: standardise '
-                        'each patch (on by default, as the README commands; note 5)')
+                        'each patch (on by default, as the README commands; note 5)',
+                        heads_note='default 6 for vit_base (note 1), 12 = standard ViT-B, else '
+                        'the --model preset')
     a = p.add_argument
     a('--mask-size', '--block_size', '--mask_size', dest='mask_size', type=int,
       help='mask block in px, a multiple of 8; default 16 (ViT) / 32 (Swin) (README, Tab. 10b)')
     a('--target', '--mim_loss', dest='target', default='hog', choices=('hog', 'pixel'),
       type=lambda s: {'hog': 'hog', 'pixel': 'pixel', 'l2': 'pixel'}.get(s.lower(), s),
       help='hog (default, README --mim_loss HOG) or pixel (--mim_loss l2)')
-    a('--num-heads', dest='num_heads', type=int,
-      help='ViT encoder heads; default 6 for vit_base (note 1), 12 = standard ViT-B')
     a('--window-size', '--window_size', dest='window_size', type=int,
       help='Swin window at the start resolution; default 4 (Swin-B) / 8 (Swin-L) at 128 (README)')
     a('--res-schedule', dest='res_schedule',
@@ -407,11 +411,9 @@ def build_model(args):
                   decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                   target=args.target, norm_pix_loss=args.norm_pix_loss, res_schedule=schedule)
     if args.model.startswith('vit'):
-        encoder = VisionTransformer(args.res, **dict(VIT_PRESETS[args.model],
-                                                     num_heads=args.num_heads))
+        encoder = VisionTransformer(args.res, **encoder_config(args))
     else:
-        encoder = SwinTransformer(args.res, 4, window_size=args.window_size,
-                                  **SWIN_PRESETS[args.model])
+        encoder = SwinTransformer(args.res, window_size=args.window_size, **encoder_config(args))
     model = FastMIM(encoder, linear_init=args.swin_linear_init, **shared)
     for res, _ in schedule or []:  # not hours into the run
         if res % model.mask_size or res % model.stride:

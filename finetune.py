@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, SWIN_PRESETS,
                     VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, UnreadableImage,
                     VisionTransformer, autocast_dtype, benchmark, check_run_args, dataset_defaults,
-                    eval_datasets, eval_transform, fast_cuda, file_fingerprint, fill_defaults,
-                    image_folder, load_encoder, load_file, make_loader, mean_std,
+                    encoder_config, eval_datasets, eval_transform, fast_cuda, file_fingerprint,
+                    fill_defaults, image_folder, load_encoder, load_file, make_loader, mean_std,
                     mmpretrain_vit_to_timm, named_set, parse_run, pick_state_dict,
                     plain_data, print0, print_sources, read_log, run_main, run_parser,
                     save_atomic, setup_distributed, strip_prefix, train)
@@ -102,23 +102,9 @@ TIMM_SWIN_WINDOW = 7  # timm names: swin_*_patch4_window7_224; other windows go 
 # ----------------------------------------------------------------------------- models
 
 def model_config(args):
-    """Constructor kwargs: the preset overridden by --patch-size/--embed-dim/--depth/--num-heads."""
-    if args.model.startswith('vit'):
-        cfg = dict(VIT_PRESETS[args.model])
-        for k in ('patch_size', 'embed_dim', 'depth', 'num_heads'):
-            if getattr(args, k) is not None:
-                cfg[k] = int(getattr(args, k)) if k in ('depth', 'num_heads') else getattr(args, k)
-        return cfg
-    cfg = dict(SWIN_PRESETS[args.model])
-    if args.embed_dim is not None:
-        cfg['embed_dim'] = args.embed_dim
-    for k, name in (('depth', 'depths'), ('num_heads', 'num_heads')):
-        if getattr(args, k) is not None:
-            cfg[name] = tuple(int(v) for v in str(getattr(args, k)).split(','))
-    if len(cfg['depths']) != len(cfg['num_heads']):
-        raise ValueError(f'Swin needs one depth and one head count per stage, got --depth '
-                         f'{cfg["depths"]} and --num-heads {cfg["num_heads"]}')
-    return cfg
+    """Constructor kwargs: the preset overridden by --patch-size/--embed-dim/--depth/--num-heads,
+    the pre-training scripts' rule (common.encoder_config)."""
+    return encoder_config(args)
 
 
 class SwinClassifier(SwinTransformer):
@@ -154,7 +140,7 @@ def build_encoder(args, num_classes=0, pool='token', drop_path=0.0, swin_head='n
     if args.model.startswith('vit'):
         return VisionTransformer(args.res, drop_path=drop_path, global_pool=pool,
                                  num_classes=num_classes, learnable_pos=True, **cfg)
-    return SwinClassifier(args.res, 4, window_size=args.window_size, drop_path=drop_path,
+    return SwinClassifier(args.res, window_size=args.window_size, drop_path=drop_path,
                           num_classes=num_classes, head_norm=swin_head, **cfg)
 
 
@@ -754,7 +740,7 @@ def export_timm(args, obj):
         kwargs = dict(img_size=args.res, num_classes=0, global_pool='avg' if avg else 'token',
                       num_heads=cfg['num_heads'])
     else:
-        preset = SWIN_PRESETS[args.model]
+        preset = dict(SWIN_PRESETS[args.model], patch_size=4)
         name = f'{args.model}_patch4_window{TIMM_SWIN_WINDOW}_224'
         out = swin_to_timm(out)
         kwargs = dict(img_size=args.res, num_classes=0, window_size=args.window_size)
@@ -806,7 +792,8 @@ def get_args(argv=None):
     a('--teacher', action='store_true', help='load the EMA teacher (HPM ema_state_dict, model_ema)')
     a('--model', help='preset: vit_tiny|vit_small|vit_base|vit_large|vit_huge|swin_tiny|swin_base|'
       'swin_large (or official names, e.g. vit_base_patch16); default: from --ckpt, else vit_base')
-    a('--patch-size', dest='patch_size', type=int, help='override the preset (custom / tiny ViTs)')
+    a('--patch-size', dest='patch_size', type=int, help='override the preset (custom / tiny '
+      'models); the four size flags default to those saved in one of our --ckpt files')
     a('--embed-dim', dest='embed_dim', type=int, help='override the preset width')
     a('--depth', help='override the preset depth (Swin: comma list per stage)')
     a('--num-heads', dest='num_heads', help='override the preset heads (Swin: comma list); FastMIM '
@@ -866,10 +853,14 @@ def resolve(args, obj):
     ck = plain_args(obj)
     if args.model is None and obj is not None:
         if ck.get('method') in METHOD_RECIPE or ck.get('method') == 'finetune':  # ours: its preset
-            size = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size')  # overrides
-            fill_defaults(args, ('ckpt', dict(model=canonical_model(ck.get('model'))[0],
-                                              **{k: ck.get(k) for k in size
-                                                 if ck.get('method') == 'finetune'})))
+            model = canonical_model(ck.get('model'))[0]
+            size = ['patch_size', 'embed_dim', 'depth', 'num_heads']  # its encoder's size
+            if ck.get('method') == 'finetune':
+                size.append('window_size')
+            elif ck.get('method') == 'fastmim' and ck.get('embed_dim') in (
+                    None, VIT_PRESETS.get(model, {}).get('embed_dim')):
+                size.remove('num_heads')  # ViT-B pre-trained with 6 heads, fine-tuned with 12
+            fill_defaults(args, ('ckpt', dict(model=model, **{k: ck.get(k) for k in size})))
         if args.model is None:
             fill_defaults(args, ('ckpt', dict(model=infer_model(sd))))
         if args.model is None:
@@ -939,9 +930,6 @@ def validate(args):
         if args.res % cfg['patch_size']:
             raise ValueError(f'res {args.res} is not divisible by patch {cfg["patch_size"]}; use a '
                              f'multiple of {cfg["patch_size"]}')
-        if cfg['embed_dim'] % cfg['num_heads']:
-            raise ValueError(f'--embed-dim {cfg["embed_dim"]} is not divisible by --num-heads '
-                             f'{cfg["num_heads"]}')
         if args.probe_layer is not None and not 1 <= args.probe_layer <= cfg['depth']:
             raise ValueError(f'--probe-layer {args.probe_layer} is out of range; the model has '
                              f'{cfg["depth"]} blocks')
@@ -950,7 +938,8 @@ def validate(args):
             raise ValueError('--probe-layer applies to ViT only (Swin features are the normed '
                              'final stage)')
         S = len(cfg['depths'])
-        SwinTransformer(args.res, 4, 1, (1,) * S, (1,) * S, args.window_size)  # checks res, window
+        SwinTransformer(args.res, cfg['patch_size'], 1, (1,) * S, (1,) * S,
+                        args.window_size)  # checks res, window
     check_run_args(args, FINETUNE_RULES)
     if args.export_timm:
         out = os.path.abspath(args.export_timm)

@@ -526,7 +526,7 @@ def load_target_model(kind, path, img_size, patch_size, head_dim=64):
 
 # The runner's names: for the command line below, and for from_official and load_target_model
 # above (checkpoint files).
-from common import (MAE_DEFAULTS, MAE_NAMES, VIT_PRESETS, file_fingerprint,  # noqa: E402
+from common import (MAE_DEFAULTS, MAE_NAMES, file_fingerprint,  # noqa: E402
                     fill_defaults, key_summary, launch, load_file, load_model_state, mae_config,
                     parse_pretrain, pick_state_dict, pretrain_parser, strip_prefix)
 
@@ -578,7 +578,7 @@ def get_args(argv=None):
     if args.teacher_path and args.target not in ('dino', 'clip'):
         p.error(f'--teacher-path is read by --target dino or clip only, not {args.target}; '
                 f'drop one of them')
-    patch = VIT_PRESETS[args.model]['patch_size']
+    patch = args.patch_size
     if args.token_size is not None and args.token_size * patch != args.res:
         p.error(f'--token_size {args.token_size} does not match res {args.res} / patch {patch}; '
                 f'drop it or use {args.res // patch}')

@@ -213,9 +213,13 @@ class LocalMIMViT(VisionTransformer):
         if depth < 7:  # ours: below 7, [1, 3, depth-3, depth-1] repeats or mis-orders the levels
             raise ValueError(f'LocalMIM ViT needs depth >= 7 (supervised blocks [1, 3, depth-3, '
                              f'depth-1] must be increasing), got depth {depth}')
-        if patch_size % 4:  # cells are patch / scale (note 4)
+        # A level's region (its HOG cell) is patch / scale: 4, 8, 16, 32 px at patch 16, the sizes
+        # of Haoqing-Wang/LocalMIM ViT/models_mim.py:MaskedAutoencoderViT.__init__ (hog_enc), and
+        # proportional to the patch otherwise (note 4). Each must be whole (patch % 4) and tile
+        # the image (res % 2*patch, the largest).
+        if patch_size % 4:
             raise ValueError(f'patch {patch_size} must be divisible by 4: the finest level '
-                             f'regresses patch/4-px HOG cells')
+                             f'regresses patch/4-px HOG cells; use --patch-size 8 or 16')
         check_divisible(img_size, 2 * patch_size, 'twice the patch',
                         'the x0.5 level pools 2x2 patches')
         if decoder_embed_dim % 4 or decoder_embed_dim % decoder_num_heads:
@@ -400,7 +404,9 @@ class LocalMIMSwin(nn.Module):
         self.patch_size, self.mask_ratio, self.official_quirks = (
             patch_size, mask_ratio, official_quirks)
         self.target_kind, self.nbins, self.norm_pix_loss = target, hog_nbins, norm_pix_loss
-        self.cells = [patch_size * 8 // u for u in SWIN_UNITS]  # 8, 16, 32, 32 px at patch 4
+        # 8, 16, 32, 32 px at patch 4 (Swin/models_mim.py:MaskedAutoencoderSwin.__init__), else
+        # proportional: whole and tiling the image by the output-stride check above
+        self.cells = [patch_size * 8 // u for u in SWIN_UNITS]
         out_dims = [3 * hog_nbins if target == 'hog' else 3 * c * c for c in self.cells]
         self.decoder = nn.ModuleList([  # level k: input C*[2, 4, 8, 8][k], width d/[2, 1, 1, 1][k]
             Decoder(embed_dim * mult, decoder_embed_dim // div, decoder_depth, decoder_num_heads,
@@ -535,8 +541,8 @@ def from_official(obj):
 
 # The runner's names: for the command line below, and for from_official and the Swin
 # no_weight_decay above (checkpoints, the loop's default rule).
-from common import (SWIN_PRESETS, VIT_PRESETS, default_no_decay, launch,  # noqa: E402
-                    parse_pretrain, pick_state_dict, pretrain_parser, strip_prefix)
+from common import (default_no_decay, encoder_config, launch, parse_pretrain,  # noqa: E402
+                    pick_state_dict, pretrain_parser, strip_prefix)
 
 # Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
 # vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
@@ -609,10 +615,10 @@ def build_model(args):
                decoder_num_heads=args.decoder_heads, hog_nbins=args.hog_nbins,
                hog_bias=args.hog_bias, mask_ratio=args.mask_ratio)
     if args.model.startswith('vit'):
-        return LocalMIMViT(args.res, **VIT_PRESETS[args.model], **dec)
-    return LocalMIMSwin(args.res, 4, window_size=args.window_size, target=args.target,
+        return LocalMIMViT(args.res, **encoder_config(args), **dec)
+    return LocalMIMSwin(args.res, window_size=args.window_size, target=args.target,
                         norm_pix_loss=args.norm_pix_loss, official_quirks=args.official_quirks,
-                        **SWIN_PRESETS[args.model.removesuffix('_win14')], **dec)
+                        **encoder_config(args), **dec)
 
 
 def main(argv=None):

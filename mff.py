@@ -352,7 +352,7 @@ def make_dataset(args):
 
 # The runner's names: for the command line below, and for make_dataset and from_official above
 # (data, checkpoints).
-from common import (VIT_PRESETS, fill_defaults, launch, mae_config, mean_std,  # noqa: E402
+from common import (fill_defaults, launch, mae_config, mean_std,  # noqa: E402
                     mmpretrain_vit_to_timm, parse_pretrain, pick_state_dict, pretrain_dataset,
                     pretrain_parser, strip_prefix)
 
@@ -418,7 +418,7 @@ def get_args(argv=None):
       help='weight decay on proj_weights and proj_layers.*.weight (mmpretrain rule, default on)')
     args = parse_pretrain(p, argv, DEFAULTS, SMOKE, OFFICIAL_NAMES, res=224, mask_ratio=0.75,
                           blr=1.5e-4)
-    depth = VIT_PRESETS[args.model]['depth']
+    depth = args.depth
     fill_defaults(args, ('default', dict(fuse_layers='L6')))
     try:
         args.fuse_layers = check_fuse_layers(args.fuse_layers or 'L6', depth, args.allow_truncated)

@@ -15,10 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['--num-workers', '0', '--synthetic-size', '64', '--res', '32', '--epochs', '1', '--warmup-epochs', '1',
           '--log-freq', '1', '--max-steps', '3']
 # FastMIM-P on a tiny Swin: 4 steps at 64 px (window 2, 3x3 tables), then the switch to 96 px (window 3, 5x5
-# tables) and 2 steps there; the preset is swapped in by a launcher script (SWIN_PRESETS has no flags)
-TINY_SWIN = dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+# tables) and 2 steps there
 SWIN_P = ['--model', 'swin_tiny', '--res-schedule', '64:1,96:1', '--epochs', '2', '--max-steps', '6',
-          '--window-size', '2', '--decoder-dim', '32', '--decoder-depth', '1']
+          '--window-size', '2', '--decoder-dim', '32', '--decoder-depth', '1', '--embed-dim', '8', '--depth', '1,1,1,1',
+          '--num-heads', '1,1,2,2']
 
 
 def torchrun(script, out, *argv, nproc=2):
@@ -33,19 +33,13 @@ def losses(out):
     return [r['loss'] for r in log_rows(out / 'log.jsonl')]
 
 
-@pytest.mark.parametrize('module,extra,presets', [
-    (fastmim, [], {}),
-    (hpm, ['--epochs', '2', '--max-steps', '6'], {}),
-    (fastmim, SWIN_P, {'swin_tiny': TINY_SWIN}),  # the switch re-wraps DDP around resized tables
+@pytest.mark.parametrize('module,extra', [
+    (fastmim, []),
+    (hpm, ['--epochs', '2', '--max-steps', '6']),
+    (fastmim, SWIN_P),  # the switch re-wraps DDP around resized tables
 ], ids=['fastmim', 'hpm', 'fastmim_p_swin'])
-def test_two_processes_equal_one(tmp_path, monkeypatch, module, extra, presets):
-    script = module.__name__ + '.py'
-    if presets:  # the same presets in both runs: set in this process, and by a launcher in the two others
-        for name, cfg in presets.items():
-            monkeypatch.setitem(module.SWIN_PRESETS, name, cfg)
-        script = tmp_path / 'launch.py'
-        script.write_text(f'import {module.__name__} as m\nm.SWIN_PRESETS.update({presets!r})\nm.main()\n')
-    proc = torchrun(str(script), tmp_path / 'ddp', *COMMON, '--batch-size', '8', *extra)
+def test_two_processes_equal_one(tmp_path, module, extra):
+    proc = torchrun(module.__name__ + '.py', tmp_path / 'ddp', *COMMON, '--batch-size', '8', *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     module.main(['--output-dir', str(tmp_path / 'one'), *COMMON, '--batch-size', '16', *extra])
     a, b = losses(tmp_path / 'ddp'), losses(tmp_path / 'one')

@@ -268,10 +268,10 @@ def test_fastmim_p_vit_and_swin_switch(tmp_path):
     assert opt.state[table]['step'] == 2 and table.grad.shape == (25, 1)
 
 
-def test_fastmim_p_resume_across_switch(tmp_path, monkeypatch):
-    monkeypatch.setitem(fastmim.SWIN_PRESETS, 'swin_tiny', dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)))
+def test_fastmim_p_resume_across_switch(tmp_path):
     args = ['--model', 'swin_tiny', '--res-schedule', '64:1,96:1', '--epochs', '2', '--window-size', '2',
-            '--decoder-dim', '32', '--decoder-depth', '1']
+            '--decoder-dim', '32', '--decoder-depth', '1', '--embed-dim', '8', '--depth', '1,1,1,1',
+            '--num-heads', '1,1,2,2']
     torch.use_deterministic_algorithms(True)
     try:
         a, rows_a = run(tmp_path, *args, '--batch-size', '32', name='a')
@@ -288,12 +288,10 @@ def test_fastmim_p_resume_across_switch(tmp_path, monkeypatch):
 def test_fastmim_p_stopped_after_the_switch_resumes_exactly(tmp_path, monkeypatch, model):
     """Preempted in the second stage (after the resolution switch), the same command carries on: the
     crops, the model and the optimiser are rebuilt at the saved stage's resolution."""
-    monkeypatch.setitem(fastmim.SWIN_PRESETS, 'swin_tiny', dict(embed_dim=8, depths=(1, 1, 1, 1),
-                                                                num_heads=(1, 1, 2, 2)))
-    monkeypatch.setitem(fastmim.VIT_PRESETS, 'vit_tiny', dict(patch_size=16, embed_dim=16, depth=1,
-                                                              num_heads=2))
+    size = {'vit_tiny': ['--embed-dim', '16', '--depth', '1', '--num-heads', '2'],
+            'swin_tiny': ['--embed-dim', '8', '--depth', '1,1,1,1', '--num-heads', '1,1,2,2']}[model]
     args = ['--model', model, '--res-schedule', '32:1,64:1', '--epochs', '2', '--window-size', '1',
-            '--decoder-dim', '32', '--decoder-depth', '1', '--num-heads', '2']
+            '--decoder-dim', '32', '--decoder-depth', '1', *size]
     torch.use_deterministic_algorithms(True)
     try:
         a, rows_a = run(tmp_path, *args, name='a')
@@ -311,7 +309,6 @@ def test_saves_scan_the_folder_once_per_resolution_and_serialise_once(tmp_path, 
     for the picture's 8 images) once per run and once more at a FastMIM-P switch, not at every save, and a kept
     checkpoint is a copy of checkpoint-last.pth, not a second torch.save; it holds what checkpoint-last held."""
     root = common.make_jpeg_folder(str(tmp_path / 'jpegs'), 16, size=(80, 64))
-    monkeypatch.setitem(fastmim.VIT_PRESETS, 'vit_tiny', dict(patch_size=16, embed_dim=16, depth=1, num_heads=2))
     scans, saves, lasts = [], [], {}
     real_folder, real_save = common.image_folder, torch.save
     monkeypatch.setattr(common, 'image_folder', lambda *a, **k: scans.append(a[0]) or real_folder(*a, **k))
@@ -325,7 +322,7 @@ def test_saves_scan_the_folder_once_per_resolution_and_serialise_once(tmp_path, 
     out = tmp_path / 'run'
     fastmim.main(['--output-dir', str(out), '--data-path', root, '--model', 'vit_tiny', '--res-schedule', '32:2,64:2',
                   '--epochs', '4', '--batch-size', '8', '--warmup-epochs', '1', '--save-freq', '1', '--log-freq', '2',
-                  '--num-workers', '0', '--num-heads', '2', '--decoder-dim', '32'])
+                  '--num-workers', '0', '--embed-dim', '16', '--depth', '1', '--num-heads', '2', '--decoder-dim', '32'])
     assert len(scans) == 2 * 2  # the data and the picture, at 32 px and again at 64 px
     assert len(saves) == 4  # one serialisation a save, though every epoch's checkpoint is kept
     for epoch in range(4):
