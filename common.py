@@ -1183,10 +1183,10 @@ def fill_pattern(k, x, y, f, speckle):
     return (0.5 + 1.5 * v).clamp_(0, 1)
 
 
-# The label is a shape and its fill pattern, both visible in any 8-px patch of the object, so a
-# small ViT can learn it on a CPU; everything else varies as in photos (colour, place, size,
-# angle, 1/f background, clutter, light, sensor noise), so neither the mean colour nor a flat
-# field gives the class away and HOG and pixel targets both see edges.
+# The label is a shape and its fill pattern (the pattern shows in any 8-px patch of the object),
+# so a small ViT can learn it on a CPU; everything else varies as in photos (colour, place, size,
+# angle, 1/f background, clutter, light, sensor noise), so the mean colour does not give the
+# class away and HOG and pixel targets both see edges, not flat fields.
 class SyntheticShapes(torch.utils.data.Dataset):
     """Built-in data: 10 classes (a shape with its fill pattern) on photo-like clutter as uint8
     (3, res, res), generated per index, no files."""
