@@ -1152,16 +1152,77 @@ def sample_key(seed, epoch, index):
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
 
 
-class SyntheticShapes(torch.utils.data.Dataset):
-    """Built-in data: 10 classes (5 shapes x solid/striped) as uint8 (3, res, res), no files."""
+def shape_distance(k, x, y, s):
+    """Signed distance of shape k of radius s (< 0 inside), at points x, y (R, R) of its frame."""
+    r = (x * x + y * y).sqrt()
+    th = torch.atan2(y, x)
+    if k == 0:  # disk
+        return r - s
+    if k in (1, 2, 3, 4):  # regular 3-, 4-, 5-, 6-gon: distance to the nearest side's line
+        n = k + 2
+        a = 2 * math.pi / n
+        return r * torch.cos(torch.remainder(th + math.pi / 2, a) - a / 2) - s * math.cos(math.pi / n)
+    if k == 5:  # five-pointed star: the radius swings with the angle (a distance only near the edge)
+        return r - s * (0.62 + 0.38 * torch.cos(5 * th + 2.5 * math.pi))
+    if k == 6:  # ring
+        return (r - 0.72 * s).abs() - 0.28 * s
+    if k == 7:  # cross: the nearer of two bars
+        return torch.minimum(torch.maximum(x.abs() - s, y.abs() - 0.32 * s),
+                             torch.maximum(y.abs() - s, x.abs() - 0.32 * s))
+    if k == 8:  # heart: a square turned 45 degrees with a disk on each upper side
+        u, v = (x + y) / math.sqrt(2), (y - x) / math.sqrt(2)
+        c = 0.55 * s
+        return torch.minimum(torch.maximum(u.abs(), v.abs()) - c,
+                             torch.minimum((u * u + (v + c) ** 2).sqrt(), ((u + c) ** 2 + v * v).sqrt()) - c)
+    return torch.maximum(r - s, 0.8 * s - ((x - 0.45 * s) ** 2 + y * y).sqrt())  # crescent: disk minus disk
 
-    classes = [f'{s}_{t}' for t in ('solid', 'striped')
-               for s in ('disk', 'square', 'triangle', 'ring', 'cross')]
+
+def fill_pattern(k, x, y, f, speckle):
+    """Share of the second colour, in [0, 1], of pattern k at points x, y (R, R) and angular
+    frequency f; its ramps are about a pixel wide, so it does not alias."""
+    if k == 0:  # stripes
+        v = torch.sin(f * x)
+    elif k == 1:  # checkerboard
+        v = 2 * torch.sin(f * x) * torch.sin(f * y)
+    elif k == 2:  # dots
+        v = torch.cos(f * x) + torch.cos(f * y) - 1
+    elif k == 3:  # concentric rings
+        v = torch.sin(f * (x * x + y * y).sqrt())
+    elif k == 4:  # 16 spokes
+        v = torch.sin(8 * torch.atan2(y, x))
+    elif k == 5:  # wavy stripes
+        v = torch.sin(f * x + 2.5 * torch.sin(0.5 * f * y))
+    elif k == 6:  # grid lines
+        v = 5 * (torch.maximum(torch.cos(f * x), torch.cos(f * y)) - 0.8)
+    elif k == 7:  # plain
+        return torch.zeros_like(x)
+    elif k == 8:  # zigzag stripes
+        v = torch.sin(f * x + 4 * (torch.remainder(f * y / math.pi, 2) - 1).abs())
+    else:  # speckle: random 2-px cells
+        return speckle
+    return (0.5 + 1.5 * v).clamp_(0, 1)
+
+
+# The label is a shape and its fill pattern (the pattern shows in any 8-px patch of the object),
+# so a small ViT can learn it on a CPU; everything else varies as in photos (colour, place, size,
+# angle, 1/f background, clutter, light, sensor noise), so the mean colour does not give the
+# class away and HOG and pixel targets both see edges, not flat fields.
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Built-in data: 10 classes (a shape with its fill pattern) on photo-like clutter as uint8
+    (3, res, res), generated per index, no files."""
+
+    classes = ['disk_stripes', 'triangle_checker', 'square_dots', 'pentagon_rings',
+               'hexagon_spokes', 'star_waves', 'ring_grid', 'cross_plain', 'heart_zigzag',
+               'crescent_speckle']
 
     def __init__(self, split='train', n=None, res=64, seed=0):
         self.split, self.res, self.seed = split, res, seed
         self.n = n if n is not None else (2048 if split == 'train' else 512)
         self.targets = [i % 10 for i in range(self.n)]
+        c = torch.linspace(-1, 1, 2 * res + 1)[1::2]  # pixel centres in [-1, 1]
+        self.x, self.y = c.view(1, res), c.view(res, 1)  # broadcast to (R, R)
+        fy, fx = torch.fft.fftfreq(res)[:, None], torch.fft.rfftfreq(res)[None]
+        self.log_f = (fy * fy + fx * fx).sqrt().clamp(min=1 / res).log()  # (R, R/2+1)
 
     def __len__(self):
         return self.n
@@ -1170,29 +1231,49 @@ class SyntheticShapes(torch.utils.data.Dataset):
         """-> (uint8 image (3, res, res), label)."""
         g = torch.Generator().manual_seed(  # mod 2**64: manual_seed's range, for any seed
             ((self.seed * 7919 + (self.split == 'val')) * 1_000_003 + i) % (1 << 64))
-        u = lambda *s: torch.rand(s, generator=g)  # noqa: E731
+        ut = torch.rand(24, generator=g)  # 21 used, 3 spare
+        u = ut.tolist()
+        c = torch.rand(4, 3, 1, 1, generator=g)  # background tint, object colour, 2 distractors
         label, R = self.targets[i], self.res
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R),
-                                indexing='ij')  # (R, R)
-        a = u(1) * 2 * math.pi
-        t = ((xx * a.cos() + yy * a.sin()) * 0.5 + 0.5).clamp(0, 1)  # background gradient
-        img = (u(3, 1, 1) * (1 - t) + u(3, 1, 1) * t
-               + 0.04 * torch.randn(3, R, R, generator=g))  # (3, R, R)
-        cx, cy, s, phi = u(1) * 0.8 - 0.4, u(1) * 0.8 - 0.4, 0.3 + 0.3 * u(1), u(1) * math.pi
-        px, py = xx - cx, yy - cy
-        x1, y1 = px * phi.cos() + py * phi.sin(), -px * phi.sin() + py * phi.cos()  # shape frame
-        r = (x1 ** 2 + y1 ** 2).sqrt()
-        shape = [r < s,
-                 torch.maximum(x1.abs(), y1.abs()) < 0.8 * s,
-                 (y1 > -0.5 * s) & (y1 < s) & (x1.abs() < (s - y1) / 3 ** 0.5),
-                 (r < s) & (r > 0.6 * s),
-                 ((x1.abs() < 0.3 * s) & (y1.abs() < s))
-                 | ((y1.abs() < 0.3 * s) & (x1.abs() < s))][label % 5]
-        fg = u(3, 1, 1).expand(3, R, R)
-        if label >= 5:  # striped: alternate with a second colour along the shape's x axis
-            fg = torch.where(torch.sin(x1 * (12 + 8 * u(1))) > 0, fg, u(3, 1, 1).expand(3, R, R))
-        img = torch.where(shape[None], fg, img)
-        return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
+        x, y, px = self.x, self.y, 2 / R  # px: one pixel in frame units
+        # background: 1/f^a noise (a in 0.8-1.8, natural images ~1), one luminance and one colour
+        # field, at low saturation, over a linear gradient
+        amp = (self.log_f * -(0.8 + u[0])).exp()  # (R, R/2+1)
+        phase = torch.rand(2, R, R // 2 + 1, generator=g) * (2 * math.pi)
+        field = torch.fft.irfft2(torch.polar(amp.expand(2, -1, -1), phase), s=(R, R))  # (2, R, R)
+        k = (0.08 + 0.17 * u[4]) / field.std()
+        a, gr = u[1] * 2 * math.pi, 0.3 * u[3]
+        grey = (x * (gr * math.cos(a)) + y * (gr * math.sin(a))).add_(field[0], alpha=k)  # (R, R)
+        img = torch.addcmul(grey, field[1], (c[1] - 0.5) * (0.8 * k))  # (3, R, R)
+        img += 0.2 + 0.6 * u[2] + 0.3 * (c[0] - 0.5)
+        # clutter: two soft-edged ellipses of random colour behind the object
+        cx, cy, ax, ay = ut[5:13].view(4, 2, 1, 1)  # (2, 1, 1) each
+        cx, cy, ax, ay = cx * 2 - 1, cy * 2 - 1, 0.06 + 0.16 * ax, 0.06 + 0.16 * ay
+        d = ((((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2).sqrt_() - 1)  # (2, R, R) 0 on the rim
+        w = torch.minimum(ax, ay) / px  # a unit of d in pixels, at the narrow end
+        m = d.mul_(-w).add_(0.5).clamp_(0, 1)  # (2, R, R) a one-pixel edge
+        img = img.lerp_(c[2], m[0]).lerp_(c[3], m[1])
+        # the object: its class's shape at a random size, place and angle, filled with its class's
+        # pattern in two contrasting random colours (period 4-7 px at 64 px), lit from one side
+        s = 0.55 + 0.3 * u[13]
+        ox, oy = (u[14] * 2 - 1) * (0.95 - s), (u[15] * 2 - 1) * (0.95 - s)
+        ca, sa = math.cos(u[16] * 2 * math.pi), math.sin(u[16] * 2 * math.pi)
+        x1, y1 = (x - ox) * ca + (y - oy) * sa, (y - oy) * ca - (x - ox) * sa  # (R, R) object frame
+        inside = (0.5 - shape_distance(label, x1, y1, s) / px).clamp_(0, 1)  # (R, R) one-pixel edge
+        cb, sb = math.cos(u[17] * 2 * math.pi), math.sin(u[17] * 2 * math.pi)
+        f = 2 * math.pi / ((4 + 3 * u[18]) * R / 64 * px)
+        speckle = None
+        if label == 9:
+            h = (R + 1) // 2
+            speckle = (torch.rand(h, h, generator=g) > 0.5).float().repeat_interleave(
+                2, 0).repeat_interleave(2, 1)[:R, :R]  # (R, R)
+        t = fill_pattern(label, x1 * cb + y1 * sb, y1 * cb - x1 * sb, f, speckle)  # (R, R)
+        c2 = (c[1] + 0.4 + 0.2 * u[19]) % 1  # each channel 0.4-0.6 round the wheel: a contrasting colour
+        b = u[20] * 2 * math.pi
+        light = (x1 * (0.2 * math.cos(b) / s) + y1 * (0.2 * math.sin(b) / s)).add_(1)  # (R, R)
+        img = img.lerp_(torch.lerp(c[1], c2, t).mul_(light), inside)
+        img = img.add_(torch.rand(3, R, R, generator=g).sub_(0.5), alpha=0.1)  # sensor noise, std 0.03
+        return img.mul_(255).round_().clamp_(0, 255).to(torch.uint8), label
 
 
 # To measure the input pipeline without a download: each image a colour field with a photo's 1/f

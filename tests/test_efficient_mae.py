@@ -217,7 +217,7 @@ def test_loss_decreases_on_a_fixed_batch():
     keys = torch.arange(8)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(40):  # the built-in images' texture and sensor noise: 0.71 of the first loss at 20 steps
         out = m(imgs, keys=keys)
         opt.zero_grad()
         out['loss'].backward()
