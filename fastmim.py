@@ -249,6 +249,13 @@ class FastMIM(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
 
+    def encoder_features(self, imgs):
+        """The unpainted image's k-NN features: ViT (cls, patch average), Swin (None, the mean of
+        the normed last stage), each (B, D) (the hook of common.train's k-NN monitor)."""
+        if self.swin:
+            return None, self.encoder.forward_features(imgs).mean(1)  # (B, C)
+        return self.encoder.encoder_features(imgs)
+
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
         if mask is None:
