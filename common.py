@@ -1713,8 +1713,8 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
       '--res px a side (Pillow Image.draft): the same crop box, fewer pixels (default: on)')
     a('--eval-knn', dest='eval_knn', type=int, metavar='N',
       help='k-NN monitor: top-1 of the cls token and the patch average (k 20, T 0.07 as DINO) at '
-      'step 0, every N epochs and at the end; 0: off (default: off with --data-path, half the '
-      'epochs in the smoke preset)')
+      'step 0, every N epochs and at the end; 0: off (default: off with --data-path; the smoke '
+      'preset evaluates half-way)')
     a('--eval-data', dest='eval_data', metavar='PATH',
       help='the monitor\'s images: PATH/train is the bank, PATH/val the queries (default: '
       '<data-path>/train and /val when both exist; the built-in train and val splits)')
@@ -1791,7 +1791,7 @@ RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_
                     'num_workers')
 # What a pre-training script uses for a flag that neither the smoke preset nor the recipe sets.
 PRETRAIN_DEFAULTS = dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0,
-                         weight_decay=0.05, rrc_scale=(0.2, 1.0))
+                         weight_decay=0.05, rrc_scale=(0.2, 1.0), eval_knn=0)
 
 
 def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base', **fallback):
@@ -1809,14 +1809,10 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     recipe = table[args.model]
     smoke = {k: v for k, v in smoke.items()
              if not (chosen and k in recipe and k not in RUN_LENGTH_FLAGS)}
-    fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
-                  (f'recipe({args.model})', recipe),
-                  ('default', dict(PRETRAIN_DEFAULTS, **fallback,
-                                   output_dir=f'output/{args.method}_{args.model}')))
-    if 'eval_knn' in vars(args):  # the smoke run's monitor: at step 0, half-way and at the end
-        return fill_defaults(args, ('smoke', dict(eval_knn=-(-args.epochs // 2)) if
-                                    args.data_path is None else {}), ('default', dict(eval_knn=0)))
-    return args
+    return fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
+                         (f'recipe({args.model})', recipe),
+                         ('default', dict(PRETRAIN_DEFAULTS, **fallback,
+                                          output_dir=f'output/{args.method}_{args.model}')))
 
 
 def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
@@ -2709,6 +2705,8 @@ class Run:
         if self.log:
             self.log.write(row)
             self.bar.set_postfix(**self.knn_last)
+        if self.world > 1:
+            dist.barrier()  # as after save(): no rank runs ahead (or shuts the group down)
 
     def stopped(self):
         """After a signal, with the step saved: how to continue, then end the run (exit 0)."""

@@ -582,7 +582,8 @@ DEFAULTS = {
 }
 # ours: about 2 minutes on 2 CPU cores
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=10, warmup_epochs=1, blr=2e-3,
-             decoder_dim=64, decoder_heads=4, log_freq=8, save_freq=5, num_workers=2)
+             decoder_dim=64, decoder_heads=4, log_freq=8, save_freq=5, num_workers=2,
+             eval_knn=5)
 OFFICIAL_NAMES = {'MIM_vit_small_patch16': 'vit_small', 'MIM_vit_base_patch16': 'vit_base',
                   'MIM_vit_large_patch16': 'vit_large', 'mim_swin_base_patch4_win7': 'swin_base',
                   'mim_swin_base_patch4_win14': 'swin_base_win14',
