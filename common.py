@@ -209,6 +209,14 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def encoder_features(self, imgs):
+        """imgs (B, 3, H, W), all tokens -> (cls after the final norm, patch mean through an
+        affine-free LayerNorm), each (B, D): finetune.py's k-NN features --pool cls and avg."""
+        x = self.embed(imgs)  # (B, 1+L, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0], F.layer_norm(x[:, 1:].mean(1), (x.shape[-1],), eps=1e-6)
+
     def forward(self, imgs):
         """imgs (B, 3, H, W) -> logits (B, classes), or the pooled features when there's no head."""
         x = self.forward_features(imgs)
@@ -1624,6 +1632,130 @@ def stop_workers(*loaders):
         loader._iterator = None  # iterating it again starts new workers
 
 
+# --------------------------------------------------------------------- k-NN
+# One k-NN for the pre-training monitor (--eval-knn, Run.knn_monitor) and finetune.py --mode knn.
+
+class Indexed(torch.utils.data.Dataset):
+    """A share of a dataset with a fixed transform; items are (image, label, dataset index).
+
+    skip_bad: an unreadable image comes as a blank one with label -1, which evaluation leaves out.
+    """
+
+    def __init__(self, base, transform, indices, skip_bad=False):
+        self.base, self.transform, self.indices = base, transform, list(indices)
+        self.skip_bad = skip_bad
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        try:
+            img, label = self.base[self.indices[j]]
+        except UnreadableImage as e:
+            if not self.skip_bad:
+                raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
+            sys.stderr.write(f'warning: skipped {e}\n')
+            from PIL import Image
+            img, label = Image.new('RGB', (8, 8)), -1  # same shape after the transform
+        return self.transform(img), label, self.indices[j]
+
+
+def eval_loader(base, args, rank, world, device):
+    """Sequential loader over this rank's strided share of `base` (each image once, no padding)."""
+    share = Indexed(base, eval_transform(args.res, mean=mean_std(args)[0], std=mean_std(args)[1]),
+                    range(rank, len(base), world), args.skip_bad_images)
+    return make_loader(share, args.batch_size, None, args.num_workers, device, drop_last=False)
+
+
+@torch.no_grad()
+def extract_features(fn, loader, device, amp, world, total, normalize=True):
+    """L2-normalised features (N, D) and labels (N,) of a whole dataset in dataset order, gathered
+    from all ranks with their dataset indices (HPM main_knn.py stores them by loader position);
+    normalize=False: `fn` normalises its own (the monitor's two features side by side)."""
+    feats, labels, index = [], [], []
+    for imgs, y, i in loader:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            f = fn(imgs.to(device, non_blocking=True))
+        feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
+        labels.append(torch.as_tensor(y, device=device))
+        index.append(torch.as_tensor(i, device=device))
+    f, y, i = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    if world > 1:  # all_gather needs equal sizes: pad every share to the largest, with index -1
+        n = torch.tensor([len(i)], device=device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n)
+        m = int(max(s.item() for s in sizes))
+        pad = m - len(i)
+        f = torch.cat([f, f.new_zeros(pad, f.shape[1])])
+        y, i = torch.cat([y, y.new_zeros(pad)]), torch.cat([i, i.new_full((pad,), -1)])
+        parts = [[torch.empty_like(t) for _ in range(world)] for t in (f, y, i)]
+        for out, t in zip(parts, (f, y, i)):
+            dist.all_gather(out, t)
+        f, y, i = (torch.cat(p) for p in parts)
+        keep = i >= 0
+        f, y, i = f[keep], y[keep], i[keep]
+    order = torch.argsort(i)
+    assert torch.equal(i[order].cpu(), torch.arange(total)), 'every image must be seen exactly once'
+    f, y = f[order], y[order]
+    return f[y >= 0], y[y >= 0]  # without the images --skip-bad-images skipped (label -1)
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, k, T=0.07, num_classes=None, chunk=1024):
+    """DINO k-NN on L2-normalised features, votes exp(sim / T) -> (top-1, top-5) in percent."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    k = min(k, len(train_y))
+    n5 = min(5, k, num_classes)  # the official top-5 counts the first min(5, k) predictions
+    hits1 = hits5 = 0
+    for s in range(0, len(test_y), chunk):
+        sim = test_f[s:s + chunk] @ train_f.T  # (b, N) cosine similarity
+        top, idx = sim.topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(top), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (top / T).exp())  # (b, K) summed weights per class
+        # facebookresearch/dino eval_knn.py:knn_classifier: all classes sorted by votes, descending.
+        # Stable: tied classes (no vote) follow in ascending index, as torch's default CPU sort
+        # orders them in rows of up to 16 classes; longer rows in no set order (torch 2.14).
+        pred = votes.sort(dim=1, descending=True, stable=True).indices[:, :n5]  # (b, n5)
+        hit = pred == test_y[s:s + chunk, None]
+        hits1 += int(hit[:, 0].sum())
+        hits5 += int(hit.any(1).sum())
+    return 100.0 * hits1 / len(test_y), 100.0 * hits5 / len(test_y)
+
+
+KNN_K, KNN_T = 20, 0.07  # the monitor's vote: DINO's default k and temperature (eval_knn.py)
+# built-in data: the bank is the first 512 training images, the queries the first 256 val ones;
+# three evaluations of 768 images then cost under a tenth of a smoke run (measured in the README)
+KNN_BANK, KNN_QUERIES = 512, 256
+
+
+def knn_sets(args):
+    """The monitor's (bank, queries) with labels: --eval-data <root>/train and /val; else a named
+    set's train and test splits, or <data-path>/train and /val when both exist; else the first KNN_BANK built-in train images (at
+    most --synthetic-size) and KNN_QUERIES val images (at most as many); None when --eval-knn is 0
+    or there is no val folder (said in one line)."""
+    if not args.eval_knn:
+        return None
+    if named_set(args.data_path) and not args.eval_data:  # cifar10, ...: its train and test splits
+        return named_dataset(args, 'train'), named_dataset(args, 'val')
+    root = args.eval_data or args.data_path
+    if root is None:
+        n = min(KNN_BANK, args.synthetic_size)
+        return (SyntheticShapes('train', n, args.res, args.seed),
+                SyntheticShapes('val', min(KNN_QUERIES, n), args.res, args.seed))
+    if not all(os.path.isdir(os.path.join(root, split)) for split in ('train', 'val')):
+        if args.eval_data:
+            raise ValueError(f'--eval-data {root} needs train/ and val/ class folders (the k-NN '
+                             f'bank and queries)')
+        print0(f'note: no k-NN monitor: {root} has no train/ and val/ folders; give --eval-data '
+               f'<root with train/ and val/>')
+        return None
+    bank, queries = image_folder(root, 'train'), image_folder(root, 'val')
+    if bank.classes != queries.classes:
+        raise ValueError(f'{root}/train and /val have different class folders '
+                         f'({len(bank.classes)} vs {len(queries.classes)}); they must match')
+    return bank, queries
+
+
 # --------------------------------------------------------------------- pictures on disk
 
 def write_png(picture, path):
@@ -1801,6 +1933,13 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     a('--draft-decode', dest='draft_decode', default=True, action=argparse.BooleanOptionalAction,
       help='decode a --data-path JPEG at 1/2, 1/4 or 1/8 of its size when the crop keeps at least '
       '--res px a side (Pillow Image.draft): the same crop box, fewer pixels (default: on)')
+    a('--eval-knn', dest='eval_knn', type=int, metavar='N',
+      help='k-NN monitor: top-1 of the cls token and the patch average (k 20, T 0.07 as DINO) at '
+      'step 0, every N epochs and at the end; 0: off (default: off with --data-path; the smoke '
+      'preset evaluates half-way)')
+    a('--eval-data', dest='eval_data', metavar='PATH',
+      help='the monitor\'s images: PATH/train is the bank, PATH/val the queries (default: '
+      '<data-path>/train and /val when both exist; the built-in train and val splits)')
     return p
 
 
@@ -1926,7 +2065,7 @@ RUN_LENGTH_FLAGS = ('res', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'log_
                     'num_workers')
 # What a pre-training script uses for a flag that neither the smoke preset nor the recipe sets.
 PRETRAIN_DEFAULTS = dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1, min_lr=0.0,
-                         weight_decay=0.05, rrc_scale=(0.2, 1.0),
+                         weight_decay=0.05, rrc_scale=(0.2, 1.0), eval_knn=0,
                          mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
 
@@ -1997,6 +2136,7 @@ NUMBER_RULES = {
     'skip_nonfinite': (at_least(0), '0 or more steps'),
     'benchmark': (at_least(0), '0 or more steps'),
     'benchmark_data': (at_least(0), '0 or more batches'),
+    'eval_knn': (at_least(0), '0 (off) or every N >= 1 epochs'),
     'decoder_dim': (positive, 'a positive width'),
     'decoder_depth': (at_least(0), '0 or more blocks'),
     'decoder_heads': (positive, 'a positive head count'),
@@ -2441,6 +2581,10 @@ def fast_cuda(device):
 #                                                                                             [none]
 #   load_extra_state(checkpoint)            reads them back on resume                      [nothing]
 #   describe() -> str                       one line printed under the config              [nothing]
+#   encoder_features(imgs) -> (cls, avg)    the encoder on all tokens (no mask), in eval mode: the
+#                                           cls token after the final norm (None without one, Swin)
+#                                           and the patch average, each (B, D); for the k-NN
+#                                           monitor (--eval-knn)                      [no monitor]
 #   noise_len() -> int                      mask noise values per sample at the current
 #                                           resolution: the data workers draw them from the keys
 #                                           (KeyedDataset), so the step runs no loop over samples
@@ -2485,6 +2629,8 @@ def fast_cuda(device):
 #   skip_nonfinite      K: drop up to K steps whose loss is NaN/inf, then stop
 #   benchmark           N > 0: time N steps on synthetic batches, print one JSON line, no training
 #   benchmark_data      N > 0: time N batches of the data pipeline alone
+#   eval_knn            N > 0: the k-NN monitor at step 0, every N epochs and at the end (getattr:
+#                       finetune.py has none); eval_data: its image folder (knn_sets)
 # and, read with getattr (None when absent), the other names a resume must keep (RUN_DEFINING):
 #   mode                finetune.py's finetune | linear | knn
 #   mask_ratio          masked share of the tokens
@@ -2499,7 +2645,8 @@ def fast_cuda(device):
 # 'done', 'max_steps', 'signal' or 'already_finished'.
 
 HOOKS = ('no_weight_decay', 'make_optimizer', 'on_epoch', 'after_step', 'evaluate', 'picture',
-         'extra_state', 'load_extra_state', 'describe', 'noise_len', 'takes_labels', 'res')
+         'extra_state', 'load_extra_state', 'describe', 'noise_len', 'takes_labels', 'res',
+         'encoder_features')
 
 
 def check_hooks(model):
@@ -2534,6 +2681,10 @@ class Run:
         self.sums, self.n_sum, self.t_log = {}, 0, time.time()  # the log interval
         self.waited = [0.0]  # seconds blocked on the loader since the last log row
         self.skipped, self.pending, self.stopping, self.signalled = 0, None, False, []
+        # the k-NN monitor's images, and its last scores for the progress bar
+        self.knn = knn_sets(args) if hasattr(model, 'encoder_features') and getattr(
+            args, 'eval_knn', 0) else None
+        self.knn_last = {}
 
     def resume(self):
         """The optimiser; with a checkpoint (--resume, else checkpoint-last.pth): the model at the
@@ -2741,7 +2892,7 @@ class Run:
         row.update({k: float(v) for k, v in zip(names, vals.tolist())})
         if self.log:
             self.log.write(row)
-            self.bar.set_postfix(loss=f'{row["loss"]:.4f}')
+            self.bar.set_postfix(loss=f'{row["loss"]:.4f}', **self.knn_last)
         self.sums, self.n_sum, self.t_log, self.waited[0] = {}, 0, time.time(), 0.0
 
     def save(self, epoch, keep, path=None):
@@ -2785,6 +2936,62 @@ class Run:
         keep = bool(args.save_freq) and not at_max and (epoch % args.save_freq == 0
                                                         or self.step == self.total)
         self.save(epoch, keep)  # kept: epochs 0, f, 2f, … and the last, as MAE and LocalMIM
+        # the monitor after the save: its row is never written twice (a resume starts after it)
+        if self.knn is not None and (at_max or self.step == self.total
+                                     or (epoch + 1) % args.eval_knn == 0):
+            self.knn_monitor()
+
+    @torch.no_grad()
+    def knn_monitor(self):
+        """k-NN top-1 (percent) of the encoder's cls and patch-average features (encoder_features,
+        eval mode, no mask): the bank's and the queries' features, each rank its share (gathered
+        in dataset order, so any world size gives one process's scores), DINO's vote with k 20,
+        T 0.07 (knn_classify, as finetune.py --mode knn) -> a log row, a console line, the bar."""
+        if self.knn is None:
+            return
+        model, args = self.model, self.args
+        bank, queries = self.knn
+        has_cls = []
+
+        def features(imgs):
+            """(B, 3, H, W) -> [cls | avg] each L2-normalised, (B, 2D) (Swin: avg, (B, D))."""
+            cls, avg = model.encoder_features(imgs)
+            has_cls[:] = [cls is not None]
+            return torch.cat([F.normalize(f.float(), dim=1) for f in (cls, avg)
+                              if f is not None], 1)  # (B, 2D) or (B, D)
+
+        was = model.training
+        model.eval()
+        feats = []
+        # the monitor's loaders draw from the global RNG: training's draws stay as without it
+        with torch.random.fork_rng(devices=[]):
+            for base in (bank, queries):  # eval transform for both (DINO)
+                loader = eval_loader(base, args, self.rank, self.world, self.device)
+                feats.append(extract_features(features, loader, self.device, self.amp, self.world,
+                                              len(base), normalize=False))
+                stop_workers(loader)
+        model.train(was)
+        (bank_f, bank_y), (query_f, query_y) = feats
+        if has_cls[0]:
+            D = bank_f.shape[1] // 2
+            pairs = [(bank_f[:, :D], query_f[:, :D]), (bank_f[:, D:], query_f[:, D:])]
+        else:
+            pairs = [None, (bank_f, query_f)]
+        scores = [None if p is None else round(knn_classify(
+            p[0], bank_y, p[1], query_y, KNN_K, KNN_T, len(bank.classes))[0], 4) for p in pairs]
+        row = {'event': 'knn', 'step': self.step,
+               'epoch': round(self.step / self.steps_per_epoch, 4),
+               'knn_cls': scores[0], 'knn_avg': scores[1]}
+        shown = ' '.join(f'{name} {"-" if v is None else f"{v:.2f}"}'
+                         for name, v in zip(('cls', 'avg'), scores))
+        print0(f'k-NN top-1 at step {self.step} (epoch {row["epoch"]:g}): {shown} ({len(bank_y)} '
+               f'bank, {len(query_y)} query images, k {KNN_K})')
+        self.knn_last = {'knn': shown}
+        if self.log:
+            self.log.write(row)
+            self.bar.set_postfix(**self.knn_last)
+        if self.world > 1:
+            dist.barrier()  # as after save(): no rank runs ahead (or shuts the group down)
 
     def stopped(self):
         """After a signal, with the step saved: how to continue, then end the run (exit 0)."""
@@ -2825,6 +3032,8 @@ def train(model, args, make_dataset=None):
         from tqdm import tqdm
         run.bar = tqdm(total=min(run.total, args.max_steps or run.total), initial=run.step,
                        disable=rank != 0, desc=args.method, mininterval=2)
+        if run.step == 0:  # the random-init baseline (a resumed run logged it already)
+            run.knn_monitor()
         run.t_log = time.time()
         while run.step < run.total:
             epoch = run.step // run.steps_per_epoch

@@ -310,7 +310,8 @@ from common import (MAE_DEFAULTS, MAE_NAMES, launch, mae_config, parse_pretrain,
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # MAE's recipe (note 6)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=16, warmup_epochs=2, blr=1.5e-3,
              decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
-             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns
+             num_workers=2,
+             eval_knn=8)  # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns
 
 
 def get_args(argv=None):

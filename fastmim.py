@@ -253,6 +253,13 @@ class FastMIM(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
 
+    def encoder_features(self, imgs):
+        """The unpainted image's k-NN features: ViT (cls, patch average), Swin (None, the mean of
+        the normed last stage), each (B, D) (the hook of common.train's k-NN monitor)."""
+        if self.swin:
+            return None, self.encoder.forward_features(imgs).mean(1)  # (B, C)
+        return self.encoder.encoder_features(imgs)
+
     def forward(self, imgs, mask=None, keys=None):
         """imgs (B, 3, H, W) -> dict(loss, pred, target (B, L, P), mask (B, m0, m0) bool)."""
         if mask is None:
@@ -364,7 +371,7 @@ DEFAULTS = {
 }
 # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns, as in the other four files
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=6, warmup_epochs=1, blr=1.5e-3,
-             decoder_dim=128, log_freq=8, save_freq=3, num_workers=2)
+             decoder_dim=128, log_freq=8, save_freq=3, num_workers=2, eval_knn=3)
 # the official factory names (models_mae.py); mim_vit_large is ours, as there is no official one
 OFFICIAL_NAMES = {'mim_vit_base': 'vit_base', 'mim_vit_large': 'vit_large',
                   'mim_swin_base': 'swin_base', 'mim_swin_large': 'swin_large'}

@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from functools import partial
 
 import torch
@@ -45,13 +44,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, SWIN_PRESETS,
-                    VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, UnreadableImage,
-                    VisionTransformer, autocast_dtype, benchmark, check_run_args, dataset_defaults,
-                    encoder_config, eval_datasets, eval_transform, fast_cuda, file_fingerprint,
-                    fill_defaults, image_folder, load_encoder, load_file, make_loader, mean_std,
-                    mmpretrain_vit_to_timm, named_set, parse_run, pick_state_dict,
-                    plain_data, print0, print_sources, read_log, run_main, run_parser,
-                    save_atomic, setup_distributed, strip_prefix, train)
+                    VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, VisionTransformer,
+                    autocast_dtype, benchmark, check_run_args, dataset_defaults, encoder_config,
+                    eval_datasets, eval_loader, extract_features, fast_cuda, file_fingerprint,
+                    fill_defaults, image_folder, knn_classify, load_encoder, load_file, mean_std,
+                    mmpretrain_vit_to_timm, named_set, parse_run, pick_state_dict, plain_data,
+                    print0, print_sources, read_log, run_main, run_parser, save_atomic,
+                    setup_distributed, strip_prefix, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256.
@@ -343,31 +342,6 @@ def linear_transform(res, scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_ST
                        v2.Normalize(mean, std)])
 
 
-class Indexed(torch.utils.data.Dataset):
-    """A share of a dataset with a fixed transform; items are (image, label, dataset index).
-
-    skip_bad: an unreadable image comes as a blank one with label -1, which evaluation leaves out.
-    """
-
-    def __init__(self, base, transform, indices, skip_bad=False):
-        self.base, self.transform, self.indices = base, transform, list(indices)
-        self.skip_bad = skip_bad
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        try:
-            img, label = self.base[self.indices[j]]
-        except UnreadableImage as e:
-            if not self.skip_bad:
-                raise ValueError(f'{e}; fix or remove it, or pass --skip-bad-images') from None
-            sys.stderr.write(f'warning: skipped {e}\n')
-            from PIL import Image
-            img, label = Image.new('RGB', (8, 8)), -1  # same shape after the transform
-        return self.transform(img), label, self.indices[j]
-
-
 def splits(args):
     """(train, val, classes) from <data>/train and /val, a named set's train and test splits, else
     the built-in SyntheticShapes."""
@@ -382,14 +356,6 @@ def splits(args):
     train = SyntheticShapes('train', args.synthetic_size, args.res, args.seed)
     return (train, SyntheticShapes('val', args.synthetic_val_size, args.res, args.seed),
             len(SyntheticShapes.classes))
-
-
-def eval_loader(base, args, rank, world, device):
-    """Sequential loader over this rank's strided share of `base` (each image once, no padding)."""
-    share = Indexed(base, eval_transform(args.res, mean=mean_std(args)[0], std=mean_std(args)[1]),
-                    range(rank, len(base), world),
-                    args.skip_bad_images)
-    return make_loader(share, args.batch_size, None, args.num_workers, device, drop_last=False)
 
 
 def mix_batch(imgs, labels, num_classes, args):
@@ -422,60 +388,6 @@ def evaluate(model, loader, device, amp, world):
         dist.all_reduce(counts)
     model.train(was)
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
-
-
-@torch.no_grad()
-def extract_features(fn, loader, device, amp, world, total):
-    """L2-normalised features (N, D) and labels (N,) of a whole dataset in dataset order, gathered
-    from all ranks with their dataset indices (HPM main_knn.py stores them by loader position)."""
-    feats, labels, index = [], [], []
-    for imgs, y, i in loader:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            f = fn(imgs.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1))
-        labels.append(torch.as_tensor(y, device=device))
-        index.append(torch.as_tensor(i, device=device))
-    f, y, i = torch.cat(feats), torch.cat(labels), torch.cat(index)
-    if world > 1:  # all_gather needs equal sizes: pad every share to the largest, with index -1
-        n = torch.tensor([len(i)], device=device)
-        sizes = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n)
-        m = int(max(s.item() for s in sizes))
-        pad = m - len(i)
-        f = torch.cat([f, f.new_zeros(pad, f.shape[1])])
-        y, i = torch.cat([y, y.new_zeros(pad)]), torch.cat([i, i.new_full((pad,), -1)])
-        parts = [[torch.empty_like(t) for _ in range(world)] for t in (f, y, i)]
-        for out, t in zip(parts, (f, y, i)):
-            dist.all_gather(out, t)
-        f, y, i = (torch.cat(p) for p in parts)
-        keep = i >= 0
-        f, y, i = f[keep], y[keep], i[keep]
-    order = torch.argsort(i)
-    assert torch.equal(i[order].cpu(), torch.arange(total)), 'every image must be seen exactly once'
-    f, y = f[order], y[order]
-    return f[y >= 0], y[y >= 0]  # without the images --skip-bad-images skipped (label -1)
-
-
-@torch.no_grad()
-def knn_classify(train_f, train_y, test_f, test_y, k, T=0.07, num_classes=None, chunk=1024):
-    """DINO k-NN on L2-normalised features, votes exp(sim / T) -> (top-1, top-5) in percent."""
-    num_classes = num_classes or int(train_y.max()) + 1
-    k = min(k, len(train_y))
-    n5 = min(5, k, num_classes)  # the official top-5 counts the first min(5, k) predictions
-    hits1 = hits5 = 0
-    for s in range(0, len(test_y), chunk):
-        sim = test_f[s:s + chunk] @ train_f.T  # (b, N) cosine similarity
-        top, idx = sim.topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(top), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (top / T).exp())  # (b, K) summed weights per class
-        # facebookresearch/dino eval_knn.py:knn_classifier: all classes sorted by votes, descending.
-        # Stable: tied classes (no vote) follow in ascending index, as torch's default CPU sort
-        # orders them in rows of up to 16 classes; longer rows in no set order (torch 2.14).
-        pred = votes.sort(dim=1, descending=True, stable=True).indices[:, :n5]  # (b, n5)
-        hit = pred == test_y[s:s + chunk, None]
-        hits1 += int(hit[:, 0].sum())
-        hits5 += int(hit.any(1).sum())
-    return 100.0 * hits1 / len(test_y), 100.0 * hits5 / len(test_y)
 
 
 # ----------------------------------------------------------------------------- modes

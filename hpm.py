@@ -533,7 +533,8 @@ from common import (MAE_DEFAULTS, MAE_NAMES, file_fingerprint,  # noqa: E402
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
              decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
-             num_workers=2)  # ours: about 2 minutes on 2 CPU cores; 10x blr to learn visibly
+             num_workers=2,
+             eval_knn=4)  # ours: about 2 minutes on 2 CPU cores; 10x blr to learn visibly
 
 
 def get_args(argv=None):

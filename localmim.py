@@ -253,6 +253,14 @@ class LocalMIMViT(VisionTransformer):
                 latents.append(self.norm[self.ids.index(i)](x))
         return latents
 
+    def encoder_features(self, imgs):
+        """All tokens -> (cls, patch mean through an affine-free LayerNorm), each (B, D); no final
+        norm: the last level's norm serves, as finetune.py takes it (common.load_encoder)."""
+        x = self.embed(imgs)  # (B, 1+L, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm[-1](x)[:, 0], F.layer_norm(x[:, 1:].mean(1), (x.shape[-1],), eps=1e-6)
+
     def level_weights(self, mask):
         """Per-level loss weights from the patch mask (B, L) -> [(B, L_k)]: nearest copies for
         scale >= 1, the mean of each 2x2 patch block at scale 0.5 (note 5;
@@ -479,6 +487,12 @@ class LocalMIMSwin(nn.Module):
             positions.append(rows * g * u + cols)
         return latents, positions
 
+    def encoder_features(self, imgs):
+        """Every unit visible -> (None, mean of the last level's normed tokens (B, 8C)): Swin has
+        no cls token; the last per-level norm is the one finetune.py takes (common.load_encoder)."""
+        latents, _ = self.forward_encoder(imgs, torch.arange(self.units ** 2))
+        return None, latents[-1].mean(1)  # (B, 8C)
+
     def targets(self, imgs):
         """Per-level targets [(B, L_k, C_k)]: HOG cells 8/16/32/32 px, or the same regions' pixels,
         with --norm-pix-loss standardised (unbiased variance as
@@ -574,7 +588,8 @@ DEFAULTS = {
 }
 # ours: about 2 minutes on 2 CPU cores
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=10, warmup_epochs=1, blr=2e-3,
-             decoder_dim=64, decoder_heads=4, log_freq=8, save_freq=5, num_workers=2)
+             decoder_dim=64, decoder_heads=4, log_freq=8, save_freq=5, num_workers=2,
+             eval_knn=5)
 OFFICIAL_NAMES = {'MIM_vit_small_patch16': 'vit_small', 'MIM_vit_base_patch16': 'vit_base',
                   'MIM_vit_large_patch16': 'vit_large', 'mim_swin_base_patch4_win7': 'swin_base',
                   'mim_swin_base_patch4_win14': 'swin_base_win14',

@@ -375,7 +375,7 @@ DEFAULTS = {
 # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run visibly learns
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=12, warmup_epochs=1, blr=1.5e-3,
              decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=16, save_freq=4,
-             num_workers=2)
+             num_workers=2, eval_knn=6)
 OFFICIAL_NAMES = {'b': 'vit_base', 'base': 'vit_base', 'l': 'vit_large', 'large': 'vit_large',
                   'h': 'vit_huge', 'huge': 'vit_huge', 'mff_vit-base-p16': 'vit_base',
                   'mae_vit_base_patch16': 'vit_base', 'mae_vit_large_patch16': 'vit_large',

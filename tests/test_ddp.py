@@ -1,5 +1,6 @@
 """Two gloo processes on the CPU equal one process at the same global batch (STYLE: DDP runs), for two methods,
 and for FastMIM-P on Swin across a resolution switch. The only subprocess tests of the suite."""
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from test_common import log_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['--num-workers', '0', '--synthetic-size', '64', '--res', '32', '--epochs', '1', '--warmup-epochs', '1',
-          '--log-freq', '1', '--max-steps', '3']
+          '--log-freq', '1', '--max-steps', '3', '--eval-knn', '1']
 # FastMIM-P on a tiny Swin: 4 steps at 64 px (window 2, 3x3 tables), then the switch to 96 px (window 3, 5x5
 # tables) and 2 steps there
 SWIN_P = ['--model', 'swin_tiny', '--res-schedule', '64:1,96:1', '--epochs', '2', '--max-steps', '6',
@@ -33,6 +34,12 @@ def losses(out):
     return [r['loss'] for r in log_rows(out / 'log.jsonl')]
 
 
+def knn_rows(out):
+    """(step, knn_cls, knn_avg) of the k-NN monitor's rows."""
+    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    return [(r['step'], r['knn_cls'], r['knn_avg']) for r in rows if r.get('event') == 'knn']
+
+
 @pytest.mark.parametrize('module,extra', [
     (fastmim, []),
     (hpm, ['--epochs', '2', '--max-steps', '6']),
@@ -46,6 +53,12 @@ def test_two_processes_equal_one(tmp_path, module, extra):
     assert len(a) == len(b) >= 3
     # gloo sums the two halves' gradients in another order than one process: fp32 round-off over a few steps
     assert all(abs(x - y) <= 1e-5 * max(1, abs(y)) for x, y in zip(a, b)), (a, b)
+    # the k-NN monitor: each rank extracts half of the 64 bank and 64 query images; the weights
+    # agree to round-off, so a vote may differ only for a query on a near-tie: one query, 100/64
+    ka, kb = knn_rows(tmp_path / 'ddp'), knn_rows(tmp_path / 'one')
+    assert [r[0] for r in ka] == [r[0] for r in kb] and len(kb) >= 2 and kb[0][0] == 0
+    assert all((x is None) == (y is None) and (x is None or abs(x - y) <= 100 / 64)
+               for ra, rb in zip(ka, kb) for x, y in zip(ra[1:], rb[1:])), (ka, kb)
     ca = torch.load(tmp_path / 'ddp' / 'checkpoint-last.pth', weights_only=True)
     cb = torch.load(tmp_path / 'one' / 'checkpoint-last.pth', weights_only=True)
     assert ca['model'].keys() == cb['model'].keys()

@@ -323,7 +323,7 @@ def test_knn_top5_is_the_official_sort_of_all_classes_cut_at_min_5_k():
 
 def test_features_are_gathered_in_dataset_order():
     base = common.SyntheticShapes('val', 12, 16, 0)
-    loader = torch.utils.data.DataLoader(finetune.Indexed(base, lambda img: img.float(), [5, 0, 11, 3, 7, 1, 2, 4,
+    loader = torch.utils.data.DataLoader(common.Indexed(base, lambda img: img.float(), [5, 0, 11, 3, 7, 1, 2, 4,
                                                                                           6, 8, 9, 10]), batch_size=5)
     f, y = finetune.extract_features(lambda x: x.flatten(1), loader, torch.device('cpu'), None, 1, 12)
     assert torch.equal(y, torch.tensor(base.targets))
