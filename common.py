@@ -1728,6 +1728,19 @@ KNN_K, KNN_T = 20, 0.07  # the monitor's vote: DINO's default k and temperature 
 KNN_BANK, KNN_QUERIES = 512, 256
 
 
+class Kept(torch.utils.data.Dataset):
+    """The (image, label) items of a small dataset, read once and kept, with its classes."""
+
+    def __init__(self, base):
+        self.items, self.classes = [base[i] for i in range(len(base))], base.classes
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
 def knn_sets(args):
     """The monitor's (bank, queries) with labels: --eval-data <root>/train and /val; else a named
     set's train and test splits, or <data-path>/train and /val when both exist; else the first KNN_BANK built-in train images (at
@@ -1738,10 +1751,10 @@ def knn_sets(args):
     if named_set(args.data_path) and not args.eval_data:  # cifar10, ...: its train and test splits
         return named_dataset(args, 'train'), named_dataset(args, 'val')
     root = args.eval_data or args.data_path
-    if root is None:
+    if root is None:  # generated once here, not at every evaluation (9 MiB at 64 px)
         n = min(KNN_BANK, args.synthetic_size)
-        return (SyntheticShapes('train', n, args.res, args.seed),
-                SyntheticShapes('val', min(KNN_QUERIES, n), args.res, args.seed))
+        return (Kept(SyntheticShapes('train', n, args.res, args.seed)),
+                Kept(SyntheticShapes('val', min(KNN_QUERIES, n), args.res, args.seed)))
     if not all(os.path.isdir(os.path.join(root, split)) for split in ('train', 'val')):
         if args.eval_data:
             raise ValueError(f'--eval-data {root} needs train/ and val/ class folders (the k-NN '
