@@ -637,15 +637,9 @@ def upsample_mask(mask, factor):
 
 # --------------------------------------------------------------------- what the models draw
 
-def imagenet_mean_std(device=None):
-    """ImageNet's per-colour mean and std, each (1, 3, 1, 1) fp32: normalised = (x - mean) / std."""
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
-                 for v in (IMAGENET_MEAN, IMAGENET_STD))
-
-
 # The mean and std the run's images are normalised with: ImageNet's, or a named set's
-# (args.mean/std, DATASETS); train() sets them for the run (use_normalization), so that pictures
-# and MFF's low-pass undo the normalisation the data had.
+# (args.mean/std, DATASETS); train() sets them for the run (use_normalization), so that the
+# pictures undo the normalisation the data had (a model's loss never reads them: MFF takes its own).
 NORMALIZATION = [IMAGENET_MEAN, IMAGENET_STD]
 
 
@@ -3040,7 +3034,7 @@ def train(model, args, make_dataset=None):
         return run.model
     run.log = RunLog(run.out_dir, run.step, args, run.resumed_from) if rank == 0 else None
     run.signalled, restore_signals = catch_preemption()
-    restore_normalization = use_normalization(*mean_std(args))  # for pictures, MFF's low-pass
+    restore_normalization = use_normalization(*mean_std(args))  # for the pictures (denormalize)
     try:
         from tqdm import tqdm
         run.bar = tqdm(total=min(run.total, args.max_steps or run.total), initial=run.step,

@@ -276,7 +276,7 @@ def test_token_masking_is_the_one_mae_masking(monkeypatch):
 def test_one_imagenet_mean_std_and_one_sobel_kernel():
     """The normalisation the pictures undo is the one the data applies; LocalMIM's HOG conv holds common's kernel."""
     import localmim
-    mean, std = common.imagenet_mean_std()
+    mean, std = common.data_mean_std()  # outside a run: ImageNet's
     x = torch.rand(2, 3, 8, 8)
     assert torch.allclose(common.denormalize((x - mean) / std), x, atol=1e-6)  # fp32 round-off of two ops
     crop = common.DecodeCrop(8)
