@@ -1743,7 +1743,7 @@ def knn_sets(args):
     if not args.eval_knn:
         return None
     if named_set(args.data_path) and not args.eval_data:  # cifar10, ...: its train and test splits
-        return named_dataset(args, 'train'), named_dataset(args, 'val')
+        return eval_datasets(args)[:2]
     root = args.eval_data or args.data_path
     if root is None:  # generated once here, not at every evaluation (9 MiB at 64 px)
         n = min(KNN_BANK, args.synthetic_size)

@@ -16,6 +16,7 @@ import common
 import fastmim
 import finetune
 import mff
+from test_common import log_rows
 
 COLOUR = (200, 30, 90)  # every test (held-out) image: one colour, so pictures can be read back
 
@@ -112,6 +113,17 @@ def test_cifar10_normalises_with_its_own_mean_and_std(tmp_path):
     assert img.abs().max() < 0.01
     bank, queries, classes = common.eval_datasets(args)
     assert (len(bank), len(queries), classes) == (20, 8, 10)
+
+
+def test_cifar10_with_data_workers_trains_as_without(tmp_path):
+    """The named set through 2 data workers (as cluster runs read it): the same logged losses as
+    without workers, since crops and mask noise are keyed to the sample, not the process."""
+    tiny_cifar10(tmp_path / 'data')
+    for workers in ('0', '2'):
+        fastmim.main(['--data-path', 'cifar10', '--data-root', str(tmp_path / 'data'),
+                      '--output-dir', str(tmp_path / workers), *TINY, '--num-workers', workers])
+    a, b = (log_rows(tmp_path / w / 'log.jsonl') for w in ('0', '2'))
+    assert len(a) == 2 and [r['loss'] for r in a] == [r['loss'] for r in b]
 
 
 def test_pretrain_on_cifar10_then_finetune_with_the_checkpoint_mean_std(tmp_path, capsys):
