@@ -637,7 +637,7 @@ def upsample_mask(mask, factor):
 
 # --------------------------------------------------------------------- what the models draw
 
-# The mean and std the run's images are normalised with: ImageNet's, or a named set's
+# The mean and std the run's images are normalised with: ImageNet's, a named set's or --mean/--std
 # (args.mean/std, DATASETS); train() sets them for the run (use_normalization), so that the
 # pictures undo the normalisation the data had (a model's loss never reads them: MFF takes its own).
 NORMALIZATION = [IMAGENET_MEAN, IMAGENET_STD]
@@ -1320,10 +1320,54 @@ def read_image(path, decode=True):
 
 
 NOTED_TOP_IMAGES = set()  # folders whose loose images image_folder has named
+# the files a --data-path folder is read for: ImageFolder's (torchvision's IMG_EXTENSIONS)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def is_image_file(entry):
+    """True for a file (os.DirEntry) whose name ends in one of IMAGE_EXTENSIONS, any case."""
+    return entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def has_class_folders(path):
+    """True when a subfolder of `path` holds an image itself: ImageFolder's one folder per class
+    (a folder whose images sit deeper, e.g. <path>/2023/05/*.jpg, is no class folder)."""
+    for sub in sorted(e.path for e in os.scandir(path) if e.is_dir()):
+        with os.scandir(sub) as entries:
+            if any(is_image_file(e) for e in entries):
+                return True
+    return False
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Every image file under `root` at any depth, items (image, -1): no labels (-1 as torchvision's
+    STL-10 unlabeled split). Order: the top folder's files, then each subfolder (sorted) walked as
+    ImageFolder walks a class folder, so a folder ImageFolder also reads keeps its sample order."""
+
+    classes = []
+
+    def __init__(self, root, loader=read_image):
+        self.root, self.loader = root, loader
+        subs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        walks = [(root, [], sorted(e.name for e in os.scandir(root) if is_image_file(e)))]
+        for sub in subs:
+            walks += sorted(os.walk(os.path.join(root, sub), followlinks=True))
+        self.samples = [(os.path.join(folder, name), -1) for folder, _, names in walks
+                        for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+        self.targets = [-1] * len(self.samples)
+        self.folders = len({os.path.dirname(p) for p, _ in self.samples})
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.loader(self.samples[i][0]), -1
 
 
 def image_folder(root, split=None, loader=read_image):
-    """ImageFolder at <root>/<split> (or <root>/train, else <root>); a clear error if no images.
+    """ImageFolder at <root>/<split> (or <root>/train, else <root>); without a split and without
+    class folders, every image under it at any depth, unlabelled (ImageFiles); a clear error if no
+    images.
 
     An empty class folder among full ones is kept as a class with no images, and named.
     """
@@ -1334,6 +1378,12 @@ def image_folder(root, split=None, loader=read_image):
         path = os.path.join(root, split)
     else:
         path = os.path.join(root, 'train') if os.path.isdir(os.path.join(root, 'train')) else root
+        if not has_class_folders(path):  # labels are not needed: pre-training, pictures, features
+            data = ImageFiles(path, loader)
+            if not data.samples:
+                raise ValueError(f'no images found in {path} or its subfolders; the files read '
+                                 f'end in {" ".join(IMAGE_EXTENSIONS)} (any case)')
+            return data
     try:
         data = datasets.ImageFolder(path, loader=loader, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
@@ -1342,8 +1392,7 @@ def image_folder(root, split=None, loader=read_image):
     if not data.samples:
         raise ValueError(f'no images found in {path}; expected class folders of images '
                          f'({", ".join(data.classes[:3]) or "no folders"} hold none)')
-    top = [e.name for e in os.scandir(path)
-           if e.is_file() and e.name.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+    top = [e.name for e in os.scandir(path) if is_image_file(e)]
     if top and path not in NOTED_TOP_IMAGES:  # ImageFolder reads class folders only; say so once
         NOTED_TOP_IMAGES.add(path)
         print0(f'note: {len(top)} image(s) at the top of {path} (e.g. {top[0]}) were not read: '
@@ -1353,6 +1402,16 @@ def image_folder(root, split=None, loader=read_image):
         print0(f'note: {len(empty)} class folder(s) of {path} hold no image: '
                f'{", ".join(empty[:5])}')
     return data
+
+
+def data_line(base, args):
+    """The start line that says how a --data-path folder was read (ImageFiles or ImageFolder)."""
+    where = (f'{len(base):,} images in {base.folders:,} folder(s) under {base.root} (no class '
+             f'subfolders: unlabelled)' if isinstance(base, ImageFiles) else
+             f'{len(base):,} images in ImageFolder {base.root} with {len(base.classes)} classes')
+    if os.path.normpath(base.root) != os.path.normpath(args.data_path):
+        where += ', its train/ split'
+    return f'data: {where}, mean {mean_std(args)[0]}, std {mean_std(args)[1]}'
 
 
 # torchvision's small sets by name (--data-path cifar10): the split each use reads (pretrain: the
@@ -1859,13 +1918,20 @@ def run_parser(method, doc, notes=None):
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
       help='clip the global grad norm (0 or below: none)')
     a('--data-path', '--data_path', dest='data_path',
-      help='ImageFolder root (<root>/train used when present), or cifar10 | cifar100 | stl10: '
+      help='a folder of images: class folders (ImageFolder; <root>/train used when present), or '
+      'images at any depth without class folders (read unlabelled), or cifar10 | cifar100 | stl10: '
       'torchvision\'s set in --data-root, downloaded on first use, at its native --res (32 / 96) '
       'and normalised with its own mean and std (a folder of that name in the working directory '
       'is read as an image folder instead, with a note); none = built-in SyntheticShapes and the '
       'CPU smoke preset')
     a('--data-root', '--data_root', dest='data_root', default='./data',
       help='where --data-path cifar10 | cifar100 | stl10 keeps its files (default ./data)')
+    a('--mean', type=float, nargs='+', metavar='M',
+      help='per-colour mean of the pixels in [0, 1] that the images are normalised with, three '
+      'numbers R G B (default: ImageNet\'s 0.485 0.456 0.406; a named set\'s own)')
+    a('--std', type=float, nargs='+', metavar='S',
+      help='per-colour std, three numbers R G B (default: ImageNet\'s 0.229 0.224 0.225; a named '
+      'set\'s own)')
     a('--synthetic-size', dest='synthetic_size', type=int, default=2048,
       help='images in the built-in training data')
     a('--rrc-scale', '--rrc_scale', dest='rrc_scale', type=float, nargs=2,
@@ -2152,6 +2218,10 @@ NUMBER_RULES = {
     'hog_nbins': (positive, 'a positive bin count such as 9'),
     'rrc_scale': (lambda v: 0 < v[0] <= v[1] <= 1,
                   'two fractions MIN MAX with 0 < MIN <= MAX <= 1'),
+    'mean': (lambda v: all(0 <= m <= 1 for m in v),
+             'values for pixels in [0, 1] such as 0.485 0.456 0.406 (0-255 values: divide by 255)'),
+    'std': (lambda v: all(0 < s <= 1 for s in v),
+            'positive values for pixels in [0, 1] such as 0.229 0.224 0.225 (0-255: / 255)'),
 }
 
 
@@ -2160,6 +2230,11 @@ def check_run_args(args, rules=NUMBER_RULES):
 
     --clip-grad 0 or below means no clipping (a common spelling of "off").
     """
+    for name, example in (('mean', IMAGENET_MEAN), ('std', IMAGENET_STD)):
+        value = getattr(args, name, None)
+        if value is not None and len(value) != 3:
+            raise ValueError(f'--{name} takes three numbers, red green blue (e.g. --{name} '
+                             f'{" ".join(map(str, example))}); got {len(value)}')
     for name, (ok, use) in rules.items():
         value = getattr(args, name, None)
         if value is not None and not ok(value):
@@ -2410,8 +2485,8 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
 # The files a run reads count by their content (file_fingerprint), named as below in a refusal.
 RUN_DEFINING = ('method', 'mode', 'model', 'patch_size', 'embed_dim', 'depth', 'num_heads',
                 'batch_size', 'accum_iter', 'mask_ratio', 'seed',
-                'data_path', 'synthetic_size', 'res_schedule', 'optimizer', 'teacher',
-                'ckpt_content', 'teacher_content')
+                'data_path', 'synthetic_size', 'mean', 'std', 'res_schedule', 'optimizer',
+                'teacher', 'ckpt_content', 'teacher_content')
 CONTENT_OF = {'ckpt_content': 'the content of the --ckpt file',
               'teacher_content': 'the content of the --teacher-path file'}
 
@@ -2739,6 +2814,8 @@ class Run:
                    f'{os.path.abspath(getattr(args, "data_root", None) or "data")} '
                    f'({len(self.dataset)} images), mean {mean_std(args)[0]}, '
                    f'std {mean_std(args)[1]}')
+        elif hasattr(getattr(self.dataset, 'base', None), 'samples'):  # ImageFolder, ImageFiles
+            print0(data_line(self.dataset.base, args))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print0(f'device {device}, world {world}, effective batch {self.per_step} ({args.batch_size}'
                f' x {args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x '

@@ -13,13 +13,16 @@ tables resized (common.load_encoder). Without `--ckpt`: random init, the baselin
   or the block `--probe-layer`), BatchNorm1d without affine + Linear; LARS (MAE, MFF) or SGD (HPM).
 - knn (facebookresearch/dino eval_knn.py): the k nearest L2-normalised train features (cosine) vote
   exp(sim / 0.07), k 10/20/100/200; features cached, gathered by dataset index under DDP.
+- features: the encoder's cls and average-pooled features of every image under --data-path (a
+  folder at any depth, or class folders: then with labels) and the file paths, to one .pt file.
 `--recipe` picks a method's published recipe (default: the checkpoint's); explicit flags win.
-Every mode ends with the lines `top1 <percent>` and `top5 <percent>` (also in log.jsonl).
+Every mode but features ends with the lines `top1 <percent>` and `top5 <percent>` (in log.jsonl).
 `--export-timm OUT.pth` only writes the encoder in timm names + OUT.json (create_model kwargs).
 `--summary DIR` only prints the final top-1 of DIR/<encoder>/<protocol> runs as a table (README).
 
     python finetune.py                                # CPU smoke run: random-init vit_tiny, 64 px
     python finetune.py --mode knn --ckpt output/fastmim_vit_tiny/checkpoint-last.pth --res 64
+    python finetune.py --mode features --ckpt output/mff_vit_tiny/checkpoint-last.pth --data-path x/
     python finetune.py --ckpt mae_pretrain_vit_base.pth --data-path /data/imagenet    # one GPU
     torchrun --nproc_per_node 8 finetune.py --ckpt vit_base_fastmim_hog_800e_pretrain.pth \
         --data-path /data/imagenet
@@ -45,8 +48,9 @@ import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, SWIN_PRESETS,
                     VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, VisionTransformer,
-                    autocast_dtype, benchmark, check_run_args, dataset_defaults, encoder_config,
-                    eval_datasets, eval_loader, extract_features, fast_cuda, file_fingerprint,
+                    autocast_dtype, benchmark, check_run_args, data_line, dataset_defaults,
+                    encoder_config, eval_datasets, eval_loader, extract_features, fast_cuda,
+                    file_fingerprint,
                     fill_defaults, image_folder, knn_classify, load_encoder, load_file, mean_std,
                     mmpretrain_vit_to_timm, named_set, parse_run, pick_state_dict, plain_data,
                     print0, print_sources, read_log, run_main, run_parser, save_atomic,
@@ -64,6 +68,7 @@ MODE_DEFAULTS = {
         accum_iter=4, optimizer='lars', pool='cls', window_size=7, drop_path=0.0),
     'knn': dict(batch_size=128, pool='cls', window_size=7, nb_knn='10,20,100,200',
                 temperature=0.07),  # facebookresearch/dino eval_knn.py
+    'features': dict(batch_size=128, window_size=7),  # ours: the encoder's features to a file
 }
 # Published recipes ('all' < 'vit' / 'swin' < model name); official lrs as blr = lr x 256 / batch
 RECIPES = {
@@ -474,6 +479,66 @@ def run_knn(args, obj, rank, world, device):
     return finish(args, best[1], best[2], k=best[0])
 
 
+class Numbered(torch.utils.data.Dataset):
+    """Items (image, i) of a dataset: the index in place of the label, so that extract_features
+    returns which images were read (one --skip-bad-images skipped is left out)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], i
+
+
+def cls_and_avg(enc, imgs, layer=None):
+    """imgs (B, 3, H, W) -> (B, 2D): encoder_features' cls and avg side by side, from one pass of
+    the blocks (ViT); Swin: (B, C), its normed patch mean (no cls token)."""
+    if isinstance(enc, SwinTransformer):
+        return encoder_features(enc, imgs)
+    x = enc.embed(imgs)  # (B, 1+L, D)
+    for blk in enc.blocks[:layer]:
+        x = blk(x)
+    avg = F.layer_norm(x[:, 1:].mean(1), (x.shape[-1],), eps=1e-6)  # (B, D)
+    return torch.cat([enc.norm(x)[:, 0], avg], dim=1)  # (B, 2D)
+
+
+def run_features(args, obj, rank, world, device):
+    """features mode: the encoder's cls and average-pooled features of every image under
+    --data-path, in the folder's order, with the paths (and labels), to <output-dir>/features.pt.
+    Under torchrun each process embeds its share and the first process writes the file."""
+    base = image_folder(args.data_path)
+    print0(data_line(base, args))
+    enc = build_encoder(args)
+    load_pretrained(enc, args, obj, fresh=(), level_norm=True)
+    enc = enc.to(device).eval()
+    fn = partial(cls_and_avg, enc, layer=args.probe_layer)
+    feats, index = extract_features(fn, eval_loader(Numbered(base), args, rank, world, device),
+                                    device, autocast_dtype(args.precision, device), world,
+                                    len(base), normalize=False)
+    feats, index = feats.cpu(), index.cpu()
+    out = dict(paths=[base.samples[i][0] for i in index.tolist()], ckpt=args.ckpt, res=args.res,
+               mean=mean_std(args)[0], std=mean_std(args)[1], layer=args.probe_layer)
+    if isinstance(enc, SwinTransformer):
+        out['avg'] = feats  # (N, C)
+    else:
+        out['cls'], out['avg'] = (f.contiguous() for f in feats.chunk(2, dim=1))  # (N, D) each
+    if base.classes:  # class folders: their labels and names
+        out['labels'] = torch.as_tensor(base.targets)[index]  # (N,)
+        out['classes'] = list(base.classes)
+    if len(index) < len(base):
+        print0(f'note: {len(base) - len(index)} unreadable image(s) left out (--skip-bad-images)')
+    path = os.path.join(args.output_dir, 'features.pt')
+    if rank == 0:
+        save_atomic(out, path)
+    shapes = ', '.join(f'{k} {tuple(out[k].shape)}' for k in ('cls', 'avg', 'labels') if k in out)
+    print0(f'wrote {path}: {shapes}, {len(out["paths"])} paths'
+           + (f', {len(out["classes"])} classes' if 'classes' in out else ' (no labels)'))
+    return out
+
+
 class Finetuner(nn.Module):
     """What common.train runs for --mode finetune and linear (loop hooks of common.py): a classifier
     (ViT, Swin or Probe) with its loss, mixup/cutmix, optional EMA, evaluation, best top-1."""
@@ -691,13 +756,20 @@ def get_args(argv=None):
         blr='MAE 5e-4, LARS 0.1; per recipe', min_lr='1e-6 finetune, 0 linear',
         weight_decay='0.05 finetune, 0 linear', accum_iter='per recipe',
         data_path='fine-tuning, linear probing and k-NN read <root>/train and <root>/val (a named '
-        'set: its train and test splits; mean and std from --ckpt when it has them)',
+        'set: its train and test splits; mean and std from --ckpt when it has them); --mode '
+        'features reads the folder as pre-training does',
+        mean='finetune.py: default the --ckpt\'s (its pre-training\'s)',
+        std='finetune.py: default the --ckpt\'s',
         synthetic_size='the built-in val set has --synthetic-val-size',
         rrc_scale='default 0.08 1.0 (timm / MAE)', output_dir='default output/<mode>_<model>',
         save_freq='default none: checkpoint-last.pth and checkpoint-best.pth only',
         benchmark='1000 classes'))
     a = p.add_argument
-    a('--mode', choices=('finetune', 'linear', 'knn'), default='finetune', help='default finetune')
+    a('--mode', choices=('finetune', 'linear', 'knn', 'features'), default='finetune',
+      help='default finetune; features: write the encoder\'s cls and average-pooled features of '
+      'every image under --data-path (any depth; labels when it has class folders) with their '
+      'paths to <output-dir>/features.pt, at the checkpoint\'s --res, mean and std unless given '
+      '(works under torchrun: each process embeds its share, the first writes)')
     a('--ckpt', '--finetune', dest='ckpt',
       help='pre-trained checkpoint, ours or official (MAE spelling --finetune); none = random init')
     a('--recipe', choices=tuple(RECIPES), help='published recipe (default: by --ckpt, else mae)')
@@ -733,7 +805,7 @@ def get_args(argv=None):
       help='EMA decay')
     a('--optimizer', choices=('lars', 'sgd'), help='linear probe: lars (MAE, MFF) or sgd (HPM)')
     a('--probe-layer', dest='probe_layer', type=int,
-      help='linear / k-NN: features after this block (1-based; default the last)')
+      help='linear / k-NN / features: features after this block (1-based; default the last)')
     a('--nb-knn', '--nb_knn', dest='nb_knn', help='k values (default 10,20,100,200)')
     a('--temperature', type=float, help='k-NN vote temperature (default 0.07)')
     a('--table-resize', '--remap_mode', dest='table_resize', default='geometric',
@@ -758,6 +830,9 @@ def resolve(args, obj):
     (model, family, all), mode defaults."""
     if args.ckpt is None and args.export_timm:
         raise ValueError('--export-timm needs --ckpt')
+    if args.mode == 'features' and (args.data_path is None or named_set(args.data_path)):
+        raise ValueError('--mode features needs --data-path FOLDER, the images to embed (a '
+                         'folder at any depth, or class folders)')
     if args.data_path is None and not args.export_timm:  # a checkpoint keeps its model
         fill_defaults(args, ('smoke', {k: v for k, v in SMOKE.items()
                                        if not (k == 'model' and obj is not None)}))
@@ -787,7 +862,7 @@ def resolve(args, obj):
         raise ValueError(f'unknown --model {args.model}; choose one of '
                          f'{", ".join([*VIT_PRESETS, *SWIN_PRESETS])}')
     fill_defaults(args, ('model name', dict(window_size=window)))
-    if args.export_timm:  # keep the checkpoint's own geometry unless told otherwise
+    if args.export_timm or args.mode == 'features':  # the checkpoint's geometry unless told
         geometry = {}
         if 'pos_embed' in sd and args.model.startswith('vit'):
             geometry['res'] = math.isqrt(sd['pos_embed'].shape[1] - 1) * (
@@ -870,7 +945,8 @@ def validate(args):
                                       for v in str(args.nb_knn).split(',')):
         raise ValueError(f'--nb-knn {args.nb_knn} must be positive integers separated by commas, '
                          f'e.g. 10,20,100,200')
-    if args.data_path and not named_set(args.data_path) and not args.export_timm:
+    if args.data_path and not named_set(args.data_path) and not args.export_timm and \
+            args.mode != 'features':
         for split in ('train', 'val'):
             if not os.path.isdir(os.path.join(args.data_path, split)):
                 raise ValueError(f'no {split}/ folder in --data-path {args.data_path}; '
@@ -922,7 +998,7 @@ def run(argv=None):
         return export_timm(args, obj)
     if args.benchmark:
         return benchmark_finetune(args, device)
-    if args.mode != 'knn':
+    if args.mode not in ('knn', 'features'):
         return run_training(args, obj, rank, world, device)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -930,6 +1006,8 @@ def run(argv=None):
         if not args.data_path:
             print0(f'no --data-path: built-in SyntheticShapes data ({args.synthetic_size} train / '
                    f'{args.synthetic_val_size} val images, 10 classes) and smoke preset')
+    if args.mode == 'features':
+        return run_features(args, obj, rank, world, device)
     return run_knn(args, obj, rank, world, device)
 
 
