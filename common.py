@@ -1854,8 +1854,9 @@ def run_parser(method, doc, notes=None):
     a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, help='weight decay')
     a('--batch-size', '--batch_size', dest='batch_size', type=int,
       help='images per process per micro-step')
-    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int,
-      help='gradient accumulation: micro-steps per optimizer step')
+    a('--accum-iter', '--accum_iter', dest='accum_iter', type=accum_count,
+      help='gradient accumulation: micro-steps per optimizer step; auto: the fewest that reach '
+      'the effective batch of the --model recipe (batch x accum x processes)')
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
       help='clip the global grad norm (0 or below: none)')
     a('--data-path', '--data_path', dest='data_path',
@@ -1952,17 +1953,20 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
 
 # MAE's recipe per --model (official commands: decoder 8 x 512-d, 16 heads; 512 per GPU x 8; 800
 # epochs, 40 warm-up); vit_tiny/small are ours, for CPUs. hpm.py and efficient_mae.py use it.
+# recipe_batch: the effective batch, 4096 = 64 x 8 nodes x 8 GPUs (facebookresearch/mae
+# PRETRAIN.md), here 512 x 8 processes.
 MAE_DEFAULTS = {
     'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
                      warmup_epochs=5),
     'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
                       warmup_epochs=40),
     'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b
+                     warmup_epochs=40, recipe_batch=4096),  # mae_vit_base_patch16_dec512d8b
     'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                      epochs=800, warmup_epochs=40),  # not HPM's pretrain_large.sh (a ViT-B)
+                      epochs=800, warmup_epochs=40,
+                      recipe_batch=4096),  # not HPM's pretrain_large.sh (a ViT-B)
     'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),
+                     warmup_epochs=40, recipe_batch=4096),
 }
 MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
              'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
@@ -1981,6 +1985,11 @@ def int_list(text):
     """argparse type: 12 -> 12 (ViT), 2,2,6,2 -> [2, 2, 6, 2] (Swin, one per stage); each >= 1."""
     vals = [positive_int(v) for v in text.split(',')]
     return vals[0] if len(vals) == 1 else vals
+
+
+def accum_count(text):
+    """argparse type of --accum-iter: an integer >= 1, or 'auto' (resolve_accum)."""
+    return 'auto' if text == 'auto' else positive_int(text)
 
 
 def preset_sizes(model):
@@ -2088,7 +2097,10 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     if not chosen:
         vars(args).setdefault('sources', {})['model'] = 'smoke' if args.data_path is None \
             else 'default'
-    recipe = table[args.model]
+    # the recipe's effective batch (batch x accum x its GPUs) is no flag: kept for batch_note,
+    # which the smoke preset, a batch of its own, does not get
+    recipe = {k: v for k, v in table[args.model].items() if k != 'recipe_batch'}
+    args.recipe_batch = table[args.model].get('recipe_batch') if args.data_path else None
     smoke = {k: v for k, v in smoke.items()
              if not (chosen and k in recipe and k not in RUN_LENGTH_FLAGS)}
     return fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
@@ -2105,10 +2117,68 @@ def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
     try:
         apply_defaults(args, table, smoke, model_names, **fallback)
         check_run_args(args)
+        resolve_accum(args, launched_world())
         encoder_config(args)  # the size flags agree with each other
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def launched_world():
+    """The process count torchrun gives (WORLD_SIZE, with RANK and LOCAL_RANK set), else 1: known
+    before the process group starts (setup_distributed), so --accum-iter auto resolves with the
+    other flags."""
+    if all(k in os.environ for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')):
+        return int(os.environ['WORLD_SIZE'])
+    return 1
+
+
+def recipe_accum(recipe_batch, batch, world):
+    """The fewest micro-steps whose batch x accum x world reaches recipe_batch -> (accum, exact)."""
+    per = batch * world
+    accum = max(1, -(-recipe_batch // per))  # ceil
+    return accum, accum * per == recipe_batch
+
+
+def resolve_accum(args, world):
+    """--accum-iter auto -> recipe_accum for args.recipe_batch (1 without one); args.accum_auto
+    says it was asked for (batch_note)."""
+    args.accum_auto = args.accum_iter == 'auto'
+    if args.accum_auto:
+        vars(args).get('sources', {})['accum_iter'] = 'auto'  # the start line's `from: auto: ...`
+        recipe = getattr(args, 'recipe_batch', None)
+        args.accum_iter = recipe_accum(recipe, args.batch_size, world)[0] if recipe else 1
+
+
+def batch_note(args, world):
+    """One line when batch x accum x world is not the recipe's effective batch (args.recipe_batch)
+    with the --accum-iter that restores it, or why none does; None when it is the recipe's, or the
+    run has none (the smoke preset, our own small presets) and --accum-iter auto was not asked."""
+    recipe, batch, accum = getattr(args, 'recipe_batch', None), args.batch_size, args.accum_iter
+    auto = getattr(args, 'accum_auto', False)
+    if not recipe:
+        if not auto:
+            return None
+        whose = f'--model {args.model}' if args.data_path else 'the smoke preset'
+        return f'note: --accum-iter auto is 1: {whose} has no recipe batch to reach'
+    per_step = batch * accum * world
+    if per_step == recipe:
+        return None
+    need, exact = recipe_accum(recipe, batch, world)
+    head = (f'note: effective batch {per_step} ({batch} x {accum} x {world}) is not the '
+            f'{args.model} recipe\'s {recipe}')
+    if exact:
+        return f'{head}; --accum-iter {need} restores it (or --accum-iter auto)'
+    # no accum gives it: the nearest batch per process that does, when the processes divide it
+    per_process = recipe // world
+    fits = [b for b in range(min(batch, per_process), 0, -1) if per_process % b == 0]
+    fix = (f'--batch-size {fits[0]} --accum-iter {per_process // fits[0]} gives {recipe}'
+           if recipe % world == 0 else f'{recipe} is not divisible by {world} processes')
+    if batch * world > recipe:
+        return f'{head}; {batch} x {world} processes is more already: {fix}'
+    took = 'auto took' if auto else 'the nearest:'
+    return (f'{head}; no --accum-iter restores it exactly ({took} --accum-iter {need}, '
+            f'{need * batch * world}): {fix}')
 
 
 def positive(v):
@@ -2133,7 +2203,8 @@ NUMBER_RULES = {
     'min_lr': (at_least(0), '0 or a positive lr'),
     'weight_decay': (at_least(0), '0 or more'),
     'batch_size': (at_least(1), '1 or more images per process'),
-    'accum_iter': (at_least(1), '1 or more micro-steps per optimizer step'),
+    'accum_iter': (lambda v: v == 'auto' or v >= 1,
+                   '1 or more micro-steps per optimizer step, or auto'),
     'synthetic_size': (at_least(1), '1 or more images'),
     'seed': (lambda v: 0 <= v < 1 << 63, 'a seed in [0, 2**63)'),
     'num_workers': (at_least(0), '0 (load in the main process) or more workers'),
@@ -2744,6 +2815,9 @@ class Run:
                f' x {args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x '
                f'{self.per_step}/256), {self.steps_per_epoch} steps/epoch, '
                f'{n_params / 1e6:.2f}M trainable parameters')
+        note = batch_note(args, world)
+        if note:
+            print0(note)
         if hasattr(model, 'describe'):
             print0(model.describe())
         if device.type == 'cuda':  # a batch the card cannot hold: say so before the first step
