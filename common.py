@@ -1821,7 +1821,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # Official launch and logging flags of the pre-training and fine-tuning scripts: accepted and
 # ignored with a note (we always auto-resume; --nb_classes comes from the data).
-LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
+LAUNCH_FLAGS = ('dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
                 'dist_on_itp', 'dist_eval', 'opt_level', 'auto_resume', 'start_epoch',
                 'nb_classes', 'experiment')
 
@@ -1875,6 +1875,9 @@ def run_parser(method, doc, notes=None):
       'and the pictures go')
     a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth '
       'when present)')
+    a('--log-dir', '--log_dir', dest='log_dir', metavar='DIR',
+      help='also write the numbers of log.jsonl as TensorBoard events into DIR (needs the '
+      'tensorboard package: pip install tensorboard); a resumed run appends to it')
     a('--seed', type=int, default=0, help='seed of the per-sample randomness')
     a('--num-workers', '--num_workers', dest='num_workers', type=int,
       help='data loader workers (default 8)')
@@ -2245,12 +2248,16 @@ def check_run_args(args, rules=NUMBER_RULES):
     if args.data_path and not named_set(args.data_path) and not os.path.isdir(args.data_path):
         raise ValueError(f'--data-path {args.data_path} is a file; give the folder that holds the '
                          f'class folders (or their train/ folder)')
-    folder = os.path.abspath(args.output_dir)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f'--output-dir {args.output_dir} cannot be written ({folder} is not a '
-                         f'writable folder); choose another --output-dir')
+    for flag in ('output_dir', 'log_dir'):  # log_dir: TensorBoard's, when given
+        given = getattr(args, flag, None)
+        if flag == 'log_dir' and not given:
+            continue
+        folder, name = os.path.abspath(given), '--' + flag.replace('_', '-')
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f'{name} {given} cannot be written ({folder} is not a '
+                             f'writable folder); choose another {name}')
     if getattr(args, 'precision', None) == 'fp16' and not torch.cuda.is_available():
         print0('note: --precision fp16 on a CPU runs through slow fp16 kernels (about 6x slower '
                'here); fp32 (auto) is the fast path on CPUs')
@@ -2530,6 +2537,20 @@ def read_log(path):
     return rows
 
 
+def tensorboard_writer(log_dir, purge_step=None):
+    """A TensorBoard SummaryWriter on log_dir, or None: without --log-dir, and (with a one-line
+    note) without the tensorboard package, which the run does not need."""
+    if not log_dir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print0(f'note: --log-dir {log_dir} needs the tensorboard package (pip install '
+               f'tensorboard); logging to log.jsonl only')
+        return None
+    return SummaryWriter(log_dir, purge_step=purge_step)
+
+
 class RunLog:
     """<out_dir>/log.jsonl of one run, which holds <out_dir>/.lock while it is open.
 
@@ -2560,13 +2581,28 @@ class RunLog:
                     f.writelines(kept)
                 os.replace(self.path + '.tmp', self.path)
         self.file = open(self.path, 'a')
+        # --log-dir: a resume hides the events a crashed run wrote after its checkpoint, as the
+        # rows above (TensorBoard's purge_step: steps >= step + 1)
+        self.board = tensorboard_writer(getattr(args, 'log_dir', None),
+                                        step + 1 if resume else None)
         self.write({'event': 'start', 'step': step, 'method': args.method, 'model': args.model,
                     'resumed_from': resume})
 
     def write(self, row):
-        """Append one row (with the run id) and flush it."""
+        """Append one row (with the run id) and flush it; its numbers (but step and epoch, the
+        axes) also go to TensorBoard under their log.jsonl names, at the row's step."""
         self.file.write(json.dumps({**row, 'run': self.run}) + '\n')
         self.file.flush()
+        if self.board is not None:
+            for k, v in row.items():
+                if k not in ('step', 'epoch') and isinstance(v, (int, float)) \
+                        and not isinstance(v, bool):
+                    self.board.add_scalar(k, v, row['step'])
+
+    def flush(self):
+        """Write the TensorBoard events to disk (at each checkpoint; log.jsonl flushes by row)."""
+        if self.board is not None:
+            self.board.flush()
 
     def close(self, reason, step, checkpoint, error=None):
         """The 'end' row (naming the error, if any), then release the file and the lock (a second
@@ -2580,6 +2616,8 @@ class RunLog:
         self.write(row)
         self.file.close()
         self.lock.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def newer_last(path, ckpt, last_path, args, steps_per_epoch):
@@ -2688,7 +2726,7 @@ def fast_cuda(device):
 #   skip_bad_images     skip unreadable images instead of stopping (pretrain_dataset)
 #   seed                sampler order, per-sample crops and mask noise, drop path
 #   batch_size          images per process per micro-step
-#   accum_iter          micro-steps per optimizer step
+#   accum_iter          micro-steps per optimizer step (an int: 'auto' is resolved by resolve_accum)
 #   epochs              the schedule's length: epochs x steps per epoch optimizer steps
 #   warmup_epochs       linear lr warm-up (lr_at)
 #   blr                 base lr: lr = blr x effective batch / 256 when lr is None (step_plan)
@@ -2702,6 +2740,7 @@ def fast_cuda(device):
 #   output_dir          log.jsonl, checkpoints and pictures
 #   resume              checkpoint to resume; None: <output_dir>/checkpoint-last.pth when present
 #   log_freq            optimizer steps between log rows
+#   log_dir             also write the log rows' numbers as TensorBoard events there; None: no
 #   save_freq           also keep checkpoint-<epoch>.pth every N epochs; None or 0: never
 #   max_steps           stop (evaluate, save) after N optimizer steps; None or 0: no limit
 #   skip_nonfinite      K: drop up to K steps whose loss is NaN/inf, then stop
@@ -2710,6 +2749,8 @@ def fast_cuda(device):
 #   eval_knn            N > 0: the k-NN monitor at step 0, every N epochs and at the end (getattr:
 #                       finetune.py has none); eval_data: its image folder (knn_sets)
 # and, read with getattr (None when absent), the other names a resume must keep (RUN_DEFINING):
+#   recipe_batch        the recipe's effective batch, for the start line's note (batch_note);
+#                       accum_auto: --accum-iter auto was asked
 #   mode                finetune.py's finetune | linear | knn
 #   mask_ratio          masked share of the tokens
 #   optimizer           finetune.py's linear-probe optimiser
@@ -2985,6 +3026,8 @@ class Run:
                                      self.args)
             state['steps_per_epoch'] = self.steps_per_epoch
             save_atomic(state, path)
+            if self.log:  # the TensorBoard events up to the checkpoint
+                self.log.flush()
             if keep:  # a copy of the file: serialising a large model again takes as long as saving
                 copy_atomic(path, os.path.join(self.out_dir, f'checkpoint-{epoch}.pth'))
             if hasattr(self.model, 'picture') and path == self.last_path:
