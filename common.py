@@ -1991,8 +1991,9 @@ def int_list(text):
 
 
 def accum_count(text):
-    """argparse type of --accum-iter: an integer >= 1, or 'auto' (resolve_accum)."""
-    return 'auto' if text == 'auto' else positive_int(text)
+    """argparse type of --accum-iter: an integer (checked with the other numbers, NUMBER_RULES)
+    or 'auto' (resolve_accum)."""
+    return 'auto' if text == 'auto' else int(text)
 
 
 def preset_sizes(model):
