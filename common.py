@@ -1880,7 +1880,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # Official launch and logging flags of the pre-training and fine-tuning scripts: accepted and
 # ignored with a note (we always auto-resume; --nb_classes comes from the data).
-LAUNCH_FLAGS = ('log_dir', 'dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
+LAUNCH_FLAGS = ('dist_url', 'world_size', 'device', 'pin_mem', 'no_pin_mem',
                 'dist_on_itp', 'dist_eval', 'opt_level', 'auto_resume', 'start_epoch',
                 'nb_classes', 'experiment')
 
@@ -1913,8 +1913,9 @@ def run_parser(method, doc, notes=None):
     a('--weight-decay', '--weight_decay', dest='weight_decay', type=float, help='weight decay')
     a('--batch-size', '--batch_size', dest='batch_size', type=int,
       help='images per process per micro-step')
-    a('--accum-iter', '--accum_iter', dest='accum_iter', type=int,
-      help='gradient accumulation: micro-steps per optimizer step')
+    a('--accum-iter', '--accum_iter', dest='accum_iter', type=accum_count,
+      help='gradient accumulation: micro-steps per optimizer step; auto: the fewest that reach '
+      'the effective batch of the --model recipe (batch x accum x processes)')
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
       help='clip the global grad norm (0 or below: none)')
     a('--data-path', '--data_path', dest='data_path',
@@ -1940,6 +1941,9 @@ def run_parser(method, doc, notes=None):
       'and the pictures go')
     a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint-last.pth '
       'when present)')
+    a('--log-dir', '--log_dir', dest='log_dir', metavar='DIR',
+      help='also write the numbers of log.jsonl as TensorBoard events into DIR (needs the '
+      'tensorboard package: pip install tensorboard); a resumed run appends to it')
     a('--seed', type=int, default=0, help='seed of the per-sample randomness')
     a('--num-workers', '--num_workers', dest='num_workers', type=int,
       help='data loader workers (default 8)')
@@ -2018,17 +2022,20 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
 
 # MAE's recipe per --model (official commands: decoder 8 x 512-d, 16 heads; 512 per GPU x 8; 800
 # epochs, 40 warm-up); vit_tiny/small are ours, for CPUs. hpm.py and efficient_mae.py use it.
+# recipe_batch: the effective batch, 4096 = 64 x 8 nodes x 8 GPUs (facebookresearch/mae
+# PRETRAIN.md), here 512 x 8 processes.
 MAE_DEFAULTS = {
     'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
                      warmup_epochs=5),
     'vit_small': dict(decoder_dim=256, decoder_depth=4, decoder_heads=8, batch_size=512, epochs=800,
                       warmup_epochs=40),
     'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),  # mae_vit_base_patch16_dec512d8b
+                     warmup_epochs=40, recipe_batch=4096),  # mae_vit_base_patch16_dec512d8b
     'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                      epochs=800, warmup_epochs=40),  # not HPM's pretrain_large.sh (a ViT-B)
+                      epochs=800, warmup_epochs=40,
+                      recipe_batch=4096),  # not HPM's pretrain_large.sh (a ViT-B)
     'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512, epochs=800,
-                     warmup_epochs=40),
+                     warmup_epochs=40, recipe_batch=4096),
 }
 MAE_NAMES = {'mae_vit_base_patch16': 'vit_base', 'mae_vit_base_patch16_dec512d8b': 'vit_base',
              'mae_vit_large_patch16': 'vit_large', 'mae_vit_large_patch16_dec512d8b': 'vit_large',
@@ -2047,6 +2054,12 @@ def int_list(text):
     """argparse type: 12 -> 12 (ViT), 2,2,6,2 -> [2, 2, 6, 2] (Swin, one per stage); each >= 1."""
     vals = [positive_int(v) for v in text.split(',')]
     return vals[0] if len(vals) == 1 else vals
+
+
+def accum_count(text):
+    """argparse type of --accum-iter: an integer (checked with the other numbers, NUMBER_RULES)
+    or 'auto' (resolve_accum)."""
+    return 'auto' if text == 'auto' else int(text)
 
 
 def preset_sizes(model):
@@ -2154,7 +2167,10 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     if not chosen:
         vars(args).setdefault('sources', {})['model'] = 'smoke' if args.data_path is None \
             else 'default'
-    recipe = table[args.model]
+    # the recipe's effective batch (batch x accum x its GPUs) is no flag: kept for batch_note,
+    # which the smoke preset, a batch of its own, does not get
+    recipe = {k: v for k, v in table[args.model].items() if k != 'recipe_batch'}
+    args.recipe_batch = table[args.model].get('recipe_batch') if args.data_path else None
     smoke = {k: v for k, v in smoke.items()
              if not (chosen and k in recipe and k not in RUN_LENGTH_FLAGS)}
     return fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
@@ -2171,10 +2187,68 @@ def parse_pretrain(p, argv, table, smoke, model_names=None, **fallback):
     try:
         apply_defaults(args, table, smoke, model_names, **fallback)
         check_run_args(args)
+        resolve_accum(args, launched_world())
         encoder_config(args)  # the size flags agree with each other
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def launched_world():
+    """The process count torchrun gives (WORLD_SIZE, with RANK and LOCAL_RANK set), else 1: known
+    before the process group starts (setup_distributed), so --accum-iter auto resolves with the
+    other flags."""
+    if all(k in os.environ for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')):
+        return int(os.environ['WORLD_SIZE'])
+    return 1
+
+
+def recipe_accum(recipe_batch, batch, world):
+    """The fewest micro-steps whose batch x accum x world reaches recipe_batch -> (accum, exact)."""
+    per = batch * world
+    accum = max(1, -(-recipe_batch // per))  # ceil
+    return accum, accum * per == recipe_batch
+
+
+def resolve_accum(args, world):
+    """--accum-iter auto -> recipe_accum for args.recipe_batch (1 without one); args.accum_auto
+    says it was asked for (batch_note)."""
+    args.accum_auto = args.accum_iter == 'auto'
+    if args.accum_auto:
+        vars(args).get('sources', {})['accum_iter'] = 'auto'  # the start line's `from: auto: ...`
+        recipe = getattr(args, 'recipe_batch', None)
+        args.accum_iter = recipe_accum(recipe, args.batch_size, world)[0] if recipe else 1
+
+
+def batch_note(args, world):
+    """One line when batch x accum x world is not the recipe's effective batch (args.recipe_batch)
+    with the --accum-iter that restores it, or why none does; None when it is the recipe's, or the
+    run has none (the smoke preset, our own small presets) and --accum-iter auto was not asked."""
+    recipe, batch, accum = getattr(args, 'recipe_batch', None), args.batch_size, args.accum_iter
+    auto = getattr(args, 'accum_auto', False)
+    if not recipe:
+        if not auto:
+            return None
+        whose = f'--model {args.model}' if args.data_path else 'the smoke preset'
+        return f'note: --accum-iter auto is 1: {whose} has no recipe batch to reach'
+    per_step = batch * accum * world
+    if per_step == recipe:
+        return None
+    need, exact = recipe_accum(recipe, batch, world)
+    head = (f'note: effective batch {per_step} ({batch} x {accum} x {world}) is not the '
+            f'{args.model} recipe\'s {recipe}')
+    if exact:
+        return f'{head}; --accum-iter {need} restores it (or --accum-iter auto)'
+    # no accum gives it: the nearest batch per process that does, when the processes divide it
+    per_process = recipe // world
+    fits = [b for b in range(min(batch, per_process), 0, -1) if per_process % b == 0]
+    fix = (f'--batch-size {fits[0]} --accum-iter {per_process // fits[0]} gives {recipe}'
+           if recipe % world == 0 else f'{recipe} is not divisible by {world} processes')
+    if batch * world > recipe:
+        return f'{head}; {batch} x {world} processes is more already: {fix}'
+    took = 'auto took' if auto else 'the nearest:'
+    return (f'{head}; no --accum-iter restores it exactly ({took} --accum-iter {need}, '
+            f'{need * batch * world}): {fix}')
 
 
 def positive(v):
@@ -2199,7 +2273,8 @@ NUMBER_RULES = {
     'min_lr': (at_least(0), '0 or a positive lr'),
     'weight_decay': (at_least(0), '0 or more'),
     'batch_size': (at_least(1), '1 or more images per process'),
-    'accum_iter': (at_least(1), '1 or more micro-steps per optimizer step'),
+    'accum_iter': (lambda v: v == 'auto' or v >= 1,
+                   '1 or more micro-steps per optimizer step, or auto'),
     'synthetic_size': (at_least(1), '1 or more images'),
     'seed': (lambda v: 0 <= v < 1 << 63, 'a seed in [0, 2**63)'),
     'num_workers': (at_least(0), '0 (load in the main process) or more workers'),
@@ -2249,12 +2324,16 @@ def check_run_args(args, rules=NUMBER_RULES):
     if args.data_path and not named_set(args.data_path) and not os.path.isdir(args.data_path):
         raise ValueError(f'--data-path {args.data_path} is a file; give the folder that holds the '
                          f'class folders (or their train/ folder)')
-    folder = os.path.abspath(args.output_dir)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f'--output-dir {args.output_dir} cannot be written ({folder} is not a '
-                         f'writable folder); choose another --output-dir')
+    for flag in ('output_dir', 'log_dir'):  # log_dir: TensorBoard's, when given
+        given = getattr(args, flag, None)
+        if flag == 'log_dir' and not given:
+            continue
+        folder, name = os.path.abspath(given), '--' + flag.replace('_', '-')
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f'{name} {given} cannot be written ({folder} is not a '
+                             f'writable folder); choose another {name}')
     if getattr(args, 'precision', None) == 'fp16' and not torch.cuda.is_available():
         print0('note: --precision fp16 on a CPU runs through slow fp16 kernels (about 6x slower '
                'here); fp32 (auto) is the fast path on CPUs')
@@ -2534,6 +2613,20 @@ def read_log(path):
     return rows
 
 
+def tensorboard_writer(log_dir, purge_step=None):
+    """A TensorBoard SummaryWriter on log_dir, or None: without --log-dir, and (with a one-line
+    note) without the tensorboard package, which the run does not need."""
+    if not log_dir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print0(f'note: --log-dir {log_dir} needs the tensorboard package (pip install '
+               f'tensorboard); logging to log.jsonl only')
+        return None
+    return SummaryWriter(log_dir, purge_step=purge_step)
+
+
 class RunLog:
     """<out_dir>/log.jsonl of one run, which holds <out_dir>/.lock while it is open.
 
@@ -2564,13 +2657,28 @@ class RunLog:
                     f.writelines(kept)
                 os.replace(self.path + '.tmp', self.path)
         self.file = open(self.path, 'a')
+        # --log-dir: a resume hides the events a crashed run wrote after its checkpoint, as the
+        # rows above (TensorBoard's purge_step: steps >= step + 1)
+        self.board = tensorboard_writer(getattr(args, 'log_dir', None),
+                                        step + 1 if resume else None)
         self.write({'event': 'start', 'step': step, 'method': args.method, 'model': args.model,
                     'resumed_from': resume})
 
     def write(self, row):
-        """Append one row (with the run id) and flush it."""
+        """Append one row (with the run id) and flush it; its numbers (but step and epoch, the
+        axes) also go to TensorBoard under their log.jsonl names, at the row's step."""
         self.file.write(json.dumps({**row, 'run': self.run}) + '\n')
         self.file.flush()
+        if self.board is not None:
+            for k, v in row.items():
+                if k not in ('step', 'epoch') and isinstance(v, (int, float)) \
+                        and not isinstance(v, bool):
+                    self.board.add_scalar(k, v, row['step'])
+
+    def flush(self):
+        """Write the TensorBoard events to disk (at each checkpoint; log.jsonl flushes by row)."""
+        if self.board is not None:
+            self.board.flush()
 
     def close(self, reason, step, checkpoint, error=None):
         """The 'end' row (naming the error, if any), then release the file and the lock (a second
@@ -2584,6 +2692,8 @@ class RunLog:
         self.write(row)
         self.file.close()
         self.lock.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def newer_last(path, ckpt, last_path, args, steps_per_epoch):
@@ -2692,7 +2802,7 @@ def fast_cuda(device):
 #   skip_bad_images     skip unreadable images instead of stopping (pretrain_dataset)
 #   seed                sampler order, per-sample crops and mask noise, drop path
 #   batch_size          images per process per micro-step
-#   accum_iter          micro-steps per optimizer step
+#   accum_iter          micro-steps per optimizer step (an int: 'auto' is resolved by resolve_accum)
 #   epochs              the schedule's length: epochs x steps per epoch optimizer steps
 #   warmup_epochs       linear lr warm-up (lr_at)
 #   blr                 base lr: lr = blr x effective batch / 256 when lr is None (step_plan)
@@ -2706,6 +2816,7 @@ def fast_cuda(device):
 #   output_dir          log.jsonl, checkpoints and pictures
 #   resume              checkpoint to resume; None: <output_dir>/checkpoint-last.pth when present
 #   log_freq            optimizer steps between log rows
+#   log_dir             also write the log rows' numbers as TensorBoard events there; None: no
 #   save_freq           also keep checkpoint-<epoch>.pth every N epochs; None or 0: never
 #   max_steps           stop (evaluate, save) after N optimizer steps; None or 0: no limit
 #   skip_nonfinite      K: drop up to K steps whose loss is NaN/inf, then stop
@@ -2714,6 +2825,8 @@ def fast_cuda(device):
 #   eval_knn            N > 0: the k-NN monitor at step 0, every N epochs and at the end (getattr:
 #                       finetune.py has none); eval_data: its image folder (knn_sets)
 # and, read with getattr (None when absent), the other names a resume must keep (RUN_DEFINING):
+#   recipe_batch        the recipe's effective batch, for the start line's note (batch_note);
+#                       accum_auto: --accum-iter auto was asked
 #   mode                finetune.py's finetune | linear | knn
 #   mask_ratio          masked share of the tokens
 #   optimizer           finetune.py's linear-probe optimiser
@@ -2821,6 +2934,9 @@ class Run:
                f' x {args.accum_iter} x {world}), lr {args.lr:.3g} (blr {args.blr} x '
                f'{self.per_step}/256), {self.steps_per_epoch} steps/epoch, '
                f'{n_params / 1e6:.2f}M trainable parameters')
+        note = batch_note(args, world)
+        if note:
+            print0(note)
         if hasattr(model, 'describe'):
             print0(model.describe())
         if device.type == 'cuda':  # a batch the card cannot hold: say so before the first step
@@ -2988,6 +3104,8 @@ class Run:
                                      self.args)
             state['steps_per_epoch'] = self.steps_per_epoch
             save_atomic(state, path)
+            if self.log:  # the TensorBoard events up to the checkpoint
+                self.log.flush()
             if keep:  # a copy of the file: serialising a large model again takes as long as saving
                 copy_atomic(path, os.path.join(self.out_dir, f'checkpoint-{epoch}.pth'))
             if hasattr(self.model, 'picture') and path == self.last_path:

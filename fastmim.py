@@ -352,6 +352,7 @@ from common import (encoder_config, launch, parse_pretrain, pick_state_dict,  # 
 # Per-model defaults. vit_base, swin_base: the official README commands. vit_large, swin_large: the
 # paper (decoders Sec. 4.1, Swin-L window App. A.3.2, epochs Tab. 3), the rest as their base
 # models; there is no official command for them. vit_tiny, vit_small, swin_tiny: ours, for CPUs.
+# recipe_batch: the effective batch, 512 (ViT) / 256 (Swin) x 8 GPUs (ggjy/FastMIM.pytorch README).
 DEFAULTS = {
     'vit_tiny': dict(mask_size=16, decoder_dim=128, decoder_depth=1, num_heads=3, batch_size=256,
                      epochs=100, warmup_epochs=5),
@@ -359,15 +360,15 @@ DEFAULTS = {
                       epochs=800, warmup_epochs=20),
     # official code, not the paper: 6 heads (note 1); warm-up 20, 512 a process x 8 (note 7)
     'vit_base': dict(mask_size=16, decoder_dim=256, decoder_depth=1, num_heads=6, batch_size=512,
-                     epochs=800, warmup_epochs=20),
+                     epochs=800, warmup_epochs=20, recipe_batch=4096),
     'vit_large': dict(mask_size=16, decoder_dim=512, decoder_depth=8, num_heads=16, batch_size=512,
-                      epochs=800, warmup_epochs=20),
+                      epochs=800, warmup_epochs=20, recipe_batch=4096),
     'swin_tiny': dict(mask_size=32, decoder_dim=128, decoder_depth=1, window_size=4,
                       batch_size=256, epochs=100, warmup_epochs=5),
     'swin_base': dict(mask_size=32, decoder_dim=256, decoder_depth=4, window_size=4,
-                      batch_size=256, epochs=400, warmup_epochs=10),
+                      batch_size=256, epochs=400, warmup_epochs=10, recipe_batch=2048),
     'swin_large': dict(mask_size=32, decoder_dim=512, decoder_depth=4, window_size=8,
-                       batch_size=256, epochs=400, warmup_epochs=10),
+                       batch_size=256, epochs=400, warmup_epochs=10, recipe_batch=2048),
 }
 # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run learns, as in the other four files
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=6, warmup_epochs=1, blr=1.5e-3,

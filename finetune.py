@@ -50,14 +50,16 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, 
                     VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, VisionTransformer,
                     autocast_dtype, benchmark, check_run_args, data_line, dataset_defaults,
                     encoder_config, eval_datasets, eval_loader, extract_features, fast_cuda,
-                    file_fingerprint,
-                    fill_defaults, image_folder, knn_classify, load_encoder, load_file, mean_std,
-                    mmpretrain_vit_to_timm, named_set, parse_run, pick_state_dict, plain_data,
-                    print0, print_sources, read_log, run_main, run_parser, save_atomic,
-                    setup_distributed, strip_prefix, train)
+                    file_fingerprint, fill_defaults, image_folder, knn_classify, launched_world,
+                    load_encoder, load_file, mean_std, mmpretrain_vit_to_timm, named_set,
+                    parse_run, pick_state_dict, plain_data, print0, print_sources, read_log,
+                    resolve_accum, run_main, run_parser, save_atomic, setup_distributed,
+                    strip_prefix, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
-# effective batch = batch x accum x world, lr = blr x effective batch / 256.
+# effective batch = batch x accum x world, lr = blr x effective batch / 256. A run on other
+# processes is told the recipe's batch x accum x RECIPE_PROCESSES (common.batch_note).
+RECIPE_PROCESSES = 8
 MODE_DEFAULTS = {
     'finetune': dict(  # facebookresearch/mae main_finetune.py; FINETUNE page, ViT-B command (1024)
         epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
@@ -880,6 +882,13 @@ def resolve(args, obj):
     family = 'vit' if args.model.startswith('vit') else 'swin'
     table = RECIPES[args.recipe].get(args.mode, {})
     recipe = f'recipe({args.recipe} {args.mode}'
+    # the recipe's effective batch (common.batch_note); none for the smoke preset and k-NN
+    rows = (table.get(args.model, {}), table.get(family, {}), table.get('all', {}),
+            MODE_DEFAULTS[args.mode])
+    batch, accum = (next((row[k] for row in rows if k in row), 1) for k in ('batch_size',
+                                                                             'accum_iter'))
+    args.recipe_batch = (batch * accum * RECIPE_PROCESSES if args.data_path and args.mode != 'knn'
+                         else None)
     return fill_defaults(args, (f'{recipe} {args.model})', table.get(args.model, {})),
                          (f'{recipe} {family})', table.get(family, {})),
                          (f'{recipe})', table.get('all', {})),
@@ -988,6 +997,7 @@ def run(argv=None):
                          f'state dict; give the file a pre-training run or a release wrote')
     resolve(args, obj)
     validate(args)
+    resolve_accum(args, launched_world())
     # the encoder's content, not its name, defines the run (resume, k-NN cache): a file replaced
     # under the same name is another run; a copy elsewhere is the same
     args.ckpt_content = file_fingerprint(args.ckpt) if args.ckpt else None

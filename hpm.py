@@ -531,6 +531,8 @@ from common import (MAE_DEFAULTS, MAE_NAMES, file_fingerprint,  # noqa: E402
                     parse_pretrain, pick_state_dict, pretrain_parser, strip_prefix)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
+# its recipe_batch 4096 is also HPM's (the supplement; Haochen-Wang409/HPM PRETRAIN.md's command
+# runs 32 x 8 accum x 8 GPUs = 2048)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
              decoder_dim=128, decoder_depth=2, decoder_heads=4, log_freq=8, save_freq=4,
              num_workers=2,

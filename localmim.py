@@ -560,6 +560,8 @@ from common import (default_no_decay, encoder_config, launch, parse_pretrain,  #
 
 # Per --model: the official README commands and factories (OFFICIAL_NAMES; bins, blr: note 6).
 # vit_tiny and swin_tiny are ours, for CPUs; vit_small and swin_base_win14 have no README command.
+# recipe_batch: the effective batch, batch x accum x 8 GPUs (Haoqing-Wang/LocalMIM ViT/README.md,
+# Swin/README.md); swin_base_win14 as swin_base.
 DEFAULTS = {
     'vit_tiny': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=9,
                      hog_bias=False, batch_size=256, epochs=100, warmup_epochs=10, blr=2e-4,
@@ -569,22 +571,23 @@ DEFAULTS = {
                       min_lr=1e-6, save_freq=50),
     'vit_base': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=9,
                      hog_bias=False, batch_size=256, epochs=1600, warmup_epochs=40, blr=2e-4,
-                     min_lr=1e-6, save_freq=50),
+                     min_lr=1e-6, save_freq=50, recipe_batch=2048),
     'vit_large': dict(decoder_dim=256, decoder_depth=1, decoder_heads=8, hog_nbins=18,
                       hog_bias=True, batch_size=128, accum_iter=4, epochs=800, warmup_epochs=40,
-                      blr=1.5e-4, min_lr=1e-6, save_freq=50),
+                      blr=1.5e-4, min_lr=1e-6, save_freq=50, recipe_batch=4096),
     'swin_tiny': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
                       hog_bias=True, window_size=7, batch_size=256, epochs=100, warmup_epochs=10,
                       blr=1e-4, min_lr=0.0, save_freq=20),
     'swin_base': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
                       hog_bias=True, window_size=7, batch_size=256, epochs=400, warmup_epochs=40,
-                      blr=1e-4, min_lr=0.0, save_freq=20),
+                      blr=1e-4, min_lr=0.0, save_freq=20, recipe_batch=2048),
     'swin_base_win14': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
                             hog_bias=True, window_size=14, batch_size=256, epochs=400,
-                            warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20),
+                            warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20,
+                            recipe_batch=2048),
     'swin_large': dict(decoder_dim=128, decoder_depth=1, decoder_heads=4, hog_nbins=18,
                        hog_bias=True, window_size=14, batch_size=128, accum_iter=4, epochs=800,
-                       warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20),
+                       warmup_epochs=40, blr=1e-4, min_lr=0.0, save_freq=20, recipe_batch=4096),
 }
 # ours: about 2 minutes on 2 CPU cores
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=10, warmup_epochs=1, blr=2e-3,

@@ -357,7 +357,8 @@ from common import (fill_defaults, launch, mae_config, mean_std,  # noqa: E402
                     pretrain_parser, strip_prefix)
 
 # Per-model defaults: ViT-B from the released configs (configs/mff/*_800e_in1k.py), the others
-# with ViT-B's decoder (note 11); vit_tiny is ours, for CPUs.
+# with ViT-B's decoder (note 11); vit_tiny is ours, for CPUs. recipe_batch: the effective batch,
+# 8 x 512 (open-mmlab/mmpretrain configs/mff/mff_vit-base-p16_8xb512-amp-coslr-800e_in1k.py).
 DEFAULTS = {
     'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
                      warmup_epochs=5),
@@ -366,11 +367,12 @@ DEFAULTS = {
                       epochs=800, warmup_epochs=40),
     # 8 x 512 = 4096 as in the config's name and lr; configs/mff/metafile.yml says 2048
     'vit_base': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                     epochs=800, warmup_epochs=40),
+                     epochs=800, warmup_epochs=40, recipe_batch=4096),
     'vit_large': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                      epochs=800, warmup_epochs=40),  # MAE's ViT-L recipe
+                      epochs=800, warmup_epochs=40,
+                      recipe_batch=4096),  # MAE's ViT-L recipe
     'vit_huge': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
-                     epochs=800, warmup_epochs=40),
+                     epochs=800, warmup_epochs=40, recipe_batch=4096),
 }
 # ours: about 2 minutes on 2 CPU cores; 10x blr so a short run visibly learns
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=12, warmup_epochs=1, blr=1.5e-3,
