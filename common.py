@@ -1161,7 +1161,6 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
     return missing, unexpected
 
 
-
 # --------------------------------------------------------------------- pre-trained weights
 # --visualize and --init-from read a pre-training file of any script: ours (built from its saved
 # args) or an official release (the method's from_official maps its keys); read_pretrained names

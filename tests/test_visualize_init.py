@@ -134,6 +134,8 @@ def start_state(monkeypatch):
     def record(run):
         seen.update(weights={k: v.clone() for k, v in run.model.state_dict().items()},
                     optimizer=dict(run.optimizer.state), step=run.step)
+        if hasattr(run.model, 'teacher'):  # HPM's EMA teacher
+            seen['teacher'] = {k: v.clone() for k, v in run.model.teacher.state_dict().items()}
         return announce(run)
     monkeypatch.setattr(common.Run, 'announce', record)
     return seen
@@ -151,6 +153,7 @@ def test_init_from_starts_a_new_run_from_the_file(layout, trained, tmp_path, mon
     assert seen['step'] == 0 and not seen['optimizer']
     assert seen['weights'].keys() == ckpt['model'].keys()
     assert all(torch.equal(seen['weights'][k], v) for k, v in ckpt['model'].items())
+    assert all(torch.equal(seen['teacher'][k], v) for k, v in ckpt['model'].items())  # starts as the weights
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith('init from'))
     assert 'resized none; left at init none; ignored none' in line
     assert model.run_end['step'] == 1 and torch.load(tmp_path / 'run' / 'checkpoint-last.pth',
