@@ -687,10 +687,15 @@ def grid_picture(columns, labels=None, gray=0.5):
     return torch.cat([strip, grid], dim=1)  # (3, 14 + H', W')
 
 
+# --visualize --raw-prediction: pixel_columns also draws a norm-pix prediction as it is predicted
+RAW_PREDICTION = [False]
+
+
 def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
-    """pixel_picture's columns [input, masked, prediction], (B, 3, H, W) in [0, 1] each."""
+    """pixel_picture's columns [input, masked, prediction], (B, 3, H, W) in [0, 1] each, and
+    [raw prediction] after them when the target is norm-pix and RAW_PREDICTION is on."""
     target = patchify(imgs.float(), p)
-    pred = pred.float()
+    pred = raw = pred.float()
     if norm_pix_loss:  # undo the per-patch standardisation with the true statistics (MAE demo)
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
     m = mask[..., None].float()
@@ -699,13 +704,23 @@ def pixel_columns(imgs, pred, mask, p, norm_pix_loss):
     recon = unpatchify(target * (1 - m) + pred * m, p, H, W)
     masked = torch.where(unpatchify(m.expand_as(target), p, H, W) > 0,
                          torch.zeros_like(masked) - 10, masked)
-    return [denormalize(imgs), denormalize(masked), denormalize(recon)]
+    columns = [denormalize(imgs), denormalize(masked), denormalize(recon)]
+    if norm_pix_loss and RAW_PREDICTION[0]:  # the standardised patches drawn as pixels
+        columns.append(denormalize(unpatchify(target * (1 - m) + raw * m, p, H, W)))
+    return columns
+
+
+def pixel_labels(norm_pix_loss):
+    """The names of pixel_columns' columns: a norm-pix prediction says that it borrows each
+    masked patch's mean and std from the target."""
+    names = ['input', 'masked', 'pred + target mean/std' if norm_pix_loss else 'prediction']
+    return names + (['raw prediction'] if norm_pix_loss and RAW_PREDICTION[0] else [])
 
 
 def pixel_picture(imgs, pred, mask, p, norm_pix_loss):
     """input | masked | prediction of a pixel-predicting ViT (pred (B, L, p*p*3), mask (B, L))."""
     return grid_picture(pixel_columns(imgs, pred, mask, p, norm_pix_loss),
-                        ['input', 'masked', 'prediction'])
+                        pixel_labels(norm_pix_loss))
 
 
 def hot_colours(v):
@@ -1146,6 +1161,124 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
     return missing, unexpected
 
 
+# --------------------------------------------------------------------- pre-trained weights
+# --visualize and --init-from read a pre-training file of any script: ours (built from its saved
+# args) or an official release (the method's from_official maps its keys); read_pretrained names
+# any other file in one line, fit_state loads it and says what it loaded, resized or left.
+
+def official_layout(sd):
+    """The release a pre-training state dict's keys look like: hpm, fastmim, localmim, mff or
+    (none of their extras) mae."""
+    import re
+    if any('_losspred' in k for k in sd):
+        return 'hpm'
+    if 'mask_token' in sd and tuple(sd['mask_token'].shape) == (1, 3, 1, 1):  # FastMIM's RGB token
+        return 'fastmim'
+    if any(k.startswith(('hog_enc.', 'decoder.0.'))
+           or re.fullmatch(r'(encoder\.)?norm\.\d+\.weight', k) for k in sd):
+        return 'localmim'
+    if any('proj_weights' in k for k in sd):
+        return 'mff'
+    return 'mae'
+
+
+PRETRAIN_METHODS = ('fastmim', 'hpm', 'mae', 'localmim', 'mff', 'efficient_mae')
+READS = {'hpm': ('hpm', 'mae'), 'mae': ('hpm', 'mae')}  # hpm.py trains either (--method)
+SCRIPT = {'mae': 'hpm.py --method mae'}  # the script (and flag) that reads a method's files
+OFFICIAL_LAYOUT = {'efficient_mae': 'mae'}  # no release of its own; MAE's is its layout
+
+
+def read_pretrained(obj, path, method, from_official, any_method=False):
+    """A pre-training file of `method` (ours, or its release through from_official) -> (state
+    dict in our keys, what the file is, its saved args or None); any other file is a ValueError
+    that names it. any_method: another method's file is read too (--init-from)."""
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f'{path} holds {"an empty dict" if obj == {} else type(obj).__name__}, '
+                         f'not a checkpoint; give a pre-training checkpoint of {method}')
+    saved = obj.get('args')
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    ours = saved.get('method') if isinstance(saved, dict) else None
+    if ours == 'finetune':
+        raise ValueError(f'{path} is a classifier fine-tuned by finetune.py (--mode '
+                         f'{saved.get("mode")}), without the pre-training heads; give a '
+                         f'pre-training checkpoint of {method}')
+    if ours in PRETRAIN_METHODS and isinstance(obj.get('model'), dict):
+        if ours not in READS.get(method, (method,)) and not any_method:
+            raise ValueError(f'{path} is a {ours} pre-training checkpoint (ours); read it with '
+                             f'{SCRIPT.get(ours, ours + ".py")}, or give one of {method}')
+        return strip_prefix(obj['model']), f'ours ({ours}, step {obj.get("step")})', saved
+    sd = strip_prefix(pick_state_dict(obj))
+    if not any(k.endswith(('patch_embed.proj.weight', 'patch_embed.projection.weight'))
+               and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f'{path} holds no ViT or Swin weights (keys: {key_summary(sd)}); give a '
+                         f'pre-training checkpoint of {method}, ours or its official release')
+    if any(k.startswith('head.') for k in sd) and not any('decoder' in k for k in sd):
+        raise ValueError(f'{path} is a classifier (head.*, no decoder), a fine-tuned model '
+                         f'without the pre-training heads; give a pre-training checkpoint of '
+                         f'{method}')
+    layout, want = official_layout(sd), OFFICIAL_LAYOUT.get(method, method)
+    if layout != want and not any_method:
+        use = {('hpm', 'mae'): 'add --method mae', ('mae', 'hpm'): 'drop --method mae'}.get(
+            (method, layout), f'read it with {SCRIPT.get(layout, layout + ".py")}')
+        raise ValueError(f'{path} is an official {layout} checkpoint, not {want}\'s; {use}')
+    sd = from_official(obj)
+    if any(k.startswith('backbone.') for k in sd):  # another release's names (mmpretrain: MFF)
+        sd = mmpretrain_vit_to_timm(sd)
+    return sd, f'official {layout} release', None
+
+
+def table_grid(n):
+    """(prefix rows, grid side) of a position table with n rows: 1 + G*G, or G*G (no cls)."""
+    G = math.isqrt(n)
+    return (0, G) if G * G == n else (1, math.isqrt(n - 1))
+
+
+ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'layers.')
+
+
+def fit_state(model, sd, what, partial=False):
+    """Load `sd` (read_pretrained) into a pre-training model: equal shapes load; a position table
+    of another grid is resized (fixed sin-cos: recomputed for the model's grid, as at a
+    resolution change; learnable: resize_pos_embed; Swin: resize_rel_pos_table). partial: a key
+    missing, or of another shape, stays at init (the encoder must load), else it is an error.
+    -> dict(loaded, resized, init, ignored): lists of keys (resized: key and grids)."""
+    own, params = model.state_dict(), dict(model.named_parameters())
+    sd = {k: v for k, v in sd.items() if not k.endswith(REBUILT_BUFFERS)}
+    new, report = {}, dict(loaded=[], resized=[], init=[], ignored=sorted(set(sd) - set(own)))
+    for k, mine in own.items():
+        v = sd.get(k)
+        if k.endswith(REBUILT_BUFFERS):
+            continue
+        if v is not None and v.shape == mine.shape:
+            new[k] = v
+            report['loaded'].append(k)
+        elif (v is not None and k.endswith('pos_embed') and v.dim() == 3
+              and v.shape[-1] == mine.shape[-1]):
+            (n, src), (_, dst) = table_grid(v.shape[1]), table_grid(mine.shape[1])
+            fixed = k in params and not params[k].requires_grad
+            if not fixed:
+                new[k] = resize_pos_embed(v, dst, n, antialias=dst < src)
+            report['resized'].append(f'{k} {src}x{src} -> {dst}x{dst}'
+                                     f'{" (sin-cos recomputed)" if fixed else ""}')
+        elif (v is not None and k.endswith('relative_position_bias_table')
+              and v.shape[1] == mine.shape[1]):
+            new[k] = resize_rel_pos_table(v, math.isqrt(mine.shape[0]))
+            report['resized'].append(f'{k} {math.isqrt(v.shape[0])}^2 -> '
+                                     f'{math.isqrt(mine.shape[0])}^2')
+        else:
+            report['init'].append(k if v is None else
+                                  f'{k} {tuple(v.shape)} vs {tuple(mine.shape)}')
+    bad = report['init'] + ([] if partial else report['ignored'])
+    if partial:  # the encoder must load; heads of other shapes or methods may start afresh
+        bad = [k for k in bad if k.removeprefix('encoder.').startswith(ENCODER_KEYS)]
+    if bad:
+        raise ValueError(f'{what} does not match this model (another size or method? give '
+                         f'--model and the size flags it was trained with): '
+                         f'{"; ".join(bad[:4])}{" …" if len(bad) > 4 else ""}')
+    model.load_state_dict(new, strict=False)
+    return report
+
+
 # --------------------------------------------------------------------- data
 
 def sample_key(seed, epoch, index):
@@ -1436,7 +1569,7 @@ NOTED_NAME_FOLDERS = set()  # --data-path names that are also folders, said once
 
 def named_set(data_path):
     """The DATASETS name --data-path gives, or None: a folder of that name wins (a note says so)."""
-    if data_path not in DATASETS:
+    if not isinstance(data_path, str) or data_path not in DATASETS:  # (--visualize: files)
         return None
     if os.path.isdir(data_path):
         if data_path not in NOTED_NAME_FOLDERS:
@@ -1918,7 +2051,7 @@ def run_parser(method, doc, notes=None):
       'the effective batch of the --model recipe (batch x accum x processes)')
     a('--clip-grad', '--clip_grad', dest='clip_grad', type=float,
       help='clip the global grad norm (0 or below: none)')
-    a('--data-path', '--data_path', dest='data_path',
+    a('--data-path', '--data_path', dest='data_path', nargs='+',
       help='a folder of images: class folders (ImageFolder; <root>/train used when present), or '
       'images at any depth without class folders (read unlabelled), or cifar10 | cifar100 | stl10: '
       'torchvision\'s set in --data-root, downloaded on first use, at its native --res (32 / 96) '
@@ -2017,6 +2150,20 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
     a('--eval-data', dest='eval_data', metavar='PATH',
       help='the monitor\'s images: PATH/train is the bank, PATH/val the queries (default: '
       '<data-path>/train and /val when both exist; the built-in train and val splits)')
+    a('--visualize', metavar='CKPT',
+      help=f'no training: write one PNG of what CKPT (a {method}.py checkpoint, or the official '
+      f'release) predicts, the columns of the training pictures, a row per image of --data-path '
+      f'(a folder, or image files; none: the built-in val images), at --mask-ratio and --seed, '
+      f'into --output-dir')
+    a('--num-images', '--num_images', dest='num_images', type=positive_int, default=8,
+      help='--visualize: images (rows) in the picture (default 8)')
+    a('--raw-prediction', dest='raw_prediction', action='store_true',
+      help='--visualize, norm-pix target: also draw the prediction as predicted, without the '
+      'mean and std of the target patch that the prediction column borrows')
+    a('--init-from', '--init_from', dest='init_from', metavar='CKPT',
+      help='start a new run from the weights of CKPT (ours or an official release, any method '
+      'whose encoder matches): the encoder, and the decoder and heads where shapes match; '
+      'position tables resized; a fresh optimizer and schedule (--resume continues a run)')
     return p
 
 
@@ -2111,6 +2258,11 @@ def mae_config(args):
 def parse_run(p, argv):
     """Parse; note in args.sources the flags given and the official launch flags (dropped)."""
     args = p.parse_args(argv)
+    if isinstance(args.data_path, list):  # nargs='+': several image files for --visualize only
+        if len(args.data_path) > 1 and not getattr(args, 'visualize', None):
+            p.error(f'--data-path takes one folder, not {len(args.data_path)} paths (several '
+                    f'image files: --visualize only)')
+        args.data_path = args.data_path[0] if len(args.data_path) == 1 else args.data_path
     args.sources = {k: 'flag' for k, v in vars(args).items()
                     if k not in LAUNCH_FLAGS and v != p.get_default(k)}
     for f in LAUNCH_FLAGS:
@@ -2160,13 +2312,15 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     the smoke preset without --data-path, the model's row of `table`, the defaults, `fallback`.
     Under an explicit --model the smoke preset keeps the model's architecture (decoder, ...)."""
     chosen = args.model is not None
-    default = smoke['model'] if args.data_path is None else default_model
+    if getattr(args, 'visualize', None):  # the file's model, not the smoke preset's
+        smoke = {}
+    default = smoke.get('model', default_model) if args.data_path is None else default_model
     args.model = (model_names or {}).get(args.model, args.model or default)
     if args.model not in table:
         raise ValueError(f'unknown --model {args.model}; choose one of {", ".join(table)}')
     if not chosen:
         vars(args).setdefault('sources', {})['model'] = 'smoke' if args.data_path is None \
-            else 'default'
+            and smoke else 'default'
     # the recipe's effective batch (batch x accum x its GPUs) is no flag: kept for batch_note,
     # which the smoke preset, a batch of its own, does not get
     recipe = {k: v for k, v in table[args.model].items() if k != 'recipe_batch'}
@@ -2318,10 +2472,24 @@ def check_run_args(args, rules=NUMBER_RULES):
             raise ValueError(f'--{name.replace("_", "-")} {shown} is out of range; use {use}')
     if getattr(args, 'clip_grad', None) is not None and args.clip_grad <= 0:
         args.clip_grad = 0.0  # off, and set: a method's own default (HPM's 5) does not fill it
-    if args.data_path and not named_set(args.data_path) and not os.path.exists(args.data_path):
+    for flag in ('visualize', 'init_from'):
+        path = getattr(args, flag, None)
+        if path and not os.path.isfile(path):
+            raise ValueError(f'--{flag.replace("_", "-")} {path} '
+                             f'{"is a folder" if os.path.isdir(path) else "does not exist"}; give '
+                             f'a checkpoint file')
+    if getattr(args, 'init_from', None) and args.resume:
+        raise ValueError('--init-from starts a new run from weights, --resume continues a run; '
+                         'give one of them')
+    if getattr(args, 'visualize', None) and args.data_path and not named_set(args.data_path):
+        for path in args.data_path if isinstance(args.data_path, list) else [args.data_path]:
+            if not os.path.exists(path):
+                raise ValueError(f'--data-path {path} does not exist; give a folder or image '
+                                 f'files')
+    elif args.data_path and not named_set(args.data_path) and not os.path.exists(args.data_path):
         raise ValueError(f'--data-path {args.data_path} does not exist (give a folder, or one of '
                          f'{", ".join(DATASETS)})')
-    if args.data_path and not named_set(args.data_path) and not os.path.isdir(args.data_path):
+    elif args.data_path and not named_set(args.data_path) and not os.path.isdir(args.data_path):
         raise ValueError(f'--data-path {args.data_path} is a file; give the folder that holds the '
                          f'class folders (or their train/ folder)')
     for flag in ('output_dir', 'log_dir'):  # log_dir: TensorBoard's, when given
@@ -2384,15 +2552,94 @@ def run_main(fn, argv):
             dist.destroy_process_group()
 
 
-def launch(argv, get_args, build_model, make_dataset=None):
-    """main() of a pre-training script: parse, build the model (the same on every rank), train."""
+def launch(argv, get_args, build_model, make_dataset=None, from_official=None):
+    """main() of a pre-training script: parse, build the model (the same on every rank), train;
+    or --visualize a checkpoint. from_official: the method's reader of its official release."""
     def pretrain(argv):
         args = get_args(argv)
         torch.manual_seed(args.seed)
+        if args.visualize:
+            return visualize(args, build_model, from_official)
+        if args.init_from:  # the weights define the run: a resume checks they are the same
+            args.init_from_content = file_fingerprint(args.init_from)
         model = build_model(args)
         print_sources(args)
-        return train(model, args, make_dataset)
+        return train(model, args, make_dataset, from_official)
     return run_main(pretrain, argv)
+
+
+# What --visualize takes from its own command line, not from the checkpoint's saved args.
+VISUALIZE_OWN = ('visualize', 'num_images', 'raw_prediction', 'data_path', 'data_root', 'seed',
+                 'output_dir', 'precision', 'num_workers', 'resume', 'init_from', 'compile',
+                 'benchmark', 'benchmark_data', 'max_steps', 'eval_knn', 'eval_data')
+
+
+def visualize_images(args):
+    """--visualize's images: --data-path's files (a folder: every image under it, sorted), the
+    first --num-images that decode, else the picture batch -> (imgs (N, 3, H, W), keys (N,))."""
+    n, paths = args.num_images, args.data_path
+    if paths is None or named_set(paths):
+        imgs, _ = picture_batch(args, n)
+    else:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+        if isinstance(paths, str) and os.path.isdir(paths):
+            paths = sorted(os.path.join(d, f) for d, _, files in os.walk(paths) for f in files
+                           if f.lower().endswith(IMG_EXTENSIONS))
+        tf = eval_transform(args.res, crop_pct=1.0, mean=mean_std(args)[0], std=mean_std(args)[1])
+        imgs = []
+        for path in [paths] if isinstance(paths, str) else paths:
+            with contextlib.suppress(ValueError):  # a file that does not decode is passed over
+                imgs.append(tf(read_image(path)))
+            if len(imgs) == n:
+                break
+        if not imgs:
+            raise ValueError(f'no image in --data-path {args.data_path} could be read')
+        imgs = torch.stack(imgs)
+    # the mask noise of --seed (seed 0: the keys of the training pictures)
+    return imgs, torch.tensor([sample_key(args.seed, 0, i) for i in range(len(imgs))])
+
+
+def visualize(args, build_model, from_official):
+    """--visualize CKPT: build the model of a pre-training file (ours: from its saved args; an
+    official release: from the flags, at the file's resolution), load it, write its picture()
+    on visualize_images as one PNG into --output-dir. No training, no optimiser."""
+    path = args.visualize
+    obj = load_file(path)
+    sd, what, saved = read_pretrained(obj, path, args.method, from_official)
+    given = {k for k, source in vars(args).pop('sources', {}).items() if source == 'flag'}
+    if saved is not None:  # ours: the model its run built, at its normalisation
+        for k, v in saved.items():
+            if k not in given and k not in VISUALIZE_OWN:
+                setattr(args, k, v)
+        if 'output_dir' not in given:
+            args.output_dir = f'output/{args.method}_{args.model}'
+    elif 'res' not in given and 'pos_embed' in sd and 'patch_embed.proj.weight' in sd:
+        args.res = table_grid(sd['pos_embed'].shape[1])[1] * sd['patch_embed.proj.weight'].shape[-1]
+    _, _, device = setup_distributed()
+    model = build_model(args)
+    epoch = obj.get('epoch') if isinstance(obj.get('epoch'), int) else 0
+    if hasattr(model, 'on_epoch'):  # the file's epoch: FastMIM-P's resolution, HPM's alpha
+        model.on_epoch(epoch)
+        args.res = getattr(model, 'res', args.res)
+    report = fit_state(model, sd, path)
+    if hasattr(model, 'load_extra_state'):  # HPM's EMA teacher, ours or the official file's
+        model.load_extra_state(obj)
+    os.makedirs(args.output_dir, exist_ok=True)
+    out = os.path.join(args.output_dir,
+                       f'visualize-{os.path.splitext(os.path.basename(path))[0]}.png')
+    batch = visualize_images(args)
+    restore = use_normalization(*mean_std(args))
+    RAW_PREDICTION[0] = args.raw_prediction
+    try:
+        save_picture(model.to(device), args, device, out, batch)
+    finally:
+        restore()
+        RAW_PREDICTION[0] = False
+    print0(f'{path}: {what}, {len(report["loaded"])} tensors'
+           + (f', resized {", ".join(report["resized"])}' if report['resized'] else '')
+           + f'; {len(batch[0])} images at res {args.res}, mask ratio {args.mask_ratio:g}, '
+           f'seed {args.seed} -> {out}')
+    return out
 
 
 # --------------------------------------------------------------------- the loop's parts
@@ -2565,9 +2812,10 @@ def checkpoint_state(model, optimizer, scaler, epoch, step, args):
 RUN_DEFINING = ('method', 'mode', 'model', 'patch_size', 'embed_dim', 'depth', 'num_heads',
                 'batch_size', 'accum_iter', 'mask_ratio', 'seed',
                 'data_path', 'synthetic_size', 'mean', 'std', 'res_schedule', 'optimizer',
-                'teacher', 'ckpt_content', 'teacher_content')
+                'teacher', 'ckpt_content', 'teacher_content', 'init_from_content')
 CONTENT_OF = {'ckpt_content': 'the content of the --ckpt file',
-              'teacher_content': 'the content of the --teacher-path file'}
+              'teacher_content': 'the content of the --teacher-path file',
+              'init_from_content': 'the content of the --init-from file'}
 
 
 def check_same_run(ckpt, args, path, steps_per_epoch):
@@ -2815,6 +3063,7 @@ def fast_cuda(device):
 #   num_workers         data-loading processes
 #   output_dir          log.jsonl, checkpoints and pictures
 #   resume              checkpoint to resume; None: <output_dir>/checkpoint-last.pth when present
+#   init_from           a fresh run's weights (Run.resume; read_pretrained, fit_state)
 #   log_freq            optimizer steps between log rows
 #   log_dir             also write the log rows' numbers as TensorBoard events there; None: no
 #   save_freq           also keep checkpoint-<epoch>.pth every N epochs; None or 0: never
@@ -2834,6 +3083,7 @@ def fast_cuda(device):
 #   res_schedule        FastMIM-P's --res-schedule (then res may differ at a resume)
 #   ckpt_content        fingerprint of finetune.py's --ckpt file
 #   teacher_content     fingerprint of HPM's --teacher-path file
+#   init_from_content   fingerprint of the --init-from file (the weights a new run starts from)
 # All of vars(args) is saved in every checkpoint ('args').
 #
 # train() returns the model, with `model.run_end` = dict(step, total, reason) where reason is
@@ -2861,8 +3111,10 @@ class Run:
     """What the steps of one training run share: the model and its optimiser, the step, the log
     interval's sums and the flags read one step late. train() below calls the steps in order."""
 
-    def __init__(self, model, args, make_dataset, rank, world, device):
+    def __init__(self, model, args, make_dataset, rank, world, device, from_official=None):
         self.args, self.make_dataset, self.rank, self.world = args, make_dataset, rank, world
+        # the method's reader of its official files (--init-from); else only pick and strip
+        self.from_official = from_official or (lambda obj: strip_prefix(pick_state_dict(obj)))
         self.dataset = make_dataset(args)
         self.per_step, self.steps_per_epoch = step_plan(len(self.dataset), args, world)
         self.total = args.epochs * self.steps_per_epoch
@@ -2898,6 +3150,8 @@ class Run:
                     self.dataset = self.make_dataset(args)
             load_model_state(model, ckpt['model'], f'checkpoint {resume}')
             self.step, self.resumed_from = ckpt['step'], resume
+        elif getattr(args, 'init_from', None):
+            self.init_from(args.init_from)
         self.amp = autocast_dtype(args.precision, self.device)
         self.optimizer = make_optimizer(model, args, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -2910,6 +3164,20 @@ class Run:
             print0(f'resumed from {resume} at epoch {self.step // spe}, step {self.step}, '
                    f'lr {lr_at(self.step / spe, args):.3g}')
             schedule_note(ckpt.get('args') or {}, args, self.step, spe)
+
+    def init_from(self, path):
+        """--init-from: a new run starts from the weights of `path` (read_pretrained, fit_state:
+        what matches; position tables resized); an EMA copy (extra_state) starts as the loaded
+        weights, as it does from the init. One line says what was loaded, resized, left."""
+        model = self.model
+        sd, what, _ = read_pretrained(load_file(path), path, self.args.method,
+                                      self.from_official, any_method=True)
+        report = fit_state(model, sd, path, partial=True)
+        if hasattr(model, 'extra_state'):
+            model.load_extra_state({k: model.state_dict() for k in model.extra_state()})
+        print0(f'init from {path} ({what}): loaded {key_summary(report["loaded"])}; resized '
+               f'{", ".join(report["resized"]) or "none"}; left at init '
+               f'{key_summary(report["init"])}; ignored {key_summary(report["ignored"])}')
 
     def announce(self):
         """Rank 0 prints the config, the derived numbers (world, effective batch, lr, steps per
@@ -3211,8 +3479,9 @@ class Run:
         return self.model
 
 
-def train(model, args, make_dataset=None):
-    """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption."""
+def train(model, args, make_dataset=None, from_official=None):
+    """Train `model` (the contract above) on CPU, one GPU or torchrun; exact resume, preemption.
+    from_official: the method's reader of its release files, for --init-from."""
     check_hooks(model)
     make_dataset = make_dataset or pretrain_dataset
     rank, world, device = setup_distributed()
@@ -3222,7 +3491,7 @@ def train(model, args, make_dataset=None):
         return benchmark_data(args, device, make_dataset)
     if args.benchmark:
         return benchmark(model, args, device)
-    run = Run(model, args, make_dataset, rank, world, device)
+    run = Run(model, args, make_dataset, rank, world, device, from_official)
     run.resume()
     run.announce()
     if run.finished():

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (MaskedAutoencoderViT, autocast_off, check_ratio, grid_picture, hot_colours,
-                    masked_mean, pixel_columns, token_masking, upsample_mask)
+                    masked_mean, pixel_columns, pixel_labels, token_masking, upsample_mask)
 
 METRICS = ('p2dist', 'count3', 'invdist5', 'nearest')
 INVDIST5_MAX = sum(1 / math.hypot(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dy or dx)
@@ -277,9 +277,10 @@ class EfficientMAE(MaskedAutoencoderViT):
     def picture(self, imgs, out):
         """input | masked | difficulty | weight (dropped: red) | prediction, uint8 (3, H, W)."""
         p, mask, kept = self.patch_size, out['mask'], out['kept_targets']
-        inputs, masked, recon = pixel_columns(imgs, out['pred'], mask, p, self.norm_pix_loss)
+        inputs, masked, *recon = pixel_columns(imgs, out['pred'], mask, p, self.norm_pix_loss)
         dropped = mask & ~kept
-        recon = recon * (1 - self.patch_map(dropped.float(), imgs))  # dropped: no prediction, black
+        # dropped: no prediction, black (recon: the prediction, and the raw one when drawn)
+        recon = [r * (1 - self.patch_map(dropped.float(), imgs)) for r in recon]
         d = out['difficulty'].float() * mask
         heat = self.patch_map(d / d.amax().clamp(min=1e-12), imgs)  # (B, 1, H, W)
         d_column = hot_colours(heat)  # (B, 3, H, W)
@@ -292,8 +293,9 @@ class EfficientMAE(MaskedAutoencoderViT):
         blue = torch.tensor([0.3, 0.3, 0.9], device=imgs.device).view(1, 3, 1, 1)
         blue_input = inputs.mean(1, keepdim=True) * blue  # (B, 3, H, W)
         d_column, w_column = (torch.where(visible > 0, blue_input, c) for c in (d_column, w_column))
-        return grid_picture([inputs, masked, d_column, w_column, recon],
-                            ['input', 'masked', 'difficulty', 'loss weight', 'prediction'])
+        names = pixel_labels(self.norm_pix_loss)
+        return grid_picture([inputs, masked, d_column, w_column, *recon],
+                            names[:2] + ['difficulty', 'loss weight'] + names[2:])
 
     def patch_map(self, v, imgs):
         """Per-patch values (B, L) -> per-pixel map (B, 1, H, W)."""
@@ -301,11 +303,17 @@ class EfficientMAE(MaskedAutoencoderViT):
         return upsample_mask(v.reshape(B, H // p, W // p), p)[:, None]  # (B, 1, H, W)
 
 
+def from_official(obj):
+    """An MAE release file with its decoder (mae_pretrain_vit_*_full.pth, mae_visualize_vit_*.pth;
+    Efficient MAE has none of its own and MAE's keys) -> our state dict: pick it, strip DDP."""
+    return strip_prefix(pick_state_dict(obj))
+
+
 # ----------------------------------------------------------------------------- command line
 
-# The runner's names, for the command line below.
+# The runner's names: for the command line below, and for from_official above (checkpoints).
 from common import (MAE_DEFAULTS, MAE_NAMES, launch, mae_config, parse_pretrain,  # noqa: E402
-                    pretrain_parser)
+                    pick_state_dict, pretrain_parser, strip_prefix)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # MAE's recipe (note 6)
 SMOKE = dict(model='vit_tiny', res=64, batch_size=64, epochs=16, warmup_epochs=2, blr=1.5e-3,
@@ -366,7 +374,7 @@ def build_model(args):
 
 def main(argv=None):
     """Pre-train Efficient MAE (the module docstring); a user error prints `error: …`, exit 2."""
-    return launch(argv, get_args, build_model)
+    return launch(argv, get_args, build_model, from_official=from_official)
 
 
 if __name__ == '__main__':

@@ -435,7 +435,7 @@ def build_model(args):
 
 def main(argv=None):
     """Pre-train FastMIM (the module docstring); a user error prints `error: …` and exits 2."""
-    return launch(argv, get_args, build_model)
+    return launch(argv, get_args, build_model, from_official=from_official)
 
 
 if __name__ == '__main__':

@@ -52,9 +52,9 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, 
                     encoder_config, eval_datasets, eval_loader, extract_features, fast_cuda,
                     file_fingerprint, fill_defaults, image_folder, knn_classify, launched_world,
                     load_encoder, load_file, mean_std, mmpretrain_vit_to_timm, named_set,
-                    parse_run, pick_state_dict, plain_data, print0, print_sources, read_log,
-                    resolve_accum, run_main, run_parser, save_atomic, setup_distributed,
-                    strip_prefix, train)
+                    official_layout, parse_run, pick_state_dict, plain_data, print0,
+                    print_sources, read_log, resolve_accum, run_main, run_parser, save_atomic,
+                    setup_distributed, strip_prefix, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256. A run on other
@@ -284,16 +284,7 @@ def detect_recipe(obj, sd):
         return a['recipe']
     if isinstance(a, dict) and a.get('method') in METHOD_RECIPE:
         return METHOD_RECIPE[a['method']]
-    if any('_losspred' in k for k in sd):
-        return 'hpm'
-    if 'mask_token' in sd and tuple(sd['mask_token'].shape) == (1, 3, 1, 1):  # FastMIM's RGB token
-        return 'fastmim'
-    if any(k.startswith(('hog_enc.', 'decoder.0.'))
-           or re.fullmatch(r'(encoder\.)?norm\.\d+\.weight', k) for k in sd):
-        return 'localmim'
-    if any('proj_weights' in k for k in sd):
-        return 'mff'
-    return 'mae'
+    return official_layout(sd)
 
 
 def infer_model(sd):

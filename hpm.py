@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from common import (Block, MaskedAutoencoderViT, VisionTransformer, autocast_off, denormalize,
                     grid_picture, hot_colours, init_weights, masked_mean, patchify, pixel_columns,
-                    random_masking, token_masking, upsample_mask)
+                    pixel_labels, random_masking, token_masking, upsample_mask)
 
 EPS = 1e-6  # inside the log of the relative loss (note 10)
 # official --learn_feature_loss: none (= pixel) | ema | dino | clip
@@ -379,7 +379,7 @@ class HPM(MaskedAutoencoderViT):
             cols = pixel_columns(imgs, out['pred'], out['mask'], p, self.norm_pix_loss)
         else:  # the input itself as the 'prediction': only the input and masked columns are kept
             cols = pixel_columns(imgs, patchify(imgs.float(), p), out['mask'], p, False)[:2]
-        names = ['input', 'masked', 'prediction'][:len(cols)] + ['difficulty']
+        names = pixel_labels(self.norm_pix_loss)[:len(cols)] + ['difficulty']
         return grid_picture(cols + [difficulty_map(scores, imgs, p)], names)
 
 
@@ -604,7 +604,7 @@ def build_model(args):
 
 def main(argv=None):
     """Pre-train HPM or MAE (the module docstring); a user error prints `error: …` and exits 2."""
-    return launch(argv, get_args, build_model)
+    return launch(argv, get_args, build_model, from_official=from_official)
 
 
 if __name__ == '__main__':

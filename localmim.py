@@ -53,8 +53,8 @@ from einops import rearrange
 
 from common import (Block, SwinTransformer, VisionTransformer, autocast_off, check_divisible,
                     check_ratio, drop_path, fill_masked, grid_picture, hog_from_gradients,
-                    hog_glyphs, init_weights, norm_pix, patchify, pixel_columns, sample_noise,
-                    sincos_pos_embed, sobel_kernel, token_masking, upsample_mask)
+                    hog_glyphs, init_weights, norm_pix, patchify, pixel_columns, pixel_labels,
+                    sample_noise, sincos_pos_embed, sobel_kernel, token_masking, upsample_mask)
 
 VIT_SCALES = (4, 2, 1, 0.5)  # grid multiplier of each ViT level (official `self.scale`)
 SWIN_UNITS = (4, 2, 1, 1)  # tokens per mask unit side on the Swin level grids (28/14/7/7 at 224)
@@ -540,9 +540,11 @@ class LocalMIMSwin(nn.Module):
         if self.target_kind == 'hog':
             hogs = hog_columns(out, weights, self.nbins, imgs.shape[-1])
             return grid_picture(cols + hogs, ['input', 'masked'] + level_labels(len(hogs) // 2))
-        for p, c, w in zip(out['pred'], self.cells, weights):
-            cols.append(pixel_columns(imgs, p, w > 0, c, self.norm_pix_loss)[2])
-        return grid_picture(cols, ['input', 'masked'] + [f'pred {k}' for k in range(len(cols) - 2)])
+        names = ['input', 'masked']
+        for k, (p, c, w) in enumerate(zip(out['pred'], self.cells, weights)):
+            cols += pixel_columns(imgs, p, w > 0, c, self.norm_pix_loss)[2:]
+            names += [f'{k}: {n}' for n in pixel_labels(self.norm_pix_loss)[2:]]
+        return grid_picture(cols, names)
 
 
 def from_official(obj):
@@ -641,7 +643,7 @@ def build_model(args):
 
 def main(argv=None):
     """Pre-train LocalMIM (the module docstring); a user error prints `error: …` and exits 2."""
-    return launch(argv, get_args, build_model)
+    return launch(argv, get_args, build_model, from_official=from_official)
 
 
 if __name__ == '__main__':

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT, autocast_off,
                     denormalize, grid_picture, init_weights, masked_mean,
-                    pixel_columns, sincos_pos_embed)
+                    pixel_columns, pixel_labels, sincos_pos_embed)
 
 LOWFREQ_RADIUS_224 = 40  # mmselfsup PixMIM config: LowFreqTargetGenerator(radius=40, img_size=224)
 
@@ -262,7 +262,9 @@ class MFF(MaskedAutoencoderViT):
                        if self.target_kind == 'lowfreq' else imgs)
         columns = pixel_columns(target_imgs, out['pred'], out['mask'], self.patch_size,
                                 self.norm_pix_loss)
-        names = ['target' if self.target_kind == 'lowfreq' else 'input', 'masked', 'prediction']
+        names = pixel_labels(self.norm_pix_loss)
+        if self.target_kind == 'lowfreq':
+            names[0] = 'target'
         if self.target_kind == 'lowfreq':
             columns, names = [denormalize(imgs)] + columns, ['input'] + names
         grid = grid_picture(columns, names)
@@ -448,7 +450,7 @@ def build_model(args):
 
 def main(argv=None):
     """Pre-train MFF (the module docstring); a user error prints `error: …` and exits 2."""
-    return launch(argv, get_args, build_model, make_dataset)
+    return launch(argv, get_args, build_model, make_dataset, from_official)
 
 
 if __name__ == '__main__':
