@@ -2310,7 +2310,7 @@ PRETRAIN_DEFAULTS = dict(num_workers=8, log_freq=20, save_freq=20, accum_iter=1,
 def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base', **fallback):
     """Resolve --model (official names: model_names), then fill the unset flags (fill_defaults):
     the smoke preset without --data-path, the model's row of `table`, the defaults, `fallback`.
-    Under an explicit --model the smoke preset keeps the model's architecture (decoder, ...)."""
+    Under an explicit --model the smoke preset keeps the model's architecture (size, decoder, ...)."""
     chosen = args.model is not None
     if getattr(args, 'visualize', None):  # the file's model, not the smoke preset's
         smoke = {}
@@ -2325,8 +2325,8 @@ def apply_defaults(args, table, smoke, model_names=None, default_model='vit_base
     # which the smoke preset, a batch of its own, does not get
     recipe = {k: v for k, v in table[args.model].items() if k != 'recipe_batch'}
     args.recipe_batch = table[args.model].get('recipe_batch') if args.data_path else None
-    smoke = {k: v for k, v in smoke.items()
-             if not (chosen and k in recipe and k not in RUN_LENGTH_FLAGS)}
+    kept = {k for k in {*recipe, *preset_sizes(args.model)} if k not in RUN_LENGTH_FLAGS}
+    smoke = {k: v for k, v in smoke.items() if not (chosen and k in kept)}
     return fill_defaults(args, ('smoke', smoke if args.data_path is None else {}),
                          dataset_defaults(args), (f'recipe({args.model})', recipe),
                          (f'preset({args.model})', preset_sizes(args.model)),

@@ -98,8 +98,12 @@ RECIPES = {
     # open-mmlab/mmpretrain configs/mff/benchmarks/vit-base-p16_8xb128-coslr-100e_in1k.py
     'mff': {'finetune': {'vit': dict(blr=5e-4, layer_decay=0.65)}},  # lr 2e-3 at 1024
 }
-SMOKE = dict(model='vit_tiny', res=64, batch_size=64, accum_iter=1, epochs=4, warmup_epochs=1,
-             window_size=4, num_workers=2, log_freq=8)  # ours: a couple of minutes on 2 CPU cores
+# ours: a couple of minutes on 2 CPU cores; without --ckpt the encoder of the pre-training scripts'
+# smoke presets (8-px patches at 64 px, 4 blocks of width 96), with --ckpt the checkpoint's
+SMOKE = dict(model='vit_tiny', patch_size=8, embed_dim=96, depth=4, num_heads=3, res=64,
+             batch_size=64, accum_iter=1, epochs=4, warmup_epochs=1, window_size=4, num_workers=2,
+             log_freq=8)
+CKPT_SIZES = ('model', 'patch_size', 'embed_dim', 'depth', 'num_heads')  # --ckpt's or --model's win
 METHOD_RECIPE = {'mae': 'mae', 'hpm': 'hpm', 'fastmim': 'fastmim', 'localmim': 'localmim',
                  'mff': 'mff', 'efficient_mae': 'mae'}  # Efficient MAE publishes none: MAE's
 TIMM_SWIN_WINDOW = 7  # timm names: swin_*_patch4_window7_224; other windows go to OUT.json
@@ -828,7 +832,8 @@ def resolve(args, obj):
                          'folder at any depth, or class folders)')
     if args.data_path is None and not args.export_timm:  # a checkpoint keeps its model
         fill_defaults(args, ('smoke', {k: v for k, v in SMOKE.items()
-                                       if not (k == 'model' and obj is not None)}))
+                                       if not (k in CKPT_SIZES and (obj is not None
+                                                                    or args.model))}))
     sd = strip_prefix(pick_state_dict(obj, args.teacher)) if obj is not None else {}
     ck = plain_args(obj)
     if args.model is None and obj is not None:
@@ -957,17 +962,27 @@ def validate(args):
 
 
 def summary(root):
-    """A markdown table of the final top-1 in every root/<encoder>/<protocol>/log.jsonl, rows
-    and columns in the order the runs were made."""
-    logs = sorted(glob.glob(os.path.join(root, '*', '*', 'log.jsonl')), key=os.path.getmtime)
+    """A markdown table of the comparison loop under root: per encoder, the k-NN monitor's first and
+    last scores of its pre-training run (root/<encoder>/log.jsonl) and the final top-1 of every
+    root/<encoder>/<protocol>/log.jsonl; rows and columns in the order the runs were made."""
+    logs = sorted(glob.glob(os.path.join(root, '*', '*', 'log.jsonl')) +
+                  glob.glob(os.path.join(root, '*', 'log.jsonl')), key=os.path.getmtime)
     if not logs:
         raise ValueError(f'--summary {root}: no <encoder>/<protocol>/log.jsonl under it; give the '
                          f'folder the comparison loop wrote')
     cells = {}
     for path in logs:
-        encoder, protocol = path.split(os.sep)[-3:-1]
+        parts = os.path.relpath(path, root).split(os.sep)
+        if len(parts) == 2:  # a pre-training run: its k-NN monitor at step 0 and at the end
+            knn = [r for _, r in read_log(path) if r.get('event') == 'knn']
+            if knn:
+                for name, r in (('k-NN cls / avg at init', knn[0]),
+                                ('k-NN cls / avg pre-trained', knn[-1])):
+                    cells.setdefault(parts[0], {})[name] = \
+                        f'{r["knn_cls"]:.1f} / {r["knn_avg"]:.1f}'
+            continue
         rows = [r for _, r in read_log(path) if 'top1' in r]  # blank lines skipped
-        cells.setdefault(encoder, {})[protocol] = f'{rows[-1]["top1"]:.1f}' if rows else '-'
+        cells.setdefault(parts[0], {})[parts[1]] = f'{rows[-1]["top1"]:.1f}' if rows else '-'
     columns = list(dict.fromkeys(p for row in cells.values() for p in row))
     lines = ['| encoder | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
     lines += [f'| {e} | ' + ' | '.join(row.get(c, '-') for c in columns) + ' |'

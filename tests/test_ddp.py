@@ -14,7 +14,7 @@ from test_common import log_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['--num-workers', '0', '--synthetic-size', '64', '--res', '32', '--epochs', '1', '--warmup-epochs', '1',
-          '--log-freq', '1', '--max-steps', '3', '--eval-knn', '1']
+          '--log-freq', '1', '--max-steps', '3', '--eval-knn', '1', '--blr', '1.5e-3']  # lr: Adam's round-off
 # FastMIM-P on a tiny Swin: 4 steps at 64 px (window 2, 3x3 tables), then the switch to 96 px (window 3, 5x5
 # tables) and 2 steps there
 SWIN_P = ['--model', 'swin_tiny', '--res-schedule', '64:1,96:1', '--epochs', '2', '--max-steps', '6',

@@ -237,8 +237,8 @@ def test_main_run_writes_log_checkpoint_picture_and_reads_official_flags(tmp_pat
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['step'] == 3 and ckpt['args']['mask_ratio'] == 0.85 and ckpt['args']['decoder_drop'] == 0.25
     assert ckpt['args']['difficulty'] == 'p2dist' and ckpt['args']['dfl_mode'] == 'hist'
-    mae = common.MaskedAutoencoderViT(img_size=64, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=32,
-                                      decoder_depth=1, decoder_num_heads=2)
+    mae = common.MaskedAutoencoderViT(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+                                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)  # the smoke ViT
     mae.load_state_dict(ckpt['model'], strict=True)  # an MAE checkpoint: nothing extra to save
     tile = 2 * 64 + 2  # grid_picture enlarges 64-px images 2x, 2-px padding
     # input|masked|d|w|pred x 8 images, under the 14-px strip of column names
@@ -262,7 +262,7 @@ def test_main_run_writes_log_checkpoint_picture_and_reads_official_flags(tmp_pat
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
-        em.main(['--output-dir', str(tmp_path), '--num-workers', '0', *argv])
+        em.main(['--output-dir', str(tmp_path), '--num-workers', '0', '--patch-size', '16', *argv])  # 16 tokens
     err = capsys.readouterr()
     assert e.value.code == 2 and err.err.startswith('error: ') and msg in err.err and err.err.count('\n') == 1
     assert err.out == ''

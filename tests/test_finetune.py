@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -424,6 +425,22 @@ def test_linear_and_knn_runs_and_their_summary(pretrained, tmp_path, capsys):
                                   f'| pre | {lin["top1"]:.1f} | {knn["top1"]:.1f} |',
                                   f'| random | - | {rand["top1"]:.1f} |']
     assert capsys.readouterr().out == table + '\n'
+
+
+def test_summary_shows_the_pretraining_runs_knn_monitor(tmp_path):
+    """The comparison loop's table: a pre-training run's first and last k-NN rows beside its
+    fine-tune, and '-' for the random-init encoder, which has no pre-training run."""
+    def write(path, *rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+        time.sleep(0.01)  # the table orders by file time
+    write(tmp_path / 'm' / 'log.jsonl', {'event': 'knn', 'step': 0, 'knn_cls': 12.5, 'knn_avg': 10.0},
+          {'step': 8, 'loss': 0.5}, {'event': 'knn', 'step': 16, 'knn_cls': 30.04, 'knn_avg': 41.96})
+    write(tmp_path / 'random' / 'finetune' / 'log.jsonl', {'epoch': 1, 'top1': 37.1})
+    write(tmp_path / 'm' / 'finetune' / 'log.jsonl', {'epoch': 1, 'top1': 20.0}, {'epoch': 2, 'top1': 49.4})
+    assert finetune.main(['--summary', str(tmp_path)]).splitlines() == [
+        '| encoder | k-NN cls / avg at init | k-NN cls / avg pre-trained | finetune |',
+        '|---|---|---|---|', '| m | 12.5 / 10.0 | 30.0 / 42.0 | 49.4 |', '| random | - | - | 37.1 |']
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

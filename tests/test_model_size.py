@@ -54,7 +54,7 @@ def test_a_custom_size_trains_is_saved_and_finetune_builds_the_same_encoder(tmp_
 
 def test_unset_sizes_are_the_presets_and_say_so():
     """Left out, the size flags take the --model preset (FastMIM's recipe first: its ViT-B has 6 heads)."""
-    args = mff.get_args(['--output-dir', 'unused'])
+    args = mff.get_args(['--model', 'vit_tiny', '--output-dir', 'unused'])
     assert (args.patch_size, args.embed_dim, args.depth, args.num_heads) == (16, 192, 12, 3)
     assert {args.sources[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads')} == {'preset(vit_tiny)'}
     args = fastmim.get_args(['--model', 'vit_base', '--output-dir', 'unused'])
@@ -62,6 +62,21 @@ def test_unset_sizes_are_the_presets_and_say_so():
         6, 'recipe(vit_base)', 'preset(vit_base)')
     args = fastmim.get_args(['--model', 'swin_tiny', '--output-dir', 'unused', '--depth', '1,1,2,1'])
     assert (args.patch_size, args.embed_dim, args.depth, args.num_heads) == (4, 96, [1, 1, 2, 1], [3, 6, 12, 24])
+
+
+@pytest.mark.parametrize('method', list(METHODS))
+def test_the_smoke_preset_is_a_small_patch_8_vit_and_an_explicit_model_keeps_its_own(method):
+    """Without --data-path every method pre-trains 8-px patches at 64 px (64 tokens; finetune.py's random
+    init is the same encoder); an explicit --model (still without data) keeps its preset's size."""
+    args = METHODS[method].get_args(['--output-dir', 'unused'])
+    assert (args.res, args.patch_size, args.embed_dim, args.num_heads) == (64, 8, 96, 3)
+    assert args.depth == (8 if method == 'localmim' else 4)  # LocalMIM supervises blocks 2, 4, 6, 8
+    assert args.sources['patch_size'] == 'smoke' and args.eval_knn > 0
+    args = METHODS[method].get_args(['--model', 'vit_small', '--output-dir', 'unused'])
+    assert (args.patch_size, args.embed_dim, args.depth) == (16, 384, 12)
+    ft = finetune.get_args(['--output-dir', 'unused'])
+    finetune.resolve(ft, None)
+    assert (ft.patch_size, ft.embed_dim, ft.depth, ft.num_heads) == (8, 96, 4, 3)
 
 
 @pytest.mark.parametrize('method, argv, says', [
