@@ -500,7 +500,7 @@ def test_ema_target_run(tmp_path):
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert [r['step'] for r in rows] == [1, 2] and all(math.isfinite(r['loss_pred']) for r in rows)
     assert ckpt['args']['target'] == 'ema' and set(ckpt['model_ema']) == set(ckpt['model'])
-    assert ckpt['model']['decoder_pred.weight'].shape == (192, 32)  # vit_tiny's width
+    assert ckpt['model']['decoder_pred.weight'].shape == (96, 32)  # the encoder's width (smoke preset: 96)
     assert (out / 'picture-last.png').stat().st_size > 0
 
 
@@ -528,8 +528,8 @@ def test_target_model_file_errors_and_official_flags(tmp_path):
 
 
 def test_benchmark_times_a_mid_run_step_and_counts_the_teacher(tmp_path, capsys):
-    argv = ['--benchmark', '1', '--res', '64', '--batch-size', '2', '--num-workers', '0',
-            '--output-dir', str(tmp_path)]
+    argv = ['--benchmark', '1', '--res', '64', '--patch-size', '16', '--epochs', '8', '--batch-size', '2',
+            '--num-workers', '0', '--output-dir', str(tmp_path)]  # mid-run: epoch 4 of 8; 16 tokens
     hpm.main(argv)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row['epoch'] == 4 and row['fused_adamw'] is True

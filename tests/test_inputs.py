@@ -49,7 +49,7 @@ def image_split(root, n_per_class, bad=None):
 def hpm_argv(out, teacher, *extra):
     return ['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '32', '--batch-size', '16',
             '--res', '32', '--epochs', '2', '--decoder-dim', '32', '--decoder-depth', '1', '--decoder-heads', '2',
-            '--target', 'clip', '--teacher-path', str(teacher), *extra]
+            '--model', 'vit_tiny', '--target', 'clip', '--teacher-path', str(teacher), *extra]  # patch 16
 
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')

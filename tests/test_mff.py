@@ -283,7 +283,8 @@ def test_run_logs_fusion_weights_draws_them_and_saves_a_loadable_checkpoint(tmp_
     out = tmp_path / 'run'
     model = mff.main(['--output-dir', str(out), '--num-workers', '0', '--synthetic-size', '32', '--batch-size', '8',
                       '--res', '32', '--epochs', '1', '--log-freq', '1', '--max-steps', '2', '--decoder-dim', '32',
-                      '--decoder-depth', '1', '--decoder-heads', '2', '--fuse-layers', 'L4', '--target', 'lowfreq'])
+                      '--decoder-depth', '1', '--decoder-heads', '2', '--fuse-layers', 'L4', '--target', 'lowfreq',
+                      '--depth', '12'])
     rows = log_rows(out / 'log.jsonl')
     assert [r['step'] for r in rows] == [1, 2]
     for r in rows:
@@ -312,7 +313,7 @@ def test_defaults_and_official_spellings(tmp_path):
                          '--target', 'lowfreq', '--crop', 'rrc', '--epochs', '300', '--input_size', '448'])
     assert (args.fuse_layers, args.lowfreq_radius, args.crop, args.epochs) == ([1, 11], 80.0, 'rrc', 300)
     smoke = mff.get_args([])
-    assert (smoke.model, smoke.res, smoke.fuse_layers) == ('vit_tiny', 64, [0, 2, 4, 6, 8, 11])
+    assert (smoke.model, smoke.res, smoke.depth, smoke.fuse_layers) == ('vit_tiny', 64, 4, [0, 1, 2, 3])  # L6: all 4
 
 
 @pytest.mark.parametrize('argv,msg', [
@@ -324,7 +325,7 @@ def test_defaults_and_official_spellings(tmp_path):
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
-        mff.main(['--output-dir', str(tmp_path), '--num-workers', '0', *argv])
+        mff.main(['--output-dir', str(tmp_path), '--num-workers', '0', '--depth', '12', '--max-steps', '1', *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
 
@@ -332,6 +333,6 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, msg):
 def test_truncated_fusion_is_refused_under_ddp(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')
     with pytest.raises(SystemExit) as e:
-        mff.main(['--output-dir', str(tmp_path), '--fuse-layers', '0,5', '--allow-truncated-fusion'])
+        mff.main(['--output-dir', str(tmp_path), '--depth', '12', '--fuse-layers', '0,5', '--allow-truncated-fusion'])
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'DDP' in err and err.count('\n') == 1

@@ -81,7 +81,7 @@ def test_the_smoke_preset_is_a_small_patch_8_vit_and_an_explicit_model_keeps_its
 
 @pytest.mark.parametrize('method, argv, says', [
     ('fastmim', ['--patch-size', '4'], 'the HOG target needs a patch that is a multiple of the 8-px cell'),
-    ('fastmim', ['--res', '48', '--mask-size', '24'], '--mask-size 24 and the 16-px token must nest'),
+    ('fastmim', ['--res', '48', '--patch-size', '16', '--mask-size', '24'], '--mask-size 24 and the 16-px token must nest'),
     ('fastmim', ['--mask-size', '12'], '--mask-size 12 must be a multiple of the 8-px HOG cell'),
     ('fastmim', ['--model', 'swin_tiny', '--res', '64', '--patch-size', '3'], 'not divisible by the Swin output'),
     ('fastmim', ['--model', 'swin_tiny', '--res', '64', '--patch-size', '2', '--window-size', '3'],
@@ -100,7 +100,7 @@ def test_a_size_that_does_not_fit_is_one_line_and_nothing_is_written(tmp_path, c
     """Each method's size constraint stops the run with one line that names the fix; no folder is made."""
     out = tmp_path / 'out'
     with pytest.raises(SystemExit) as e:
-        METHODS[method].main(['--res', '32', '--num-workers', '0', '--output-dir', str(out), *argv])
+        METHODS[method].main(['--res', '32', '--num-workers', '0', '--max-steps', '1', '--output-dir', str(out), *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: ') and says in err, err
     assert err.count('\n') == 1 and not out.exists()
