@@ -3421,7 +3421,7 @@ class Run:
             return
         model, args = self.model, self.args
         bank, queries = self.knn
-        has_cls = []
+        has_cls, start = [], time.perf_counter()
 
         def features(imgs):
             """(B, 3, H, W) -> [cls | avg] each L2-normalised, (B, 2D) (Swin: avg, (B, D))."""
@@ -3451,7 +3451,8 @@ class Run:
             p[0], bank_y, p[1], query_y, KNN_K, KNN_T, len(bank.classes))[0], 4) for p in pairs]
         row = {'event': 'knn', 'step': self.step,
                'epoch': round(self.step / self.steps_per_epoch, 4),
-               'knn_cls': scores[0], 'knn_avg': scores[1]}
+               'knn_cls': scores[0], 'knn_avg': scores[1],
+               'seconds': round(time.perf_counter() - start, 2)}  # the monitor's cost
         shown = ' '.join(f'{name} {"-" if v is None else f"{v:.2f}"}'
                          for name, v in zip(('cls', 'avg'), scores))
         print0(f'k-NN top-1 at step {self.step} (epoch {row["epoch"]:g}): {shown} ({len(bank_y)} '

@@ -43,6 +43,7 @@ def test_rows_at_step_0_every_n_epochs_and_the_end_once_across_a_resume(tmp_path
     # step 0 (random init), at --max-steps 6, after epoch 2 of 3 (step 8), at the end (step 12)
     assert [(r['step'], r['epoch']) for r in rows] == [(0, 0.0), (6, 1.5), (8, 2.0), (12, 3.0)]
     assert all(0 <= r[k] <= 100 for r in rows for k in ('knn_cls', 'knn_avg'))
+    assert all(r['seconds'] > 0 for r in rows)  # the monitor's cost, for the run's time budget
     text = capsys.readouterr().out
     assert text.count('k-NN top-1 at step') == 4 and 'k-NN top-1 at step 12 (epoch 3): cls ' in text
     steps = [r['step'] for r in map(json.loads, open(tmp_path / 'log.jsonl')) if 'event' not in r]
@@ -68,7 +69,7 @@ def test_the_score_equals_finetune_knn_on_the_checkpoint(tmp_path):
 def test_workers_give_the_same_rows(tmp_path):
     pretrain(tmp_path / 'w0', '--max-steps', '2')
     pretrain(tmp_path / 'w2', '--max-steps', '2', '--num-workers', '2')
-    strip = lambda rows: [{k: v for k, v in r.items() if k != 'run'} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ('run', 'seconds')} for r in rows]  # noqa: E731
     a, b = strip(knn_rows(tmp_path / 'w0')), strip(knn_rows(tmp_path / 'w2'))
     assert [r['step'] for r in a] == [0, 2] and a == b
 
