@@ -29,15 +29,17 @@ def pngs(folder, names, colour=None, size=36):
         Image.fromarray(pixels).save(path)
 
 
+@pytest.mark.parametrize('workers', ['0', '2'])
 @pytest.mark.parametrize('layout,files,folders', [
     ('flat', [f'{i}.png' for i in range(8)], 1),
     ('nested', [f'{a}/b/c/{i}.png' for a in ('a', 'd') for i in range(4)], 2),  # depth 3, no class folders
 ])
-def test_pretrain_on_a_folder_without_class_folders(tmp_path, capsys, layout, files, folders):
+def test_pretrain_on_a_folder_without_class_folders(tmp_path, capsys, layout, files, folders, workers):
     """8 images with no class folders (flat, or three folders deep): read unlabelled, said in one
     line, trained for 2 steps of 4 (the whole folder, with drop_last)."""
     pngs(tmp_path / 'data', files)
-    mff.main(['--data-path', str(tmp_path / 'data'), '--output-dir', str(tmp_path / 'out'), *TINY])
+    mff.main(['--data-path', str(tmp_path / 'data'), '--output-dir', str(tmp_path / 'out'), *TINY,
+              '--num-workers', workers])
     out = capsys.readouterr().out
     assert (f'data: 8 images in {folders} folder(s) under {tmp_path / "data"} (no class subfolders: '
             f'unlabelled)') in out
@@ -55,9 +57,11 @@ def test_nested_class_folders_keep_the_order_imagefolder_gives(tmp_path):
     assert [p for p, _ in ours.samples] == [p for p, _ in datasets.ImageFolder(str(tmp_path)).samples]
 
 
-def test_class_folders_are_still_an_imagefolder_with_labels(tmp_path, capsys):
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_class_folders_are_still_an_imagefolder_with_labels(tmp_path, capsys, workers):
     pngs(tmp_path / 'data' / 'train', [f'{c}/{i}.png' for c in ('cat', 'dog') for i in range(4)])
-    mff.main(['--data-path', str(tmp_path / 'data'), '--output-dir', str(tmp_path / 'out'), *TINY])
+    mff.main(['--data-path', str(tmp_path / 'data'), '--output-dir', str(tmp_path / 'out'), *TINY,
+              '--num-workers', workers])
     out = capsys.readouterr().out
     assert f'data: 8 images in ImageFolder {tmp_path / "data" / "train"} with 2 classes, its train/ split' in out
 
@@ -109,16 +113,19 @@ def test_a_wrong_mean_or_std_is_one_line(tmp_path, capsys, argv, msg):
         assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1
 
 
-def test_a_folder_without_images_names_the_extensions(tmp_path, capsys):
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_a_folder_without_images_names_the_extensions(tmp_path, capsys, workers):
     (tmp_path / 'data' / 'sub').mkdir(parents=True)
     (tmp_path / 'data' / 'sub' / 'notes.txt').write_text('x')
     with pytest.raises(SystemExit) as e:
-        mff.main(['--data-path', str(tmp_path / 'data'), '--output-dir', str(tmp_path / 'out'), *TINY])
+        mff.main(['--data-path', str(tmp_path / 'data'), '--output-dir', str(tmp_path / 'out'), *TINY,
+              '--num-workers', workers])
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'no images found in' in err and '.jpg .jpeg .png' in err
 
 
-def test_features_of_a_flat_folder_and_of_class_folders(tmp_path, capsys):
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_features_of_a_flat_folder_and_of_class_folders(tmp_path, capsys, workers):
     """--mode features writes cls and avg (N, D) in the folder's order with the paths (and labels
     with class folders), each row the encoder's own features of the image preprocessed by hand at
     the checkpoint's res, mean and std."""
@@ -130,7 +137,7 @@ def test_features_of_a_flat_folder_and_of_class_folders(tmp_path, capsys):
     for name, n in (('flat', 8), ('classes', 6)):
         capsys.readouterr()
         finetune.main(['--mode', 'features', '--ckpt', ckpt, '--data-path', str(tmp_path / name),
-                       '--output-dir', str(tmp_path / f'f_{name}'), '--num-workers', '0', '--batch-size', '3'])
+                       '--output-dir', str(tmp_path / f'f_{name}'), '--num-workers', workers, '--batch-size', '3'])
         path = tmp_path / f'f_{name}' / 'features.pt'
         last = capsys.readouterr().out.strip().splitlines()[-1]
         assert last.startswith(f'wrote {path}: cls ({n}, 32), avg ({n}, 32)')
