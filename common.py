@@ -1031,17 +1031,21 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix=1, antialias=False):
     return torch.cat([pos_embed[:, :num_prefix], grid], dim=1)
 
 
-def timm_to_swin(sd):
-    """timm >= 0.9 Swin keys -> Microsoft layout, inverse of finetune.swin_to_timm (buffers are
-    rebuilt)."""
+def swin_timm_keys(sd, to_timm):
+    """Microsoft Swin keys -> timm >= 0.9 (to_timm; timm models/swin_transformer.py:
+    checkpoint_filter_fn) or back: timm keeps stage s's PatchMerging in stage s+1 and names the
+    head `head.fc.`; the rebuilt buffers (REBUILT_BUFFERS) are left out of a timm file."""
     import re
+    shift, (ours, timm) = (1, ('head.', 'head.fc.')) if to_timm else (-1, ('head.fc.', 'head.'))
     out = {}
     for k, v in sd.items():
+        if to_timm and k.endswith(REBUILT_BUFFERS):
+            continue
         m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
         if m:
-            k = f'layers.{int(m[1]) - 1}.downsample.{m[2]}'
-        elif k.startswith('head.fc.'):
-            k = 'head.' + k[len('head.fc.'):]
+            k = f'layers.{int(m[1]) + shift}.downsample.{m[2]}'
+        elif k.startswith(ours):
+            k = timm + k[len(ours):]
         out[k] = v
     return out
 
@@ -1098,7 +1102,7 @@ def load_encoder(model, obj, teacher=False, merge_permute=False, table_mode='geo
         if any(k.startswith('head.fc.') for k in sd) or (
                 'layers.1.downsample.reduction.weight' in sd
                 and 'layers.0.downsample.reduction.weight' not in sd):
-            sd = timm_to_swin(sd)
+            sd = swin_timm_keys(sd, to_timm=False)
             tried.append('timm Swin layout')
         if merge_permute:
             sd = permute_merge(sd)
@@ -2169,8 +2173,8 @@ def pretrain_parser(method, doc, decoder=(), norm_pix=False,
 
 # MAE's recipe per --model (official commands: decoder 8 x 512-d, 16 heads; 512 per GPU x 8; 800
 # epochs, 40 warm-up); vit_tiny/small are ours, for CPUs. hpm.py and efficient_mae.py use it.
-# recipe_batch: the effective batch, 4096 = 64 x 8 nodes x 8 GPUs (facebookresearch/mae
-# PRETRAIN.md), here 512 x 8 processes.
+# recipe_batch: the effective batch, 4096 = 64 x 8 nodes x 8 GPUs, here 512 x 8 processes
+# (facebookresearch/mae PRETRAIN.md).
 MAE_DEFAULTS = {
     'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
                      warmup_epochs=5),

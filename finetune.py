@@ -46,15 +46,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, REBUILT_BUFFERS, SWIN_PRESETS,
-                    VIT_PRESETS, KeyedDataset, SwinTransformer, SyntheticShapes, VisionTransformer,
+from common import (IMAGENET_MEAN, IMAGENET_STD, NUMBER_RULES, SWIN_PRESETS, VIT_PRESETS,
+                    KeyedDataset, SwinTransformer, SyntheticShapes, VisionTransformer,
                     autocast_dtype, benchmark, check_run_args, data_line, dataset_defaults,
                     encoder_config, eval_datasets, eval_loader, extract_features, fast_cuda,
                     file_fingerprint, fill_defaults, image_folder, knn_classify, launched_world,
                     load_encoder, load_file, mean_std, mmpretrain_vit_to_timm, named_set,
                     official_layout, parse_run, pick_state_dict, plain_data, print0,
                     print_sources, read_log, resolve_accum, run_main, run_parser, save_atomic,
-                    setup_distributed, strip_prefix, train)
+                    setup_distributed, strip_prefix, swin_timm_keys, train)
 
 # Defaults of each mode; recipes below override them. Per-process batches assume 8 processes:
 # effective batch = batch x accum x world, lr = blr x effective batch / 256. A run on other
@@ -683,22 +683,6 @@ def run_training(args, obj, rank, world, device):
                   step=model.run_end['step'])
 
 
-def swin_to_timm(sd):
-    """Microsoft Swin keys -> timm >= 0.9 (timm models/swin_transformer.py:checkpoint_filter_fn):
-    `layers.{s}.downsample` -> `layers.{s+1}.downsample`, `head.` -> `head.fc.`, buffers dropped."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(REBUILT_BUFFERS):
-            continue
-        m = re.match(r'layers\.(\d+)\.downsample\.(.*)', k)
-        if m:
-            k = f'layers.{int(m[1]) + 1}.downsample.{m[2]}'
-        elif k.startswith('head.'):
-            k = 'head.fc.' + k[len('head.'):]
-        out[k] = v
-    return out
-
-
 def export_timm(args, obj):
     """--export-timm OUT.pth: the encoder in timm key names (Swin in timm's layout) + OUT.json with
     the timm.create_model kwargs that load it strictly (img_size, num_heads, window_size, ...)."""
@@ -716,7 +700,7 @@ def export_timm(args, obj):
     else:
         preset = dict(SWIN_PRESETS[args.model], patch_size=4)
         name = f'{args.model}_patch4_window{TIMM_SWIN_WINDOW}_224'
-        out = swin_to_timm(out)
+        out = swin_timm_keys(out, to_timm=True)
         kwargs = dict(img_size=args.res, num_classes=0, window_size=args.window_size)
     kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()
                    if preset.get(k) != v})

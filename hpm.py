@@ -531,8 +531,8 @@ from common import (MAE_DEFAULTS, MAE_NAMES, file_fingerprint,  # noqa: E402
                     parse_pretrain, pick_state_dict, pretrain_parser, strip_prefix)
 
 DEFAULTS, OFFICIAL_NAMES = MAE_DEFAULTS, MAE_NAMES  # HPM trains with MAE's recipe (note 1)
-# its recipe_batch 4096 is also HPM's (the supplement; Haochen-Wang409/HPM PRETRAIN.md's command
-# runs 32 x 8 accum x 8 GPUs = 2048)
+# its recipe_batch 4096 is also HPM's (HPM supp. Tab. S1; the command in Haochen-Wang409/HPM
+# PRETRAIN.md runs 32 x 8 accum x 8 GPUs = 2048)
 # The smoke preset (ours, no --data-path): HPM's recipe (MAE at ratio 0.75 on raw pixels, the loss
 # predictor and its ranking loss, the EMA teacher, easy-to-hard masking over the run) scaled to about
 # 5 minutes on 2 CPU cores: a ViT of 4 blocks, width 96, 8-px patches at 64 px, a 2-block 128-wide

@@ -364,7 +364,7 @@ from common import (fill_defaults, launch, mae_config, mean_std,  # noqa: E402
 DEFAULTS = {
     'vit_tiny': dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, batch_size=256, epochs=100,
                      warmup_epochs=5),
-    # ViT-S: the supplement gives no decoder of its own
+    # ViT-S: none in MFF supp. Tab. 1; ViT-B's, as supp. A.2 keeps ViT-B's settings for ViT-S
     'vit_small': dict(decoder_dim=512, decoder_depth=8, decoder_heads=16, batch_size=512,
                       epochs=800, warmup_epochs=40),
     # 8 x 512 = 4096 as in the config's name and lr; configs/mff/metafile.yml says 2048

@@ -14,8 +14,7 @@ import fastmim
 import finetune
 import hpm
 from common import (MaskedAutoencoderViT, SwinTransformer, VisionTransformer, load_encoder, resize_pos_embed,
-                    resize_rel_pos_table, timm_to_swin)
-from finetune import swin_to_timm
+                    resize_rel_pos_table, swin_timm_keys)
 from test_common import timm_vit_to_mmpretrain
 
 quiet = dict(log=lambda *a, **k: None)
@@ -200,7 +199,7 @@ def test_official_swin_layouts_load():
     load_encoder(lin, {'model': local}, fresh=(), **quiet)
     assert torch.equal(lin.norm.weight.data, local['encoder.norm.3.weight'])
     # timm layout back into ours
-    timm_sd = swin_to_timm(tiny_swin(64, 4).state_dict())
+    timm_sd = swin_timm_keys(tiny_swin(64, 4).state_dict(), to_timm=True)
     lin = SwinTransformer(64, 4, 8, (2, 2), (1, 2), 4)
     load_encoder(lin, timm_sd, fresh=(), **quiet)
     encoder_equal(lin, tiny_swin(64, 4).state_dict())
@@ -277,7 +276,7 @@ def test_export_timm_key_sets(tmp_path):
     assert set(sd) == timm_swin_keys((2, 2))
     assert sd['layers.1.downsample.reduction.weight'].shape == (16, 32)  # stage 0's merge, now at stage 1's start
     assert spec['window_size'] == 2 and spec['depths'] == [2, 2] and spec['embed_dim'] == 8
-    back = timm_to_swin(sd)
+    back = swin_timm_keys(sd, to_timm=False)
     ref = {k[len('encoder.'):]: v for k, v in fs.state_dict().items() if k.startswith('encoder.')}
     assert set(back) == {k for k in ref if not k.endswith(common.REBUILT_BUFFERS)}
     assert all(torch.equal(back[k], ref[k]) for k in back)
